@@ -1,0 +1,230 @@
+"""The typed objects a plugin hands to InferMesh: adapters, scorers and transports.
+
+These are Protocols and small value classes only. The host (agent or router) owns every
+lifecycle and all I/O scheduling; a plugin object never starts threads or servers of its own.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+
+from infermesh.core.model import (
+    GpuState,
+    GpuStateDelta,
+    ModelState,
+    ModelStateDelta,
+    RequestFeatures,
+    TargetKey,
+)
+
+__all__ = [
+    "AdapterContext",
+    "GpuAdapter",
+    "GpuAdapterFactory",
+    "PerTargetScorer",
+    "RuntimeAdapter",
+    "RuntimeAdapterFactory",
+    "RuntimeControl",
+    "ScoreResult",
+    "Scorer",
+    "TargetView",
+    "Transport",
+    "TransportContext",
+    "TransportFactory",
+    "UpstreamResponse",
+]
+
+
+# --------------------------------------------------------------------------- runtime / GPU adapters
+
+
+@attrs.frozen
+class AdapterContext:
+    """What the agent gives an adapter factory: where the source is and how to treat it.
+
+    `url` is the source's base URL (for vLLM, the OpenAI server's base URL; for dcgm-exporter,
+    its /metrics URL). `options` holds the adapter-specific keys of the `[[runtimes]]` or
+    `[[gpus]]` config table, unparsed, so an adapter validates its own options.
+    """
+
+    node: str
+    name: str
+    url: str
+    poll_interval_s: float = 1.0
+    timeout_s: float = 2.0
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@runtime_checkable
+class RuntimeAdapter(Protocol):
+    """Watches one inference runtime and streams what changes about the models it serves.
+
+    `deltas()` runs until the host cancels it. It must never raise for a bad scrape: a page it
+    cannot parse or a runtime that is down becomes a delta with `healthy=False` and a
+    `health_reason` an operator can act on. A model that disappears becomes `loaded=False`.
+    """
+
+    def deltas(self) -> AsyncIterator[ModelStateDelta]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class RuntimeControl(Protocol):
+    """Lifecycle operations on a runtime, for adapters whose runtime supports them."""
+
+    async def load(self, model: str, source: str) -> None:
+        """Load `model` (for vLLM: a LoRA adapter named `model` from path `source`)."""
+
+    async def unload(self, model: str) -> None: ...
+
+    async def warm(self, model: str) -> None:
+        """Send a minimal request so the first real request does not pay for cold caches."""
+
+
+RuntimeAdapterFactory = Callable[[AdapterContext], RuntimeAdapter]
+
+
+@runtime_checkable
+class GpuAdapter(Protocol):
+    """Watches the GPUs of this node and streams what changes about each of them."""
+
+    def deltas(self) -> AsyncIterator[GpuStateDelta]: ...
+
+    async def aclose(self) -> None: ...
+
+
+GpuAdapterFactory = Callable[[AdapterContext], GpuAdapter]
+
+
+# --------------------------------------------------------------------------- scorers
+
+
+@attrs.frozen
+class TargetView:
+    """A scorer's read-only view of one candidate target at decision time.
+
+    `in_flight` counts requests the routers have sent to this target that the last scrape could
+    not yet see; `ttft_ewma_s` and `error_rate` come from outcome reports. Together they correct
+    telemetry that is up to one scrape interval old.
+    """
+
+    state: ModelState
+    in_flight: int = 0
+    gpus: tuple[GpuState, ...] = ()
+    ttft_ewma_s: float | None = None
+    error_rate: float = 0.0
+    now: float = 0.0
+
+    @property
+    def key(self) -> TargetKey:
+        return self.state.key
+
+    @property
+    def expected_work_left_s(self) -> float:
+        """`work_left_s` with the in-flight requests the scrape has not seen counted as queued."""
+        state = self.state
+        service_s = state.work_left_s / max(state.waiting + 0.5 * state.running, 1e-9)
+        if state.waiting + state.running == 0:
+            service_s = state.e2e_s or 1.0
+        extra = self.in_flight * service_s / max(state.running, 1.0)
+        return state.work_left_s + extra
+
+
+@attrs.frozen
+class ScoreResult:
+    """One scorer's opinion of one target: a score in [0, 1] (1 is best) and why."""
+
+    score: float
+    reason: str
+
+    def __attrs_post_init__(self) -> None:
+        if not 0.0 <= self.score <= 1.0:
+            raise ValueError(f"score {self.score} outside [0, 1] ({self.reason})")
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Rates every candidate target for one request.
+
+    Scorers see all candidates at once so that relative scorers (prefix affinity, least-loaded)
+    can be written; `score` must return one result per target, in the same order, and must be
+    pure and fast (it runs on every request). `default_weight` applies unless policy sets one.
+    """
+
+    name: str
+    default_weight: float
+
+    def score(
+        self, request: RequestFeatures, targets: Sequence[TargetView]
+    ) -> Sequence[ScoreResult]: ...
+
+
+class PerTargetScorer(abc.ABC):
+    """Base class for scorers that rate each target on its own: implement `score_one`."""
+
+    name: str = ""
+    default_weight: float = 1.0
+
+    @abc.abstractmethod
+    def score_one(self, request: RequestFeatures, target: TargetView) -> ScoreResult: ...
+
+    def score(
+        self, request: RequestFeatures, targets: Sequence[TargetView]
+    ) -> Sequence[ScoreResult]:
+        return [self.score_one(request, target) for target in targets]
+
+
+# --------------------------------------------------------------------------- transports
+
+
+@attrs.frozen
+class TransportContext:
+    """What the router gives a transport factory."""
+
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 600.0
+    max_connections: int = 1024
+
+
+class UpstreamResponse(Protocol):
+    """A response whose headers have arrived and whose body is still streaming."""
+
+    status: int
+    headers: Sequence[tuple[str, str]]
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive from the runtime, never re-buffered."""
+
+    async def read(self) -> bytes: ...
+
+    def release(self) -> None:
+        """Return the connection to the pool (or drop it if the body was not read to the end)."""
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """How the router speaks to a runtime (OpenAI HTTP, KServe v2 HTTP, ...)."""
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+    ) -> UpstreamResponse:
+        """Send a request; return once response headers arrive. Raises `UpstreamError`."""
+
+    async def aclose(self) -> None: ...
+
+
+TransportFactory = Callable[[TransportContext], Transport]
+
+
+class UpstreamError(Exception):
+    """The runtime could not be reached or failed before sending response headers."""

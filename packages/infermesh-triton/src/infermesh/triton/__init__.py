@@ -1,0 +1,1 @@
+"""InferMesh triton."""
