@@ -1,0 +1,1 @@
+"""An example third-party InferMesh plugin (see plugin.py)."""
