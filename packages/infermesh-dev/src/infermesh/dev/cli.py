@@ -1,0 +1,216 @@
+"""The `infermesh dev` command group (`dev vllm`, `dev up`) and the top-level `infermesh demo`.
+
+Option parsing and error reporting only; heavy modules are imported inside each command so that
+`infermesh --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import click
+from infermesh.dev.profiles import DEFAULT_MODEL, PROFILES
+
+__all__ = ["demo_command", "dev_group"]
+
+DEFAULT_MESH_PROFILES = "h100,a100,a10"
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+
+
+def _profile_list(text: str) -> list[str]:
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PROFILES]
+    if not names or unknown:
+        raise click.BadParameter(
+            f"unknown profile(s) {', '.join(unknown) or text!r}; expected a comma list of "
+            f"{', '.join(PROFILES)}",
+            param_hint="--profiles",
+        )
+    return names
+
+
+@click.group("dev")
+def dev_group() -> None:
+    """Development kit: emulated vLLM servers and a local mesh of real processes."""
+
+
+@dev_group.command("vllm")
+@click.option("--port", type=click.IntRange(0, 65535), required=True, help="Port to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Served model name.")
+@click.option(
+    "--profile",
+    type=click.Choice(list(PROFILES), case_sensitive=False),
+    default="h100",
+    show_default=True,
+    help="GPU performance profile; `instant` answers at once (router overhead measurements).",
+)
+@click.option("--instant", is_flag=True, help="Shorthand for --profile instant.")
+@click.option("--max-num-seqs", type=click.IntRange(min=1), help="Batch size limit [profile].")
+@click.option("--num-gpu-blocks", type=click.IntRange(min=1), help="KV-cache blocks [profile].")
+@click.option("--max-model-len", type=click.IntRange(min=16), help="Context length [8192].")
+@click.option("--lora", "loras", multiple=True, help="Serve a LoRA adapter NAME (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Varies the generated text.")
+@click.option(
+    "--default-max-tokens",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Answer length when a request sets no max_tokens (finishes with 'stop').",
+)
+@click.option("--no-prefix-caching", is_flag=True, help="Disable the prefix cache.")
+@click.option("--replica-tag", default="", help="Tag put into response ids: chatcmpl-TAG-....")
+@click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True)
+def vllm_command(
+    port: int,
+    host: str,
+    model: str,
+    profile: str,
+    instant: bool,
+    max_num_seqs: int | None,
+    num_gpu_blocks: int | None,
+    max_model_len: int | None,
+    loras: tuple[str, ...],
+    seed: int,
+    default_max_tokens: int,
+    no_prefix_caching: bool,
+    replica_tag: str,
+    log_level: str,
+) -> None:
+    """Serve an emulated vLLM OpenAI server backed by the engine performance model.
+
+    Speaks /v1/chat/completions, /v1/completions (streamed or not), /v1/models, /health and
+    /metrics with vLLM's metric names. Ready when GET /health returns 200.
+    """
+    from infermesh.core.logging import configure_logging
+    from infermesh.dev.profiles import get_profile
+    from infermesh.dev.vllm_emulator import EmulatorConfig, run_emulator
+
+    configure_logging(log_level.lower(), "auto", component="vllm-emulator")
+    if model in loras:
+        raise click.BadParameter(
+            "a LoRA adapter cannot share the base model's name", param_hint="--lora"
+        )
+    try:
+        config = EmulatorConfig(
+            model=model,
+            profile=get_profile("instant" if instant else profile),
+            max_num_seqs=max_num_seqs,
+            num_gpu_blocks=num_gpu_blocks,
+            max_model_len=max_model_len,
+            loras=tuple(dict.fromkeys(loras)),
+            seed=seed,
+            replica_tag=replica_tag,
+            default_max_tokens=default_max_tokens,
+            enable_prefix_caching=not no_prefix_caching,
+        )
+        config.engine_config()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        run_emulator(config, host, port)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+
+
+@dev_group.command("up")
+@click.option("--replicas", type=click.IntRange(1, 32), default=3, show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Router port (0 picks a free one).",
+)
+@click.option(
+    "--profiles",
+    default=DEFAULT_MESH_PROFILES,
+    show_default=True,
+    help="Comma list of emulator profiles, used in turn for the replicas.",
+)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@click.option(
+    "--startup-timeout",
+    type=click.FloatRange(min=1),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the mesh to become ready.",
+)
+def up_command(
+    replicas: int, port: int, profiles: str, model: str, log_level: str, startup_timeout: float
+) -> None:
+    """Start agent + N emulated vLLM servers + router as real processes; Ctrl-C stops them."""
+    import asyncio
+
+    from infermesh.dev.harness import MeshStartError, mesh_spec, run_until_interrupted
+
+    spec = mesh_spec(
+        replicas=replicas,
+        profiles=_profile_list(profiles),
+        model=model,
+        router_port=port,
+        log_level=log_level.lower(),
+        ready_timeout_s=startup_timeout,
+    )
+    try:
+        exit_code = asyncio.run(run_until_interrupted(spec, echo=click.echo))
+    except MeshStartError as exc:
+        click.echo(f"infermesh dev up: {exc}", err=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        exit_code = 0
+    raise SystemExit(exit_code)
+
+
+@click.command("demo")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=1),
+    default=20.0,
+    show_default=True,
+    help="Seconds of load.",
+)
+@click.option("--replicas", type=click.IntRange(1, 8), default=3, show_default=True)
+@click.option("--profiles", default=DEFAULT_MESH_PROFILES, show_default=True)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 512),
+    default=12,
+    show_default=True,
+    help="Requests in flight at once.",
+)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--startup-timeout", type=click.FloatRange(min=1), default=60.0, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True, help="Seed of the request mix.")
+def demo_command(
+    duration: float,
+    replicas: int,
+    profiles: str,
+    concurrency: int,
+    model: str,
+    startup_timeout: float,
+    seed: int,
+) -> None:
+    """Start a local mesh, drive shared-prefix load through the router, print where it went."""
+    import asyncio
+
+    from infermesh.dev.demo import DemoFailed, run_demo
+    from infermesh.dev.harness import MeshStartError, mesh_spec
+
+    spec = mesh_spec(
+        replicas=replicas,
+        profiles=_profile_list(profiles),
+        model=model,
+        router_port=0,
+        log_level="info",
+        ready_timeout_s=startup_timeout,
+    )
+    try:
+        asyncio.run(run_demo(spec, duration_s=duration, concurrency=concurrency, seed=seed))
+    except (MeshStartError, DemoFailed) as exc:
+        click.echo(f"infermesh demo: {exc}", err=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        click.echo("infermesh demo: interrupted", err=True)
+        raise SystemExit(130) from None

@@ -1,0 +1,399 @@
+"""vLLM's OpenAI-compatible wire shapes: request validation, responses, stream chunks, errors.
+
+Pure functions from parsed JSON to dicts and bytes; the HTTP shell in `vllm_emulator` moves them.
+Error messages follow vLLM's where it has one. Never does I/O or reads a clock (callers pass
+`created`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import attrs
+from infermesh.dev.tokens import chat_prompt_text, tokenize
+
+__all__ = [
+    "ApiError",
+    "GenerationRequest",
+    "chat_chunk",
+    "chat_response",
+    "completion_chunk",
+    "completion_response",
+    "error_body",
+    "model_list",
+    "parse_generation_request",
+    "sse",
+    "usage",
+    "usage_chunk",
+]
+
+Kind = Literal["chat", "completion"]
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class ApiError(Exception):
+    """A request the server refuses, with the HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self, status: int, message: str, *, error_type: str = "", param: str | None = None
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type or {404: "NotFoundError", 400: "BadRequestError"}.get(
+            status, "InternalServerError"
+        )
+        self.param = param
+
+
+def error_body(error: ApiError) -> bytes:
+    """vLLM's ErrorResponse JSON: `{"error": {"message", "type", "param", "code"}}`."""
+    return json.dumps(
+        {
+            "error": {
+                "message": error.message,
+                "type": error.error_type,
+                "param": error.param,
+                "code": error.status,
+            }
+        }
+    ).encode()
+
+
+@attrs.frozen
+class GenerationRequest:
+    """A validated chat or completion request, reduced to what the emulator acts on."""
+
+    kind: Kind
+    model: str
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+    finish_reason: str
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+
+
+def _bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def _optional_int(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"'{name}' must be an integer, got {value!r}", name)
+    return value
+
+
+def _prompt_token_ids(kind: Kind, body: Mapping[str, Any]) -> tuple[int, ...]:
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("'messages' is required and must be a non-empty list", "messages")
+        try:
+            return tuple(tokenize(chat_prompt_text(messages)))
+        except ValueError as exc:
+            raise _bad(str(exc), "messages") from None
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise _bad("'prompt' must not be empty", "prompt")
+        return tuple(tokenize(prompt))
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        return tuple(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise _bad("batched prompts are not supported by the emulator; send one prompt", "prompt")
+    raise _bad("'prompt' is required: a string or a list of token ids", "prompt")
+
+
+def parse_generation_request(
+    kind: Kind,
+    raw_body: bytes,
+    *,
+    served_models: Sequence[str],
+    max_model_len: int,
+    default_max_tokens: int,
+) -> GenerationRequest:
+    """Validate a request body as vLLM would; raises ApiError (400/404) with vLLM's wording."""
+    try:
+        body = json.loads(raw_body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object")
+    model = body.get("model")
+    if model is None:
+        model = served_models[0]
+    if not isinstance(model, str):
+        raise _bad(f"'model' must be a string, got {model!r}", "model")
+    if model not in served_models:
+        raise ApiError(404, f"The model `{model}` does not exist.", param="model")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise _bad(f"'stream' must be a boolean, got {stream!r}", "stream")
+    stream = bool(stream)
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not stream:
+        raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise _bad("'stream_options' must be an object", "stream_options")
+    n = _optional_int(body, "n")
+    if n is not None and n != 1:
+        raise _bad(f"n={n} is not supported by the emulator; use n=1", "n")
+    prompt_token_ids = _prompt_token_ids(kind, body)
+    input_len = len(prompt_token_ids)
+    if input_len >= max_model_len:
+        raise _bad(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"request has {input_len} input tokens. Please reduce the length of the input.",
+        )
+    max_tokens = _optional_int(body, "max_completion_tokens") if kind == "chat" else None
+    if max_tokens is None:
+        max_tokens = _optional_int(body, "max_tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise _bad(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
+    if max_tokens is not None and input_len + max_tokens > max_model_len:
+        raise _bad(
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+            f"maximum context length is {max_model_len} tokens and your request has {input_len} "
+            f"input tokens ({max_tokens} > {max_model_len} - {input_len}).",
+            "max_tokens",
+        )
+    if max_tokens is None:
+        # Without a limit the emulated model "stops" on its own after a short answer.
+        length, reason = min(default_max_tokens, max_model_len - input_len), "stop"
+    else:
+        length, reason = max_tokens, "length"
+    options = stream_options or {}
+    return GenerationRequest(
+        kind=kind,
+        model=model,
+        prompt_token_ids=prompt_token_ids,
+        max_tokens=length,
+        finish_reason=reason,
+        stream=stream,
+        include_usage=bool(options.get("include_usage", False)),
+        continuous_usage=bool(options.get("continuous_usage_stats", False)),
+    )
+
+
+# ---------------------------------------------------------------------- responses
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_details": None,
+    }
+
+
+def chat_response(
+    request_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": text,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "tool_calls": [],
+                    "reasoning_content": None,
+                },
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": None,
+            }
+        ],
+        "service_tier": None,
+        "system_fingerprint": None,
+        "usage": usage(prompt_tokens, completion_tokens),
+        "prompt_logprobs": None,
+        "kv_transfer_params": None,
+    }
+
+
+def completion_response(
+    request_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": None,
+                "prompt_logprobs": None,
+            }
+        ],
+        "service_tier": None,
+        "system_fingerprint": None,
+        "usage": usage(prompt_tokens, completion_tokens),
+        "kv_transfer_params": None,
+    }
+
+
+def chat_chunk(
+    request_id: str,
+    created: int,
+    model: str,
+    delta: Mapping[str, Any],
+    finish_reason: str | None = None,
+    chunk_usage: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "delta": dict(delta),
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                **({"stop_reason": None} if finish_reason else {}),
+            }
+        ],
+    }
+    if chunk_usage is not None:
+        chunk["usage"] = dict(chunk_usage)
+    return chunk
+
+
+def completion_chunk(
+    request_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None = None,
+    chunk_usage: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": None,
+            }
+        ],
+    }
+    if chunk_usage is not None:
+        chunk["usage"] = dict(chunk_usage)
+    return chunk
+
+
+def usage_chunk(
+    kind: Kind,
+    request_id: str,
+    created: int,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> dict[str, Any]:
+    """The final `include_usage` chunk: no choices, just usage."""
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def sse(payload: Mapping[str, Any]) -> bytes:
+    """One server-sent event as vLLM writes it: `data: {json}` and a blank line."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def model_list(
+    base_model: str, adapters: Sequence[str], created: int, max_model_len: int
+) -> dict[str, Any]:
+    """GET /v1/models: the base model card, then one card per LoRA adapter with its parent."""
+
+    def permission(suffix: str) -> dict[str, Any]:
+        return {
+            "id": f"modelperm-{suffix}",
+            "object": "model_permission",
+            "created": created,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
+        }
+
+    cards: list[dict[str, Any]] = [
+        {
+            "id": base_model,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": base_model,
+            "parent": None,
+            "max_model_len": max_model_len,
+            "permission": [permission("0")],
+        }
+    ]
+    for position, adapter in enumerate(adapters, start=1):
+        cards.append(
+            {
+                "id": adapter,
+                "object": "model",
+                "created": created,
+                "owned_by": "vllm",
+                "root": f"/adapters/{adapter}",
+                "parent": base_model,
+                "max_model_len": None,
+                "permission": [permission(str(position))],
+            }
+        )
+    return {"object": "list", "data": cards}
