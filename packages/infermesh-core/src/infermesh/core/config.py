@@ -1,25 +1,39 @@
 """InferMesh configuration: one TOML file, then `INFERMESH_*` environment, then CLI flags.
 
-Later sources override earlier ones key by key. Validation errors name the source (file path,
-environment variable or flag), the dotted key and the expected type, so an operator can fix them.
-This module never reads files or the environment unless `load_config` is called.
+Later sources override earlier ones key by key. Each source is validated as it is merged, so an
+error names the source that introduced it (file path, environment variable or flag), the dotted
+key and what was expected. This module never reads files or the environment unless
+`load_config` is called. Every key is documented in docs/config.md.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import socket
 import tempfile
 import tomllib
-from collections.abc import Mapping, Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.cols import is_mapping, is_sequence, list_structure_factory, mapping_structure_factory
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+)
+from cattrs.gen import make_dict_structure_fn
+from infermesh.core.logging import LOG_FORMATS, LOG_LEVELS
 
 __all__ = [
+    "ENV_CONFIG_PATH",
+    "ENV_PREFIX",
     "AgentConfig",
     "Config",
     "ConfigError",
@@ -31,7 +45,11 @@ __all__ = [
     "RuntimeConfig",
     "ScoringConfig",
     "default_agent_socket",
+    "env_overrides",
     "load_config",
+    "parse_host_port",
+    "read_toml",
+    "structure_config",
 ]
 
 ENV_PREFIX = "INFERMESH_"
@@ -50,10 +68,25 @@ def default_agent_socket() -> str:
     return str(Path(runtime_dir) / f"infermesh-{os.getuid()}" / "agent.sock")
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """`host:port` or `[v6addr]:port` -> (host, port); port 0 means "any free port".
+
+    Raises ValueError with a message that shows the expected form.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:8080), got {text!r}")
+    return host, int(port_text)
+
+
 @attrs.define
 class NodeConfig:
     id: str = attrs.field(factory=socket.gethostname)
+    """This node's id in target ids, logs and metrics (default: the host name)."""
     zone: str = ""
+    """Free-form failure zone (rack, availability zone) used for placement."""
 
 
 @attrs.define
@@ -61,12 +94,15 @@ class RuntimeConfig:
     """One `[[runtimes]]` table: an inference server the agent watches."""
 
     kind: str
+    """Adapter kind registered by a plugin (`vllm`, `triton`, ...)."""
     url: str
+    """Base URL of the runtime's HTTP server, e.g. `http://127.0.0.1:8000`."""
     name: str = ""
     poll_interval_s: float = 1.0
     timeout_s: float = 2.0
     transport: str = "openai-http"
     options: dict[str, Any] = attrs.field(factory=dict)
+    """Adapter-specific keys, passed unparsed to the adapter."""
 
 
 @attrs.define
@@ -155,20 +191,92 @@ class Config:
         return f"unix://{self.agent.socket}"
 
 
+# --------------------------------------------------------------------------- structuring
+
+
+class _WrongValue(ValueError):
+    """A leaf value of the wrong type; the message says what was expected and what was found."""
+
+
+def describe_type(tp: Any) -> str:
+    """How a config type reads in an error message: `an integer`, `a list of strings`, ..."""
+    simple = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean (true or false)",
+        Any: "any value",
+    }
+    if tp in simple:
+        return simple[tp]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list and args:
+        item = args[0]
+        if attrs.has(item):
+            return "an array of tables"
+        return f"a list of {_plural(describe_type(item))}"
+    if origin is dict and len(args) == 2:
+        if args[1] is Any:
+            return "a table"
+        return f"a table of {_plural(describe_type(args[1]))}"
+    if attrs.has(tp):
+        return "a table"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _plural(described: str) -> str:
+    word = described.split(" ", 1)[1] if " " in described else described
+    head, _, rest = word.partition(" ")
+    return f"{head}s {rest}".rstrip()
+
+
+def _show(value: Any) -> str:
+    """A value as an error message shows it: its TOML type and repr."""
+    if isinstance(value, bool):
+        kind = "boolean"
+    elif isinstance(value, int):
+        kind = "integer"
+    elif isinstance(value, float):
+        kind = "number"
+    elif isinstance(value, str):
+        kind = "string"
+    elif isinstance(value, Mapping):
+        kind = "table"
+    elif isinstance(value, list | tuple):
+        kind = "array"
+    else:
+        kind = type(value).__name__
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{kind} {text}"
+
+
+def _wrong(tp: Any, value: Any) -> _WrongValue:
+    return _WrongValue(f"expected {describe_type(tp)}, got {_show(value)}")
+
+
 def _converter() -> cattrs.Converter:
-    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
 
     def structure_float(value: Any, _: type) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise TypeError(f"expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _wrong(float, value)
 
     def structure_int(value: Any, _: type) -> int:
-        if isinstance(value, bool):
-            raise TypeError(f"expected an integer, got boolean {value!r}")
-        if isinstance(value, float) and not value.is_integer():
-            raise TypeError(f"expected an integer, got {value!r}")
-        return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        raise _wrong(int, value)
 
     def structure_bool(value: Any, _: type) -> bool:
         if isinstance(value, bool):
@@ -177,76 +285,173 @@ def _converter() -> cattrs.Converter:
             return True
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
-        raise TypeError(f"expected a boolean, got {type(value).__name__} {value!r}")
+        raise _wrong(bool, value)
 
     def structure_str(value: Any, _: type) -> str:
         if not isinstance(value, str):
-            raise TypeError(f"expected a string, got {type(value).__name__} {value!r}")
+            raise _wrong(str, value)
         return value
+
+    def guard(
+        tp: Any, accepts: Callable[[Any], bool], inner: Callable[[Any, Any], Any]
+    ) -> Callable[[Any, Any], Any]:
+        # cattrs' own hooks iterate whatever they get (a string becomes a list of characters);
+        # check the container type first so the error says what was expected.
+        def structure(value: Any, _: Any) -> Any:
+            if not accepts(value):
+                raise _wrong(tp, value)
+            return inner(value, tp)
+
+        return structure
+
+    def is_table(value: Any) -> bool:
+        return isinstance(value, Mapping)
+
+    def is_array(value: Any) -> bool:
+        return isinstance(value, list | tuple)
 
     conv.register_structure_hook(float, structure_float)
     conv.register_structure_hook(int, structure_int)
     conv.register_structure_hook(bool, structure_bool)
     conv.register_structure_hook(str, structure_str)
+    conv.register_structure_hook_factory(
+        attrs.has, lambda cl: guard(cl, is_table, make_dict_structure_fn(cl, conv))
+    )
+
+    def is_dict_type(tp: Any) -> bool:
+        return typing.get_origin(tp) is dict and is_mapping(tp)
+
+    def is_list_type(tp: Any) -> bool:
+        return typing.get_origin(tp) is list and is_sequence(tp)
+
+    conv.register_structure_hook_factory(
+        is_dict_type, lambda tp: guard(tp, is_table, mapping_structure_factory(tp, conv))
+    )
+    conv.register_structure_hook_factory(
+        is_list_type, lambda tp: guard(tp, is_array, list_structure_factory(tp, conv))
+    )
     return conv
 
 
 CONVERTER = _converter()
 
 
-def _first_error(exc: BaseException, path: str) -> tuple[str, str]:
-    """Walk a cattrs exception group down to the first leaf: (dotted key, message)."""
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _problems(exc: BaseException, path: str, tp: Any) -> list[tuple[str, str]]:
+    """Walk a cattrs exception tree: (dotted key, what is wrong) for every leaf."""
     if isinstance(exc, ForbiddenExtraKeysError):
-        keys = ", ".join(sorted(exc.extra_fields))
-        prefix = f"{path}." if path else ""
-        return f"{prefix}{keys}", "unknown key (check the spelling)"
+        known = sorted(attrs.fields_dict(exc.cl)) if attrs.has(exc.cl) else []
+        out = []
+        for key in sorted(exc.extra_fields):
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            out.append((_join(path, key), f"unknown key ({hint})"))
+        return out
     if isinstance(exc, ClassValidationError | IterableValidationError):
-        for sub in exc.exceptions:
-            note = next(iter(getattr(sub, "__notes__", [])), "")
-            name = ""
-            if isinstance(exc, ClassValidationError) and "attribute" in note:
-                name = note.split("attribute", 1)[1].split("(", 1)[0].strip()
-            elif isinstance(exc, IterableValidationError) and "index" in note:
-                name = "[" + note.split("index", 1)[1].split()[0] + "]"
-            if name.startswith("["):
-                sub_path = f"{path}{name}"
+        out = []
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            if isinstance(note, AttributeValidationNote):
+                sub_path = _join(path, note.name)
+            elif isinstance(note.index, int):
+                sub_path = f"{path}[{note.index}]"
             else:
-                sub_path = f"{path}.{name}" if path and name else (name or path)
-            return _first_error(sub, sub_path)
+                sub_path = _join(path, str(note.index))
+            out.extend(_problems(sub, sub_path, note.type))
+        for sub in without:
+            out.extend(_problems(sub, path, None))
+        return out
     if isinstance(exc, KeyError):
-        return path, "required key is missing"
-    return path, str(exc)
+        expected = f" ({describe_type(tp)})" if tp is not None else ""
+        return [(path, f"required key is missing{expected}")]
+    if isinstance(exc, _WrongValue):
+        return [(path, str(exc))]
+    expected = f" (expected {describe_type(tp)})" if tp is not None else ""
+    return [(path, f"{type(exc).__name__}: {exc}{expected}")]
 
 
-def _expected_type(key: str) -> str:
-    """The declared type of a dotted key of Config, for error messages."""
-    cls: Any = Config
-    field_type: Any = Config
-    for part in key.replace("[", ".[").split("."):
-        if not part or part.startswith("["):
-            args = getattr(field_type, "__args__", ())
-            if args:
-                cls = field_type = args[0]
-            continue
-        if not attrs.has(cls):
-            return ""
-        fields = attrs.fields_dict(cls)
-        if part not in fields:
-            return ""
-        field_type = fields[part].type
-        cls = field_type
-    return getattr(field_type, "__name__", str(field_type))
+def _value_problems(config: Config) -> list[tuple[str, str]]:
+    """Range and format checks that types alone cannot express."""
+    problems: list[tuple[str, str]] = []
+
+    def at_least(key: str, value: float, low: float, strict: bool = False) -> None:
+        ok = value > low if strict else value >= low
+        if not ok or math.isnan(value):
+            problems.append((key, f"must be {'>' if strict else '>='} {low}, got {value}"))
+
+    def address(key: str, value: str, optional: bool) -> None:
+        if optional and not value:
+            return
+        try:
+            parse_host_port(value)
+        except ValueError as exc:
+            problems.append((key, str(exc)))
+
+    def one_of(key: str, value: str, allowed: Sequence[str]) -> None:
+        if value.lower() not in allowed:
+            problems.append((key, f"expected one of {', '.join(allowed)}, got {value!r}"))
+
+    if not config.node.id or "|" in config.node.id:
+        problems.append(
+            ("node.id", f"must be non-empty and must not contain '|', got {config.node.id!r}")
+        )
+    if not config.agent.socket:
+        problems.append(("agent.socket", "must be a path, got an empty string"))
+    address("agent.listen", config.agent.listen, optional=True)
+    address("agent.metrics_listen", config.agent.metrics_listen, optional=True)
+    at_least("agent.shutdown_grace_s", config.agent.shutdown_grace_s, 0)
+    address("router.listen", config.router.listen, optional=False)
+    if config.router.agent and not config.router.agent.startswith("unix:"):
+        address("router.agent", config.router.agent, optional=False)
+    at_least("router.max_body_bytes", config.router.max_body_bytes, 1)
+    at_least("router.connect_timeout_s", config.router.connect_timeout_s, 0, strict=True)
+    at_least("router.read_timeout_s", config.router.read_timeout_s, 0, strict=True)
+    at_least("router.max_attempts", config.router.max_attempts, 1)
+    at_least("router.models_cache_s", config.router.models_cache_s, 0)
+    at_least("router.retry_after_s", config.router.retry_after_s, 0)
+    sources: list[tuple[str, RuntimeConfig | GpuConfig]] = [
+        *((f"runtimes[{i}]", r) for i, r in enumerate(config.runtimes)),
+        *((f"gpus[{i}]", g) for i, g in enumerate(config.gpus)),
+    ]
+    for key, source in sources:
+        if not source.kind:
+            problems.append((f"{key}.kind", "must name an adapter kind, got an empty string"))
+        if isinstance(source, RuntimeConfig) and not source.url.startswith(("http://", "https://")):
+            problems.append(
+                (f"{key}.url", f"expected an http:// or https:// URL, got {source.url!r}")
+            )
+        at_least(f"{key}.poll_interval_s", source.poll_interval_s, 0, strict=True)
+        at_least(f"{key}.timeout_s", source.timeout_s, 0, strict=True)
+    for name, weight in config.scoring.weights.items():
+        at_least(f"scoring.weights.{name}", weight, 0)
+    at_least("scoring.stale_after_s", config.scoring.stale_after_s, 0, strict=True)
+    at_least("scoring.prefix_load_factor", config.scoring.prefix_load_factor, 1)
+    alpha = config.scoring.outcome_ewma_alpha
+    if not 0 < alpha <= 1:
+        problems.append(("scoring.outcome_ewma_alpha", f"must be in (0, 1], got {alpha}"))
+    one_of("logging.level", config.logging.level, LOG_LEVELS)
+    one_of("logging.format", config.logging.format, LOG_FORMATS)
+    return problems
 
 
 def structure_config(raw: Mapping[str, Any], source: str) -> Config:
     """Turn a plain mapping into Config, or raise ConfigError naming source, key and type."""
     try:
-        return CONVERTER.structure(dict(raw), Config)
-    except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
-        key, message = _first_error(exc, "")
-        expected = _expected_type(key)
-        hint = f" (expected {expected})" if expected and "unknown key" not in message else ""
-        raise ConfigError(f"{source}: invalid value for {key!r}: {message}{hint}") from None
+        config = CONVERTER.structure(dict(raw), Config)
+    except Exception as exc:
+        problems = _problems(exc, "", Config)
+    else:
+        problems = _value_problems(config)
+        if not problems:
+            return config
+    lines = [f"{source}: {key or '(top level)'}: {what}" for key, what in problems]
+    raise ConfigError("\n".join(lines)) from None
+
+
+# --------------------------------------------------------------------------- sources
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -259,39 +464,74 @@ def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    """Set `a.b.c` in nested dicts."""
     parts = dotted.split(".")
     node = target
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a table")
+            raise ConfigError(f"{source}: {dotted}: {part!r} is not a table")
         node = child
     node[parts[-1]] = value
 
 
-def _parse_env_value(text: str) -> Any:
-    """Environment values are TOML literals when they parse as one, else plain strings."""
+def _declared_type(dotted: str) -> Any:
+    """The declared type of a dotted Config key, or None when no such key exists."""
+    tp: Any = Config
+    for part in dotted.split("."):
+        if attrs.has(tp):
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                return None
+            tp = hints[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return None
+    return tp
+
+
+def _parse_env_value(text: str, tp: Any) -> Any:
+    """An environment value as its key's type expects it.
+
+    Strings stay verbatim (so `INFERMESH_NODE__ID=007` is the string "007"); a list of strings
+    may be a comma list; everything else is read as a TOML literal when it parses as one.
+    """
+    if tp is str:
+        return text
+    if tp == list[str] and not text.lstrip().startswith("["):
+        return [item.strip() for item in text.split(",") if item.strip()]
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """`INFERMESH_ROUTER__LISTEN=0.0.0.0:8080` -> {"router": {"listen": "0.0.0.0:8080"}}."""
-    out: dict[str, Any] = {}
-    for name, text in sorted(environ.items()):
+def _env_keys(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable name, dotted key) for every variable that addresses a config key."""
+    top_level = set(attrs.fields_dict(Config))
+    out = []
+    for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
             continue
         dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-        if "." not in dotted:
-            continue
-        _set_dotted(out, dotted, _parse_env_value(text))
+        if "." in dotted or dotted in top_level:
+            out.append((name, dotted))
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`INFERMESH_ROUTER__LISTEN=0.0.0.0:8080` -> {"router": {"listen": "0.0.0.0:8080"}}."""
+    out: dict[str, Any] = {}
+    for name, dotted in _env_keys(environ):
+        value = _parse_env_value(environ[name], _declared_type(dotted))
+        _set_dotted(out, dotted, value, f"environment variable {name}")
     return out
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file at `path` as a dict; ConfigError when missing, unreadable or invalid."""
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
@@ -299,41 +539,67 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+
+
+Override = tuple[str, Any] | tuple[str, Any, str]
 
 
 def load_config(
     path: str | Path | None = None,
     environ: Mapping[str, str] | None = None,
-    overrides: Sequence[tuple[str, Any]] = (),
+    overrides: Sequence[Override] = (),
 ) -> Config:
     """Load Config from `path` (or `$INFERMESH_CONFIG`), the environment, then `overrides`.
 
-    `overrides` are `(dotted.key, value)` pairs from CLI flags; each source is validated on its
-    own first so an error names the source that introduced it.
+    `overrides` come from CLI flags: `(dotted.key, value)` or `(dotted.key, value, "--flag")`;
+    a value of None (flag not given) is ignored, and a key ending in `[]` (`runtimes[]`)
+    appends to a list. Each source is validated as it is merged, so an error names the file,
+    environment variable or flag that introduced it.
     """
     env = os.environ if environ is None else environ
     if path is None and env.get(ENV_CONFIG_PATH):
         path = env[ENV_CONFIG_PATH]
     merged: dict[str, Any] = {}
+    source = "defaults"
     if path is not None:
-        file_raw = read_toml(Path(path))
-        structure_config(file_raw, str(path))
-        merged = file_raw
-    env_raw = env_overrides(env)
-    if env_raw:
-        for name in (n for n in env if n.startswith(ENV_PREFIX) and n not in _ENV_NOT_KEYS):
-            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-            if "." in dotted:
-                single: dict[str, Any] = {}
-                _set_dotted(single, dotted, _parse_env_value(env[name]))
-                structure_config(_deep_merge(merged, single), f"environment variable {name}")
-        merged = _deep_merge(merged, env_raw)
-    for dotted, value in overrides:
+        source = str(path)
+        merged = read_toml(Path(path))
+        structure_config(merged, source)
+    for name, dotted in _env_keys(env):
+        source = f"environment variable {name}"
+        single: dict[str, Any] = {}
+        _set_dotted(single, dotted, _parse_env_value(env[name], _declared_type(dotted)), source)
+        merged = _deep_merge(merged, single)
+        structure_config(merged, source)
+    for override in overrides:
+        dotted, value = override[0], override[1]
         if value is None:
             continue
+        source = (
+            f"command-line flag {override[2]}"
+            if len(override) == 3
+            else f"command-line override of {dotted}"
+        )
+        key = dotted
+        if dotted.endswith("[]"):
+            key = dotted[:-2]
+            existing = _get_dotted(merged, key)
+            if not isinstance(existing, list):
+                raise ConfigError(f"{source}: {key}: expected an array, got {_show(existing)}")
+            value = [*existing, value]
         single = {}
-        _set_dotted(single, dotted, value)
-        flag = "--" + dotted.split(".")[-1].replace("_", "-")
-        structure_config(_deep_merge(merged, single), f"command-line flag {flag}")
+        _set_dotted(single, key, value, source)
         merged = _deep_merge(merged, single)
-    return structure_config(merged, str(path) if path else "configuration")
+        structure_config(merged, source)
+    return structure_config(merged, source)
+
+
+def _get_dotted(raw: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return []
+        node = node[part]
+    return node

@@ -7,12 +7,10 @@ lifecycle and all I/O scheduling; a plugin object never starts threads or server
 from __future__ import annotations
 
 import abc
-
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
-
 from infermesh.core.model import (
     GpuState,
     GpuStateDelta,
@@ -36,6 +34,7 @@ __all__ = [
     "Transport",
     "TransportContext",
     "TransportFactory",
+    "UpstreamError",
     "UpstreamResponse",
 ]
 
@@ -128,12 +127,7 @@ class TargetView:
     @property
     def expected_work_left_s(self) -> float:
         """`work_left_s` with the in-flight requests the scrape has not seen counted as queued."""
-        state = self.state
-        service_s = state.work_left_s / max(state.waiting + 0.5 * state.running, 1e-9)
-        if state.waiting + state.running == 0:
-            service_s = state.e2e_s or 1.0
-        extra = self.in_flight * service_s / max(state.running, 1.0)
-        return state.work_left_s + extra
+        return self.state.work_left_with_s(extra_queued=self.in_flight)
 
 
 @attrs.frozen
@@ -157,8 +151,12 @@ class Scorer(Protocol):
     pure and fast (it runs on every request). `default_weight` applies unless policy sets one.
     """
 
-    name: str
-    default_weight: float
+    # Read-only properties so that frozen attrs classes and plain class attributes both conform.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def default_weight(self) -> float: ...
 
     def score(
         self, request: RequestFeatures, targets: Sequence[TargetView]

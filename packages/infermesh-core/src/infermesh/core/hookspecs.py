@@ -12,6 +12,9 @@ or router) calls them, owns the objects' lifecycles and does all scheduling. A h
 and must not do I/O: it runs at start-up in every process that loads plugins.
 
 Names are global across plugins: registering a name twice is an error that names both plugins.
+A plugin whose module fails to import, whose hook raises, or that registers something that
+does not satisfy its protocol is reported by name and skipped (fatal under `--strict-plugins`).
+The guide with a complete example is docs/plugins.md.
 """
 
 from __future__ import annotations
@@ -20,13 +23,23 @@ from collections.abc import Callable
 
 import click
 import pluggy
-
 from infermesh.core.contracts import (
     GpuAdapterFactory,
     RuntimeAdapterFactory,
     Scorer,
     TransportFactory,
 )
+
+__all__ = [
+    "PROJECT",
+    "RegisterCommand",
+    "RegisterGpuAdapter",
+    "RegisterRuntimeAdapter",
+    "RegisterScorer",
+    "RegisterTransport",
+    "hookimpl",
+    "hookspec",
+]
 
 PROJECT = "infermesh"
 

@@ -23,6 +23,7 @@ __all__ = [
     "RequestFeatures",
     "SloClass",
     "TargetKey",
+    "finite_or_none",
 ]
 
 
@@ -53,7 +54,7 @@ class SloClass(enum.Enum):
     @classmethod
     def parse(cls, text: str | None) -> SloClass:
         """Read a header value; absent or empty means STANDARD. Unknown values raise ValueError."""
-        if not text:
+        if not text or not text.strip():
             return cls.STANDARD
         try:
             return cls(text.strip().lower())
@@ -62,7 +63,9 @@ class SloClass(enum.Enum):
             raise ValueError(f"unknown SLO class {text!r}; expected one of: {allowed}") from None
 
 
-def _freeze_custom(value: Mapping[str, str] | tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+def _freeze_custom(
+    value: Mapping[str, str] | tuple[tuple[str, str], ...],
+) -> tuple[tuple[str, str], ...]:
     items = value.items() if isinstance(value, Mapping) else value
     return tuple(sorted((str(k), str(v)) for k, v in items))
 
@@ -125,6 +128,10 @@ class GpuKey:
     node: str
     gpu_uuid: str
 
+    @property
+    def label(self) -> str:
+        return f"{self.node}/{self.gpu_uuid}"
+
 
 # Fallback service time when a runtime has not yet reported any latency histogram.
 DEFAULT_REQUEST_SERVICE_S = 1.0
@@ -159,15 +166,25 @@ class ModelState:
     version: int = 0
 
     @property
+    def request_service_s(self) -> float:
+        """Seconds one request takes end to end: `e2e_s`, or a default before any is reported."""
+        if self.e2e_s is not None and self.e2e_s > 0:
+            return self.e2e_s
+        return DEFAULT_REQUEST_SERVICE_S
+
+    @property
     def work_left_s(self) -> float:
         """Expected seconds to drain what is queued and running at the current parallelism.
 
         Running requests are on average half done; queued ones need a full service time each,
         and the engine works on max(running, 1) of them at once.
         """
-        service_s = self.e2e_s if self.e2e_s and self.e2e_s > 0 else DEFAULT_REQUEST_SERVICE_S
-        outstanding = self.waiting + 0.5 * self.running
-        return outstanding * service_s / max(self.running, 1.0)
+        return self.work_left_with_s(extra_queued=0)
+
+    def work_left_with_s(self, extra_queued: float) -> float:
+        """`work_left_s` as if `extra_queued` more requests were waiting (e.g. unseen in-flight)."""
+        outstanding = self.waiting + extra_queued + 0.5 * self.running
+        return outstanding * self.request_service_s / max(self.running, 1.0)
 
     def is_fresh(self, now: float, stale_after_s: float) -> bool:
         return now - self.last_updated <= stale_after_s
@@ -181,26 +198,40 @@ class ModelState:
         return attrs.evolve(self, version=delta.version, **delta.changes)
 
     def delta_to(self, new: ModelState) -> ModelStateDelta:
-        """The delta that turns this state into `new` (only the changed fields)."""
-        return ModelStateDelta(key=new.key, version=new.version, changes=_changed(self, new))
+        """The delta that turns this state into `new` (only the changed fields).
+
+        `new` must be the same target and, if anything changed, carry a newer version: a delta
+        that is not newer would be dropped by `apply`.
+        """
+        if new.key != self.key:
+            raise ValueError(f"delta from {self.key.target_id} to {new.key.target_id}")
+        return ModelStateDelta(
+            key=new.key, version=new.version, changes=_changed(self, new, self.key.target_id)
+        )
 
     @classmethod
     def from_delta(cls, delta: ModelStateDelta) -> ModelState:
-        return cls(key=delta.key).apply(delta)
+        """A state built from defaults plus `delta`, whatever its version (even 0)."""
+        return attrs.evolve(cls(key=delta.key), version=delta.version, **delta.changes)
 
 
 def _check_changes(cls: type[Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    allowed = set(attrs.fields_dict(cls)) - {"key", "version"}
-    unknown = set(changes) - allowed
+    fixed = {"key", "version"} & set(changes)
+    if fixed:
+        raise ValueError(f"a delta cannot change {sorted(fixed)}: they identify the state")
+    unknown = set(changes) - set(attrs.fields_dict(cls))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) in delta: {sorted(unknown)}")
+        allowed = ", ".join(sorted(set(attrs.fields_dict(cls)) - {"key", "version"}))
+        raise ValueError(
+            f"unknown {cls.__name__} field(s) in delta: {sorted(unknown)}; known fields: {allowed}"
+        )
     return dict(changes)
 
 
 _S = TypeVar("_S", "ModelState", "GpuState")
 
 
-def _changed(old: _S, new: _S) -> dict[str, Any]:
+def _changed(old: _S, new: _S, what: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in attrs.fields(type(new)):
         if field.name in ("key", "version"):
@@ -208,6 +239,11 @@ def _changed(old: _S, new: _S) -> dict[str, Any]:
         value = getattr(new, field.name)
         if getattr(old, field.name) != value:
             out[field.name] = value
+    if out and new.version <= old.version:
+        raise ValueError(
+            f"{what}: changed state must carry a newer version than {old.version}, "
+            f"got {new.version} (the delta would be dropped as stale)"
+        )
     return out
 
 
@@ -217,7 +253,8 @@ class ModelStateDelta:
 
     key: TargetKey
     version: int
-    changes: Mapping[str, Any] = attrs.field(factory=dict)
+    # Excluded from the hash (a dict is unhashable); equality still compares it.
+    changes: Mapping[str, Any] = attrs.field(factory=dict, hash=False)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "changes", _check_changes(ModelState, self.changes))
@@ -226,6 +263,10 @@ class ModelStateDelta:
 # Clock-event (throttle) reasons that mean the GPU is slowed by something other than idling
 # or an application clock setting; names follow NVML's nvmlClocksEventReason* constants.
 SEVERE_CLOCK_EVENTS = frozenset({"hw_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown"})
+
+# XIDs that NVIDIA attributes to the application (graphics engine exception, MMU fault, stopped
+# processing, preemptive cleanup): one bad client kernel must not take the GPU out of rotation.
+APPLICATION_XIDS = frozenset({13, 31, 43, 45})
 
 
 @attrs.frozen
@@ -261,14 +302,17 @@ class GpuState:
 
     @property
     def health(self) -> tuple[bool, str]:
-        """(healthy, reason): uncorrectable ECC, row-remap failure, an XID or severe throttling."""
+        """(healthy, reason): uncorrectable ECC, row remapping, a hardware XID or severe throttling.
+
+        The first problem found is the reason; a healthy GPU's reason is "ok".
+        """
         if self.ecc_dbe_volatile > 0:
             return False, f"{self.ecc_dbe_volatile} uncorrectable (double-bit) ECC errors"
         if self.remapped_rows_failure:
             return False, "row remapping failed"
         if self.remapped_rows_pending:
             return False, "row remapping pending (GPU reset required)"
-        if self.xid_last:
+        if self.xid_last and self.xid_last not in APPLICATION_XIDS:
             return False, f"XID {self.xid_last} reported"
         severe = sorted(self.clock_event_reasons & SEVERE_CLOCK_EVENTS)
         if severe:
@@ -280,18 +324,25 @@ class GpuState:
         return self.health[0]
 
     def apply(self, delta: GpuStateDelta) -> GpuState:
+        """This state with `delta` applied; a delta not newer than this state changes nothing."""
         if delta.key != self.key:
-            raise ValueError(f"delta for {delta.key} applied to {self.key}")
+            raise ValueError(f"delta for {delta.key.label} applied to {self.key.label}")
         if delta.version <= self.version:
             return self
         return attrs.evolve(self, version=delta.version, **delta.changes)
 
     def delta_to(self, new: GpuState) -> GpuStateDelta:
-        return GpuStateDelta(key=new.key, version=new.version, changes=_changed(self, new))
+        """The delta that turns this state into `new` (same GPU, newer version if changed)."""
+        if new.key != self.key:
+            raise ValueError(f"delta from {self.key.label} to {new.key.label}")
+        return GpuStateDelta(
+            key=new.key, version=new.version, changes=_changed(self, new, self.key.label)
+        )
 
     @classmethod
     def from_delta(cls, delta: GpuStateDelta) -> GpuState:
-        return cls(key=delta.key).apply(delta)
+        """A state built from defaults plus `delta`, whatever its version (even 0)."""
+        return attrs.evolve(cls(key=delta.key), version=delta.version, **delta.changes)
 
 
 @attrs.frozen
@@ -300,7 +351,7 @@ class GpuStateDelta:
 
     key: GpuKey
     version: int
-    changes: Mapping[str, Any] = attrs.field(factory=dict)
+    changes: Mapping[str, Any] = attrs.field(factory=dict, hash=False)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "changes", _check_changes(GpuState, self.changes))

@@ -1,0 +1,332 @@
+"""Configuration: TOML file < INFERMESH_* environment < flags; errors an operator can fix."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import attrs
+import pytest
+from infermesh.core.config import (
+    Config,
+    ConfigError,
+    RuntimeConfig,
+    load_config,
+    parse_host_port,
+)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "infermesh.toml"
+    path.write_text(
+        """
+        [node]
+        id = "gpu-node-1"
+
+        [router]
+        listen = "0.0.0.0:8080"
+        max_body_bytes = 1024
+
+        [[runtimes]]
+        kind = "vllm"
+        url = "http://127.0.0.1:8001"
+
+        [[runtimes]]
+        kind = "vllm"
+        url = "http://127.0.0.1:8002"
+        poll_interval_s = 0.5
+        options = { api_key = "secret" }
+
+        [scoring.weights]
+        queue = 2
+        """
+    )
+    return path
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- sources and precedence
+
+
+def test_defaults_need_no_file_and_no_environment() -> None:
+    config = load_config(environ={})
+    assert config.router.listen == "127.0.0.1:8080"
+    assert config.runtimes == []
+    assert config.agent_target() == f"unix://{config.agent.socket}"
+
+
+def test_file_values_are_structured_into_typed_config(config_file: Path) -> None:
+    config = load_config(config_file, environ={})
+    assert config.node.id == "gpu-node-1"
+    assert config.router.max_body_bytes == 1024
+    assert config.runtimes[1] == RuntimeConfig(
+        kind="vllm",
+        url="http://127.0.0.1:8002",
+        poll_interval_s=0.5,
+        options={"api_key": "secret"},
+    )
+    assert config.scoring.weights == {"queue": 2.0}
+
+
+def test_environment_overrides_file_and_flags_override_both(config_file: Path) -> None:
+    environ = {
+        "INFERMESH_ROUTER__LISTEN": "0.0.0.0:9000",
+        "INFERMESH_ROUTER__MAX_BODY_BYTES": "2048",
+        "INFERMESH_NODE__ZONE": "eu-1",
+    }
+    config = load_config(
+        config_file, environ=environ, overrides=[("router.listen", "127.0.0.1:9999", "--listen")]
+    )
+    assert config.router.listen == "127.0.0.1:9999"  # flag beats env beats file
+    assert config.router.max_body_bytes == 2048  # env beats file
+    assert config.node.id == "gpu-node-1"  # file beats default
+    assert config.node.zone == "eu-1"  # env beats default
+
+
+def test_flags_that_were_not_given_change_nothing(config_file: Path) -> None:
+    config = load_config(config_file, environ={}, overrides=[("router.listen", None)])
+    assert config.router.listen == "0.0.0.0:8080"
+
+
+def test_config_path_comes_from_infermesh_config_when_not_given(config_file: Path) -> None:
+    config = load_config(environ={"INFERMESH_CONFIG": str(config_file)})
+    assert config.node.id == "gpu-node-1"
+
+
+def test_environment_strings_stay_verbatim_and_other_types_are_parsed() -> None:
+    config = load_config(
+        environ={
+            "INFERMESH_NODE__ID": "007",
+            "INFERMESH_PLUGINS__STRICT": "true",
+            "INFERMESH_PLUGINS__BLOCK": "triton, dcgm",
+            "INFERMESH_PLUGINS__ALLOW": '["vllm"]',
+            "INFERMESH_SCORING__WEIGHTS__PREFIX": "0",
+            "INFERMESH_RUNTIMES": '[{kind = "vllm", url = "http://127.0.0.1:8001"}]',
+            "INFERMESH_PLUGINS": "not-a-config-key",
+        }
+    )
+    assert config.node.id == "007"
+    assert config.plugins.strict is True
+    assert config.plugins.block == ["triton", "dcgm"]
+    assert config.plugins.allow == ["vllm"]
+    assert config.scoring.weights == {"prefix": 0.0}
+    assert config.runtimes == [RuntimeConfig(kind="vllm", url="http://127.0.0.1:8001")]
+
+
+def test_runtime_flags_append_to_the_file_runtimes(config_file: Path) -> None:
+    extra = {"kind": "vllm", "url": "http://127.0.0.1:8003"}
+    config = load_config(config_file, environ={}, overrides=[("runtimes[]", extra, "--runtime")])
+    assert [r.url for r in config.runtimes] == [
+        "http://127.0.0.1:8001",
+        "http://127.0.0.1:8002",
+        "http://127.0.0.1:8003",
+    ]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_wrong_type_in_file_names_file_key_and_expected_type(tmp_path: Path) -> None:
+    path = write(tmp_path, '[router]\nmax_body_bytes = "big"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert str(err.value) == (
+        f"{path}: router.max_body_bytes: expected an integer, got string 'big'"
+    )
+
+
+def test_unknown_key_is_reported_with_a_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, '[router]\nlisten_addr = "0.0.0.0:1"\n')
+    with pytest.raises(
+        ConfigError, match=r"router\.listen_addr: unknown key \(did you mean 'listen'\?\)"
+    ):
+        load_config(path, environ={})
+
+
+def test_unknown_section_lists_the_known_ones(tmp_path: Path) -> None:
+    path = write(tmp_path, "[bogus]\nx = 1\n")
+    with pytest.raises(ConfigError, match=r"bogus: unknown key \(known keys: agent, gpus, logging"):
+        load_config(path, environ={})
+
+
+def test_missing_required_key_in_runtimes_names_the_table_index(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, '[[runtimes]]\nkind = "vllm"\nurl = "http://a:1"\n[[runtimes]]\nkind = "vllm"\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert str(err.value) == f"{path}: runtimes[1].url: required key is missing (a string)"
+
+
+def test_a_table_where_an_array_of_tables_belongs_is_explained(tmp_path: Path) -> None:
+    path = write(tmp_path, '[runtimes]\nkind = "vllm"\nurl = "http://a:1"\n')
+    with pytest.raises(ConfigError, match=r"runtimes: expected an array of tables, got table"):
+        load_config(path, environ={})
+
+
+def test_a_string_where_a_list_belongs_is_not_split_into_characters(tmp_path: Path) -> None:
+    path = write(tmp_path, '[plugins]\nallow = "vllm"\n')
+    with pytest.raises(
+        ConfigError, match=r"plugins\.allow: expected a list of strings, got string"
+    ):
+        load_config(path, environ={})
+
+
+def test_every_problem_in_a_source_is_reported(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, '[router]\nlisten = 8080\nmax_attempts = "two"\n[scoring.weights]\nkv = "x"\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert str(err.value).splitlines() == [
+        f"{path}: router.listen: expected a string, got integer 8080",
+        f"{path}: router.max_attempts: expected an integer, got string 'two'",
+        f"{path}: scoring.weights.kv: expected a number, got string 'x'",
+    ]
+
+
+def test_bad_toml_names_the_file_and_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[router]\nlisten = \n")
+    with pytest.raises(ConfigError, match=rf"{path}: not valid TOML: .*line 2"):
+        load_config(path, environ={})
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'nope.toml'}: config file not found"):
+        load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"{tmp_path}: cannot read config file"):
+        load_config(tmp_path, environ={})
+
+
+def test_environment_error_names_the_variable_key_and_type(config_file: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(config_file, environ={"INFERMESH_SCORING__STALE_AFTER_S": "soon"})
+    assert str(err.value) == (
+        "environment variable INFERMESH_SCORING__STALE_AFTER_S: scoring.stale_after_s: "
+        "expected a number, got string 'soon'"
+    )
+
+
+def test_misspelled_environment_variable_is_an_unknown_key() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"INFERMESH_ROUTR__LISTEN: routr: unknown key \(did you mean 'router'",
+    ):
+        load_config(environ={"INFERMESH_ROUTR__LISTEN": "0.0.0.0:1"})
+
+
+def test_flag_error_names_the_flag_key_and_type(config_file: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            config_file,
+            environ={},
+            overrides=[("router.max_body_bytes", "lots", "--max-body-bytes")],
+        )
+    assert str(err.value) == (
+        "command-line flag --max-body-bytes: router.max_body_bytes: "
+        "expected an integer, got string 'lots'"
+    )
+
+
+def test_flag_without_a_name_is_reported_by_its_key() -> None:
+    with pytest.raises(
+        ConfigError, match=r"command-line override of logging\.level: logging\.level"
+    ):
+        load_config(environ={}, overrides=[("logging.level", "loud")])
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[node]\nid = "a|b"', "node.id: must be non-empty and must not contain '|'"),
+        (
+            '[router]\nlisten = "8080"',
+            "router.listen: expected HOST:PORT (e.g. 127.0.0.1:8080), got '8080'",
+        ),
+        ('[agent]\nmetrics_listen = "host:99999"', "agent.metrics_listen: expected HOST:PORT"),
+        ("[router]\nmax_attempts = 0", "router.max_attempts: must be >= 1, got 0"),
+        ("[scoring]\nstale_after_s = 0", "scoring.stale_after_s: must be > 0, got 0.0"),
+        ("[scoring.weights]\nqueue = -1", "scoring.weights.queue: must be >= 0, got -1.0"),
+        (
+            "[scoring]\noutcome_ewma_alpha = 1.5",
+            "scoring.outcome_ewma_alpha: must be in (0, 1], got 1.5",
+        ),
+        (
+            "[scoring]\nprefix_load_factor = 0.5",
+            "scoring.prefix_load_factor: must be >= 1, got 0.5",
+        ),
+        (
+            '[logging]\nlevel = "loud"',
+            "logging.level: expected one of debug, info, warning, error, critical",
+        ),
+        (
+            '[logging]\nformat = "xml"',
+            "logging.format: expected one of auto, json, console, got 'xml'",
+        ),
+        (
+            '[[runtimes]]\nkind = "vllm"\nurl = "127.0.0.1:8000"',
+            "runtimes[0].url: expected an http:// or https:// URL, got '127.0.0.1:8000'",
+        ),
+        (
+            '[[runtimes]]\nkind = "vllm"\nurl = "http://a:1"\npoll_interval_s = 0',
+            "runtimes[0].poll_interval_s: must be > 0, got 0.0",
+        ),
+        ('[[gpus]]\nkind = ""', "gpus[0].kind: must name an adapter kind, got an empty string"),
+    ],
+)
+def test_out_of_range_values_are_rejected(tmp_path: Path, toml: str, message: str) -> None:
+    path = write(tmp_path, toml + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert str(err.value).startswith(f"{path}: {message}")
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
+        ("[::1]:0", ("::1", 0)),
+        ("node-a:9464", ("node-a", 9464)),
+    ],
+)
+def test_host_port_parses(text: str, parsed: tuple[str, int]) -> None:
+    assert parse_host_port(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["", "8080", ":8080", "host:", "host:http", "host:70000"])
+def test_bad_host_port_shows_the_expected_form(text: str) -> None:
+    with pytest.raises(ValueError, match=r"expected HOST:PORT \(e\.g\. 127\.0\.0\.1:8080\)"):
+        parse_host_port(text)
+
+
+# --------------------------------------------------------------------------- documentation
+
+
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for field in attrs.fields(cls):
+        tp = hints[field.name]
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        if attrs.has(item):
+            keys.extend(_dotted_keys(item, f"{prefix}{field.name}."))
+        else:
+            keys.append(f"{prefix}{field.name}")
+    return keys
+
+
+def test_every_config_key_is_documented() -> None:
+    documented = DOCS.read_text(encoding="utf-8")
+    missing = [key for key in _dotted_keys(Config) if f"`{key}`" not in documented]
+    assert missing == [], f"keys missing from {DOCS}: {missing}"
