@@ -1,1 +1,1 @@
-"""InferMesh vllm."""
+"""InferMesh runtime adapter and control for vLLM (plugin kind "vllm")."""
