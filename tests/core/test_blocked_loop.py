@@ -17,20 +17,20 @@ import pytest
 
 @pytest.mark.anyio
 async def test_blocks_the_loop() -> None:
-    time.sleep(0.7)  # blocking on purpose: what the detector must catch
+    time.sleep(0.5)  # blocking on purpose: what the detector must catch
     await anyio.sleep(0)
 
 
 @pytest.mark.anyio
 @pytest.mark.allow_blocking
 async def test_blocks_but_opted_out() -> None:
-    time.sleep(0.7)
+    time.sleep(0.5)
     await anyio.sleep(0)
 
 
 @pytest.mark.anyio
 async def test_offloads_blocking_work_to_a_thread() -> None:
-    await anyio.to_thread.run_sync(time.sleep, 0.7)
+    await anyio.to_thread.run_sync(time.sleep, 0.5)
 
 
 @pytest.mark.anyio
@@ -42,7 +42,10 @@ async def test_yields_often() -> None:
 
 # The inner run logs to the same asyncio logger this test's own detector watches.
 @pytest.mark.allow_blocking
-def test_a_test_that_blocks_the_event_loop_fails_unless_marked(pytester: pytest.Pytester) -> None:
+def test_a_test_that_blocks_the_event_loop_fails_unless_marked(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INFERMESH_BLOCKED_LOOP_S", "0.3")  # keeps this test short
     pytester.makeconftest(CONFTEST.read_text(encoding="utf-8"))
     pytester.makepyfile(test_blocking=SUITE)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--timeout=60")
@@ -50,7 +53,7 @@ def test_a_test_that_blocks_the_event_loop_fails_unless_marked(pytester: pytest.
     result.stdout.fnmatch_lines(
         [
             "*test_blocks_the_loop*",
-            "*the event loop was blocked for more than 0.5 s*",
+            "*the event loop was blocked for more than 0.3 s*",
             "*s in <Task*",
         ]
     )

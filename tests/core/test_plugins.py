@@ -450,3 +450,24 @@ def test_directly_added_plugins_take_part_like_entry_points() -> None:
 def test_a_broken_directly_added_plugin_is_always_an_error() -> None:
     with pytest.raises(PluginError, match=r"not decorated with @infermesh\.core\.hookimpl"):
         PluginHost.load(entry_point_list=[], extra=[("undecorated", UndecoratedPlugin())])
+
+
+def test_a_directly_added_plugin_cannot_take_an_installed_plugins_name(
+    plugin_dists: PluginDistributions,
+) -> None:
+    install_scorer(plugin_dists, "taken")
+    with pytest.raises(PluginError, match="a plugin named 'taken' is already registered"):
+        PluginHost.load(allow=["taken"], extra=[("taken", DirectPlugin())])
+
+
+def test_two_distributions_declaring_one_plugin_name_load_only_the_first(
+    plugin_dists: PluginDistributions,
+) -> None:
+    plugin_dists.add("infermesh-one", {"same": "im_test_one"}, {"im_test_one": SCORER_PLUGIN})
+    plugin_dists.add("infermesh-two", {"same": "im_test_two"}, {"im_test_two": SCORER_PLUGIN})
+    host = PluginHost.load(allow=["same"])
+    assert host.registrations()["scorers"] == {"lowest-queue": "same"}
+    assert len(host.failures) == 1
+    assert host.failures[0].error.startswith(
+        "entry point name 'same' is also declared for im_test_"
+    )

@@ -273,8 +273,11 @@ class PluginHost:
         error: str,
         fatal: bool,
         cause: BaseException | None = None,
+        *,
+        registered: bool = False,
     ) -> None:
-        if self.pm.has_plugin(name):
+        """Record (or, when `fatal`, raise) a plugin failure; unregister it if `registered`."""
+        if registered:
             self.pm.unregister(name=name)
         self.origins.pop(name, None)
         if fatal:
@@ -313,7 +316,14 @@ class PluginHost:
                     f"implements unknown hook {', '.join(hints)}; "
                     "the hooks are listed in infermesh.core.hookspecs"
                 )
-                self._fail(name, values.get(name, name), error, strictness.get(name, True), exc)
+                self._fail(
+                    name,
+                    values.get(name, name),
+                    error,
+                    strictness.get(name, True),
+                    exc,
+                    registered=True,
+                )
 
     def _collect(self, strictness: Mapping[str, bool], values: Mapping[str, str]) -> None:
         """Call every register-style hook once per plugin; merge; reject duplicates."""
@@ -334,6 +344,7 @@ class PluginHost:
                     str(exc),
                     strictness.get(plugin_name, True),
                     exc.__cause__,
+                    registered=True,
                 )
         for plugin_name, registrations in staged.items():
             for kind, name, obj in registrations:
