@@ -1,0 +1,212 @@
+"""gRPC servicer of `infermesh.v1.State`: push deltas into the store, watch, list and get.
+
+A thin shell over StateStore and infermesh.core.convert. Watchers get a bounded buffer: one that
+falls behind is ended with RESOURCE_EXHAUSTED (it reconnects with a snapshot) rather than
+holding memory for ever. Never blocks the loop and never mutates state except through the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+from infermesh.agent.api.status import abort
+from infermesh.agent.state import StateStore
+from infermesh.core.convert import (
+    gpu_delta_from_pb,
+    gpu_delta_to_pb,
+    gpu_key_from_pb,
+    gpu_snapshot_delta_pb,
+    gpu_state_to_pb,
+    model_delta_from_pb,
+    model_delta_to_pb,
+    model_snapshot_delta_pb,
+    model_state_to_pb,
+    target_key_from_pb,
+)
+from infermesh.core.model import GpuStateDelta, ModelStateDelta
+from infermesh.core.proto import state_pb2, state_pb2_grpc, types_pb2
+
+__all__ = ["WATCH_BUFFER", "StateService"]
+
+WATCH_BUFFER = 10_000
+"""Deltas a watcher may fall behind by before it is disconnected."""
+
+_D = TypeVar("_D")
+
+
+class _Overflow:
+    """Marker queued when a watcher's buffer overflowed."""
+
+
+_OVERFLOW = _Overflow()
+
+
+class StateService(state_pb2_grpc.StateServicer):
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    # ------------------------------------------------------------------ push
+
+    async def PushModelDeltas(
+        self, request_iterator: AsyncIterator[types_pb2.ModelStateDelta], context: Any
+    ) -> state_pb2.PushAck:
+        applied = stale = 0
+        async for message in request_iterator:
+            try:
+                delta = model_delta_from_pb(message)
+            except ValueError as exc:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"PushModelDeltas: delta #{applied + stale + 1}: {exc} "
+                    f"({applied + stale} earlier deltas were accepted)",
+                )
+            if self.store.apply_model_delta(delta):
+                applied += 1
+            else:
+                stale += 1
+        return state_pb2.PushAck(applied=applied, stale=stale)
+
+    async def PushGpuDeltas(
+        self, request_iterator: AsyncIterator[types_pb2.GpuStateDelta], context: Any
+    ) -> state_pb2.PushAck:
+        applied = stale = 0
+        async for message in request_iterator:
+            try:
+                delta = gpu_delta_from_pb(message)
+            except ValueError as exc:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"PushGpuDeltas: delta #{applied + stale + 1}: {exc} "
+                    f"({applied + stale} earlier deltas were accepted)",
+                )
+            if self.store.apply_gpu_delta(delta):
+                applied += 1
+            else:
+                stale += 1
+        return state_pb2.PushAck(applied=applied, stale=stale)
+
+    # ------------------------------------------------------------------ watch
+
+    async def WatchModelDeltas(
+        self, request: state_pb2.WatchRequest, context: Any
+    ) -> AsyncIterator[types_pb2.ModelStateDelta]:
+        model = request.model
+
+        def wanted(delta: ModelStateDelta) -> bool:
+            return not model or delta.key.model == model
+
+        queue: asyncio.Queue[ModelStateDelta | _Overflow] = asyncio.Queue(WATCH_BUFFER + 1)
+        subscription = self.store.subscribe_models(_enqueue(queue, wanted))
+        try:
+            if request.initial_snapshot:
+                for state in self.store.model_states():
+                    if not model or state.key.model == model:
+                        yield model_snapshot_delta_pb(state)
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Overflow):
+                    await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, _overflow_message())
+                yield model_delta_to_pb(item)
+        finally:
+            subscription.close()
+
+    async def WatchGpuDeltas(
+        self, request: state_pb2.WatchRequest, context: Any
+    ) -> AsyncIterator[types_pb2.GpuStateDelta]:
+        queue: asyncio.Queue[GpuStateDelta | _Overflow] = asyncio.Queue(WATCH_BUFFER + 1)
+        subscription = self.store.subscribe_gpus(_enqueue(queue, lambda _: True))
+        try:
+            if request.initial_snapshot:
+                for state in self.store.gpu_states():
+                    yield gpu_snapshot_delta_pb(state)
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Overflow):
+                    await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, _overflow_message())
+                yield gpu_delta_to_pb(item)
+        finally:
+            subscription.close()
+
+    # ------------------------------------------------------------------ list / get
+
+    async def ListModelStates(
+        self, request: state_pb2.ListRequest, context: Any
+    ) -> state_pb2.ModelStateList:
+        states = [
+            model_state_to_pb(s)
+            for s in self.store.model_states()
+            if (not request.model or s.key.model == request.model)
+            and (not request.node or s.key.node == request.node)
+        ]
+        return state_pb2.ModelStateList(states=states)
+
+    async def GetModelState(
+        self, request: types_pb2.TargetKey, context: Any
+    ) -> types_pb2.ModelState:
+        try:
+            key = target_key_from_pb(request)
+        except ValueError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"GetModelState: {exc}")
+        state = self.store.get_model(key)
+        if state is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"no target {key.target_id!r} in this agent's state "
+                f"({len(self.store.model_states())} targets known; see ListModelStates)",
+            )
+        return model_state_to_pb(state)
+
+    async def ListGpuStates(
+        self, request: state_pb2.ListRequest, context: Any
+    ) -> state_pb2.GpuStateList:
+        states = [
+            gpu_state_to_pb(g)
+            for g in self.store.gpu_states()
+            if not request.node or g.key.node == request.node
+        ]
+        return state_pb2.GpuStateList(states=states)
+
+    async def GetGpuState(self, request: types_pb2.GpuKey, context: Any) -> types_pb2.GpuState:
+        try:
+            key = gpu_key_from_pb(request)
+        except ValueError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"GetGpuState: {exc}")
+        state = self.store.get_gpu(key)
+        if state is None:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"no GPU {key.gpu_uuid!r} on node {key.node!r} in this agent's state "
+                f"({len(self.store.gpu_states())} GPUs known; see ListGpuStates)",
+            )
+        return gpu_state_to_pb(state)
+
+
+def _enqueue(
+    queue: asyncio.Queue[_D | _Overflow], wanted: Callable[[_D], bool]
+) -> Callable[[_D], None]:
+    overflowed = False
+
+    def deliver(delta: _D) -> None:
+        nonlocal overflowed
+        if overflowed or not wanted(delta):
+            return
+        if queue.qsize() >= WATCH_BUFFER:
+            overflowed = True
+            queue.put_nowait(_OVERFLOW)  # the queue holds one slot beyond the buffer for this
+            return
+        queue.put_nowait(delta)
+
+    return deliver
+
+
+def _overflow_message() -> str:
+    return (
+        f"watcher fell more than {WATCH_BUFFER} deltas behind; reconnect with initial_snapshot=true"
+    )

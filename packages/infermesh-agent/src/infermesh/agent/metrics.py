@@ -1,0 +1,232 @@
+"""The agent's Prometheus metrics: one registry, gauges read from the store at scrape time.
+
+Per-target and per-GPU gauges are produced by a collector that walks the store when /metrics
+is scraped, so writes and scoring pay nothing for them; counters are incremented by the APIs.
+The aiohttp server here only serves the registry; it never touches scoring state otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from aiohttp import web
+from infermesh.agent.inflight import InflightTracker
+from infermesh.agent.scoring.engine import ScoringEngine
+from infermesh.agent.state import StateStore
+from infermesh.core.config import parse_host_port
+from infermesh.core.model import GpuState, ModelState
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["GPU_GAUGES", "TARGET_GAUGES", "AgentMetrics", "MetricsServer"]
+
+TARGET_LABELS = ("target_id", "model", "node", "endpoint")
+GPU_LABELS = ("node", "gpu_uuid", "gpu_index", "gpu_name")
+
+# name suffix -> (help, value); the full name is infermesh_agent_target_<suffix>.
+_TargetValue = Callable[[ModelState, InflightTracker, float], float | None]
+TARGET_GAUGES: dict[str, tuple[str, _TargetValue]] = {
+    "running": ("Requests the runtime is running.", lambda s, i, n: s.running),
+    "waiting": ("Requests queued in the runtime.", lambda s, i, n: s.waiting),
+    "kv_cache_usage_ratio": ("KV-cache usage, 0..1.", lambda s, i, n: s.kv_cache_usage),
+    "prefix_cache_hit_ratio": (
+        "Prefix-cache hit rate reported by the runtime, 0..1.",
+        lambda s, i, n: s.prefix_cache_hit_rate,
+    ),
+    "work_left_seconds": (
+        "Expected seconds to drain what is queued and running.",
+        lambda s, i, n: s.work_left_s,
+    ),
+    "in_flight": (
+        "Open reservations started after the target's last telemetry (unseen by the runtime).",
+        lambda s, i, n: i.in_flight(s.key.target_id, s.last_updated),
+    ),
+    "reservations_open": (
+        "All open reservations on the target.",
+        lambda s, i, n: i.open_count(s.key.target_id),
+    ),
+    "ttft_seconds": ("Time to first token reported by the runtime.", lambda s, i, n: s.ttft_s),
+    "ttft_ewma_seconds": (
+        "EWMA of time to first token from the routers' outcome reports.",
+        lambda s, i, n: st.ttft_ewma_s if (st := i.stats(s.key.target_id)) else None,
+    ),
+    "error_ratio": (
+        "EWMA of the share of outcomes that failed because of the target.",
+        lambda s, i, n: st.error_rate if (st := i.stats(s.key.target_id)) else 0.0,
+    ),
+    "healthy": ("1 when the runtime reports the target healthy.", lambda s, i, n: s.healthy),
+    "loaded": ("1 when the model is loaded.", lambda s, i, n: s.loaded),
+    "telemetry_age_seconds": (
+        "Seconds since the target's telemetry was read.",
+        lambda s, i, n: max(0.0, n - s.last_updated),
+    ),
+}
+
+_GpuValue = Callable[[GpuState], float]
+GPU_GAUGES: dict[str, tuple[str, _GpuValue]] = {
+    "utilization_ratio": ("GPU utilisation, 0..1.", lambda g: g.utilization),
+    "memory_used_bytes": ("Device memory in use.", lambda g: g.memory_used_bytes),
+    "memory_total_bytes": ("Device memory in total.", lambda g: g.memory_total_bytes),
+    "vram_headroom_ratio": ("Share of device memory free, 0..1.", lambda g: g.vram_headroom),
+    "temperature_celsius": ("GPU temperature.", lambda g: g.temperature_c),
+    "power_watts": ("Power draw.", lambda g: g.power_w),
+    "healthy": ("1 when no ECC/XID/row-remap/throttle problem is reported.", lambda g: g.healthy),
+}
+
+
+class StateCollector(Collector):
+    """Reads the store, tracker and engine at scrape time."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        inflight: InflightTracker,
+        engine: ScoringEngine | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.inflight = inflight
+        self.engine = engine
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.clock()
+        states = self.store.model_states()
+        for suffix, (help_text, value) in TARGET_GAUGES.items():
+            family = GaugeMetricFamily(
+                f"infermesh_agent_target_{suffix}", help_text, labels=TARGET_LABELS
+            )
+            for state in states:
+                number = value(state, self.inflight, now)
+                if number is not None:
+                    key = state.key
+                    labels = [key.target_id, key.model, key.node, key.endpoint]
+                    family.add_metric(labels, float(number))
+            yield family
+        gpus = self.store.gpu_states()
+        for suffix, (help_text, gpu_value) in GPU_GAUGES.items():
+            family = GaugeMetricFamily(
+                f"infermesh_agent_gpu_{suffix}", help_text, labels=GPU_LABELS
+            )
+            for gpu in gpus:
+                labels = [gpu.key.node, gpu.key.gpu_uuid, str(gpu.index), gpu.name]
+                family.add_metric(labels, float(gpu_value(gpu)))
+            yield family
+        yield from self._counters()
+
+    def _counters(self) -> Iterable[Metric]:
+        deltas = CounterMetricFamily(
+            "infermesh_agent_deltas",
+            "State deltas received, by kind and result.",
+            labels=("kind", "result"),
+        )
+        for kind, counts in (("model", self.store.model_counts), ("gpu", self.store.gpu_counts)):
+            deltas.add_metric([kind, "applied"], counts.applied)
+            deltas.add_metric([kind, "stale"], counts.stale)
+        yield deltas
+        yield CounterMetricFamily(
+            "infermesh_agent_reservations_expired",
+            "Reservations dropped after their TTL without an outcome.",
+            value=self.inflight.expired_total,
+        )
+        failures = CounterMetricFamily(
+            "infermesh_agent_scorer_failures",
+            "Scorer calls that raised or returned the wrong number of results.",
+            labels=("scorer",),
+        )
+        if self.engine is not None:
+            for name, count in sorted(self.engine.scorer_failures.items()):
+                failures.add_metric([name], count)
+        yield failures
+
+
+class AgentMetrics:
+    """The agent's registry, its counters, and the state collector."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        inflight: InflightTracker,
+        engine: ScoringEngine | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.score_requests = Counter(
+            "infermesh_agent_score_requests",
+            "ScoreTargets calls by result (ok, no_targets, unknown_model, invalid).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.score_duration = Histogram(
+            "infermesh_agent_score_duration_seconds",
+            "Time to rank targets for one ScoreTargets call (engine plus encoding).",
+            buckets=(5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2),
+            registry=self.registry,
+        )
+        self.admits = Counter(
+            "infermesh_agent_admits",
+            "Admit calls by result (admitted, rejected, invalid).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.outcomes = Counter(
+            "infermesh_agent_outcomes",
+            "Outcomes reported by routers, by result (ok, target_error, client_error).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.adapter_restarts = Counter(
+            "infermesh_agent_adapter_restarts",
+            "Times an adapter's delta stream ended or raised and was restarted.",
+            ["adapter"],
+            registry=self.registry,
+        )
+        self.registry.register(StateCollector(store, inflight, engine, clock))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """Serves `GET /metrics` in the Prometheus text format on `host:port`."""
+
+    def __init__(self, metrics: AgentMetrics, listen: str) -> None:
+        self.metrics = metrics
+        try:
+            self.host, self.port = parse_host_port(listen)
+        except ValueError as exc:
+            raise ValueError(f"agent.metrics_listen: {exc}") from None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, reuse_port=False)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            where = f"agent.metrics_listen {self.host}:{self.port}"
+            raise OSError(f"{where}: cannot listen ({exc.strerror or exc})") from exc
+        self._runner = runner
+        if self.port == 0 and runner.addresses:
+            self.port = int(runner.addresses[0][1])
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

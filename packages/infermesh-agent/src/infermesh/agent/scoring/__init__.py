@@ -1,0 +1,1 @@
+"""Scoring: filters, then weighted scorers, then a deterministic ranking with reasons."""

@@ -1,0 +1,303 @@
+"""The scoring engine: filter a model's candidates, rate them with weighted scorers, rank them.
+
+Sans-I/O and clock-injected (`rank(request, now)`), so the simulator runs the same code with
+virtual time. It reads the store's per-model candidate list (never the whole cluster) and the
+in-flight tracker; it never awaits, logs or writes state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import attrs
+from infermesh.agent.inflight import InflightTracker
+from infermesh.agent.state import StateStore
+from infermesh.core.config import ScoringConfig
+from infermesh.core.contracts import Scorer, ScoreResult, TargetView
+from infermesh.core.model import ModelState, RequestFeatures
+
+__all__ = [
+    "ConfigurableScorer",
+    "Exclusion",
+    "RankedTarget",
+    "Ranking",
+    "ScoreReason",
+    "ScoringEngine",
+    "ScoringSetupError",
+    "WeightedScorer",
+    "resolve_scorers",
+]
+
+# Retry-After hints when a known model has no usable target.
+RETRY_TRANSIENT_S = 1.0
+"""Some target is only stale or warming up: it is likely back within a scrape or two."""
+RETRY_UNAVAILABLE_S = 5.0
+"""Every target is unhealthy, unloaded or filtered out by labels."""
+# Labels that are read from the target's key rather than its Labels.
+_KEY_FILTERS = frozenset({"model", "node", "endpoint"})
+
+
+class ScoringSetupError(Exception):
+    """The scoring configuration cannot work (unknown scorer name, bad weight, ...)."""
+
+
+@runtime_checkable
+class ConfigurableScorer(Protocol):
+    """A scorer that takes tunables from `[scoring]`: the agent calls `configured` once."""
+
+    def configured(self, scoring: ScoringConfig) -> Scorer: ...
+
+
+@attrs.frozen
+class WeightedScorer:
+    name: str
+    scorer: Scorer
+    weight: float
+
+
+class ScoreReason(NamedTuple):
+    """One scorer's contribution to a target's total (a tuple: cheap on the hot path)."""
+
+    scorer: str
+    score: float
+    weight: float
+    reason: str
+
+
+class RankedTarget(NamedTuple):
+    """One ranked target: its total and each scorer's result (a tuple: cheap on the hot path)."""
+
+    target_id: str
+    view: TargetView
+    score: float
+    """Weighted mean of the scorers' scores, 0..1."""
+    results: tuple[ScoreResult, ...]
+    """One result per scorer, in the order of `scorers`."""
+    scorers: tuple[WeightedScorer, ...]
+
+    @property
+    def state(self) -> ModelState:
+        return self.view.state
+
+    @property
+    def reasons(self) -> tuple[ScoreReason, ...]:
+        """Each scorer's score, weight and reason for this target."""
+        return tuple(
+            ScoreReason(ws.name, result.score, ws.weight, result.reason)
+            for ws, result in zip(self.scorers, self.results, strict=True)
+        )
+
+
+@attrs.frozen
+class Exclusion:
+    target_id: str
+    why: str
+    transient: bool = False
+    """Likely to clear within a scrape or two (stale telemetry, warming up)."""
+
+    def __str__(self) -> str:
+        return f"{self.target_id}: {self.why}"
+
+
+@attrs.frozen
+class Ranking:
+    targets: tuple[RankedTarget, ...]
+    model_known: bool
+    candidates: int
+    """Targets serving the model before filtering."""
+    excluded: tuple[Exclusion, ...] = ()
+    retry_after_s: float = 0.0
+    """When `targets` is empty for a known model: when to try again."""
+
+
+def resolve_scorers(
+    registered: Mapping[str, Scorer], scoring: ScoringConfig
+) -> tuple[WeightedScorer, ...]:
+    """Apply `[scoring]` to the registered scorers: weights, tunables, validation.
+
+    Raises ScoringSetupError naming the offending key; scorers with weight 0 are left out.
+    """
+    known = ", ".join(sorted(registered)) or "(none)"
+    unknown = sorted(set(scoring.weights) - set(registered))
+    if unknown:
+        raise ScoringSetupError(
+            f"scoring.weights names unknown scorer(s) {', '.join(map(repr, unknown))}; "
+            f"registered scorers: {known}"
+        )
+    if not (scoring.stale_after_s > 0 and math.isfinite(scoring.stale_after_s)):
+        raise ScoringSetupError(f"scoring.stale_after_s must be > 0, got {scoring.stale_after_s}")
+    if not scoring.prefix_load_factor >= 1.0:
+        raise ScoringSetupError(
+            f"scoring.prefix_load_factor must be >= 1, got {scoring.prefix_load_factor}"
+        )
+    weighted: list[WeightedScorer] = []
+    for name in sorted(registered):
+        scorer = registered[name]
+        weight = scoring.weights.get(name, scorer.default_weight)
+        if not (weight >= 0.0 and math.isfinite(weight)):
+            source = f"scoring.weights.{name}" if name in scoring.weights else f"{name} default"
+            raise ScoringSetupError(f"{source}: weight must be a finite number >= 0, got {weight}")
+        if weight == 0.0:
+            continue
+        if isinstance(scorer, ConfigurableScorer):
+            scorer = scorer.configured(scoring)
+        weighted.append(WeightedScorer(name, scorer, float(weight)))
+    if not weighted:
+        raise ScoringSetupError(
+            f"every scorer has weight 0 (registered: {known}); give at least one a weight > 0"
+        )
+    return tuple(weighted)
+
+
+class ScoringEngine:
+    """Ranks the targets of one model for one request.
+
+    Build it standalone (as the simulator does) from a store, a tracker and scorers::
+
+        store, inflight = StateStore(), InflightTracker()
+        engine = ScoringEngine(store, inflight, resolve_scorers(
+            {s.name: s for s in builtin_scorers()}, ScoringConfig()))
+        ranking = engine.rank(RequestFeatures(model="m"), now=time.time())
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        inflight: InflightTracker,
+        scorers: Sequence[WeightedScorer],
+        *,
+        stale_after_s: float = 5.0,
+    ) -> None:
+        if not scorers:
+            raise ScoringSetupError("the scoring engine needs at least one scorer")
+        self.store = store
+        self.inflight = inflight
+        self.scorers = tuple(scorers)
+        self.stale_after_s = stale_after_s
+        self._total_weight = sum(ws.weight for ws in self.scorers)
+        self.scorer_failures: dict[str, int] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        store: StateStore,
+        inflight: InflightTracker,
+        registered: Mapping[str, Scorer],
+        scoring: ScoringConfig,
+    ) -> ScoringEngine:
+        return cls(
+            store,
+            inflight,
+            resolve_scorers(registered, scoring),
+            stale_after_s=scoring.stale_after_s,
+        )
+
+    # ------------------------------------------------------------------ filters
+
+    def exclusion(
+        self, state: ModelState, request: RequestFeatures, now: float
+    ) -> Exclusion | None:
+        """Why `state` cannot serve `request` now, or None when it can."""
+        if not state.loaded:
+            return Exclusion(state.key.target_id, "model not loaded")
+        if state.warming:
+            return Exclusion(state.key.target_id, "warming up", transient=True)
+        if not state.healthy:
+            why = state.health_reason or "reported unhealthy by its runtime"
+            return Exclusion(state.key.target_id, f"unhealthy: {why}")
+        age_s = now - state.last_updated
+        if age_s > self.stale_after_s:
+            why = f"telemetry {age_s:.1f}s old (stale after {self.stale_after_s:g}s)"
+            return Exclusion(state.key.target_id, why, transient=True)
+        for name, wanted in request.filters:
+            actual = getattr(state.key, name) if name in _KEY_FILTERS else state.labels.get(name)
+            if actual != wanted:
+                why = f"label {name}={actual or ''} does not match filter {name}={wanted}"
+                return Exclusion(state.key.target_id, why)
+        if state.labels.gpu_uuid:
+            for gpu in self.store.gpus_for(state):
+                healthy, reason = gpu.health
+                if not healthy:
+                    why = f"GPU {gpu.key.gpu_uuid} unhealthy: {reason}"
+                    return Exclusion(state.key.target_id, why)
+        return None
+
+    def view(self, state: ModelState, now: float, target_id: str | None = None) -> TargetView:
+        """The scorers' view of `state` at `now`, with in-flight and outcome feedback."""
+        if target_id is None:
+            target_id = state.key.target_id
+        stats = self.inflight.stats(target_id)
+        return TargetView(
+            state=state,
+            in_flight=self.inflight.in_flight(target_id, state.last_updated),
+            gpus=self.store.gpus_for(state),
+            ttft_ewma_s=stats.ttft_ewma_s if stats else None,
+            error_rate=stats.error_rate if stats else 0.0,
+            now=now,
+        )
+
+    # ------------------------------------------------------------------ ranking
+
+    def rank(self, request: RequestFeatures, now: float, max_targets: int = 0) -> Ranking:
+        """Filter, score and order the candidates for `request`; best first.
+
+        Ties are broken by target id, so the same inputs always give the same order.
+        """
+        self.inflight.expire(now)
+        candidates = self.store.candidates(request.model)
+        if not candidates:
+            known = self.store.model_known(request.model)
+            return Ranking((), known, 0, (), RETRY_UNAVAILABLE_S if known else 0.0)
+        ids: list[str] = []
+        views: list[TargetView] = []
+        excluded: list[Exclusion] = []
+        for state in candidates:
+            exclusion = self.exclusion(state, request, now)
+            if exclusion is None:
+                target_id = state.key.target_id
+                ids.append(target_id)
+                views.append(self.view(state, now, target_id))
+            else:
+                excluded.append(exclusion)
+        if not views:
+            transient = any(e.transient for e in excluded)
+            retry_after_s = RETRY_TRANSIENT_S if transient else RETRY_UNAVAILABLE_S
+            return Ranking((), True, len(candidates), tuple(excluded), retry_after_s)
+        count = len(views)
+        totals = [0.0] * count
+        per_scorer: list[Sequence[ScoreResult]] = []
+        for ws in self.scorers:
+            results = self._run_scorer(ws, request, views)
+            per_scorer.append(results)
+            weight = ws.weight
+            for i, result in enumerate(results):
+                totals[i] += weight * result.score
+        order = sorted(range(count), key=lambda i: (-totals[i], ids[i]))
+        if max_targets > 0:
+            order = order[:max_targets]
+        total_weight = self._total_weight
+        scorers = self.scorers
+        by_target = list(zip(*per_scorer, strict=True))  # per target: one result per scorer
+        ranked = tuple(
+            RankedTarget(
+                ids[i], views[i], min(1.0, totals[i] / total_weight), by_target[i], scorers
+            )
+            for i in order
+        )
+        return Ranking(ranked, True, len(candidates), tuple(excluded), 0.0)
+
+    def _run_scorer(
+        self, ws: WeightedScorer, request: RequestFeatures, views: Sequence[TargetView]
+    ) -> Sequence[ScoreResult]:
+        # A broken third-party scorer must not take the hot path down: it counts as neutral.
+        try:
+            results = ws.scorer.score(request, views)
+            if len(results) != len(views):
+                raise ValueError(f"returned {len(results)} results for {len(views)} targets")
+            return results
+        except Exception as exc:
+            self.scorer_failures[ws.name] = self.scorer_failures.get(ws.name, 0) + 1
+            failed = ScoreResult(0.5, f"scorer failed ({type(exc).__name__}: {exc}): neutral")
+            return [failed] * len(views)

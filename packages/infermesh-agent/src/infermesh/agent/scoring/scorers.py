@@ -1,0 +1,157 @@
+"""The built-in scorers: queue (work left), KV-cache headroom and prefix affinity.
+
+Each is a plain Scorer registered through `infermesh_register_scorers`, exactly as a third-party
+scorer would be. Pure functions of (request, candidate views): no clock, no I/O, no state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import attrs
+from infermesh.core.config import ScoringConfig
+from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
+from infermesh.core.model import RequestFeatures
+
+__all__ = [
+    "KvHeadroomScorer",
+    "PrefixAffinityScorer",
+    "QueueScorer",
+    "builtin_scorers",
+    "hrw_weight",
+]
+
+# Work left below this is "idle": differences smaller than it should not move traffic.
+WORK_FLOOR_S = 0.05
+# Work left above this is treated as this (keeps the arithmetic finite on absurd telemetry).
+WORK_CEILING_S = 1e6
+_MASK64 = (1 << 64) - 1
+
+
+class QueueScorer:
+    """Prefers targets with less work left, counting the requests routers sent since the scrape.
+
+    score = 1 / (1 + work_left / reference) where reference is the mean work left across the
+    candidates (at least WORK_FLOOR_S): an idle target scores 1, one with the mean load 0.5, a
+    saturated one near 0.
+    """
+
+    name = "queue"
+    default_weight = 2.0
+
+    def score(self, request: RequestFeatures, targets: Sequence[TargetView]) -> list[ScoreResult]:
+        work: list[float] = []
+        for view in targets:
+            w = view.expected_work_left_s
+            work.append(min(w, WORK_CEILING_S) if w >= 0.0 else 0.0)  # NaN -> 0
+        if not work:
+            return []
+        mean_s = sum(work) / len(work)
+        reference_s = max(mean_s, WORK_FLOOR_S)
+        mean_text = f"mean {mean_s * 1000.0:.0f}ms"
+        results = []
+        for view, w in zip(targets, work, strict=True):
+            state = view.state
+            reason = (
+                f"work left {w * 1000.0:.0f}ms (running {state.running:g}, "
+                f"waiting {state.waiting:g}, in-flight {view.in_flight}); {mean_text}"
+            )
+            results.append(ScoreResult(1.0 / (1.0 + w / reference_s), reason))
+        return results
+
+
+class KvHeadroomScorer(PerTargetScorer):
+    """Prefers targets with free KV-cache blocks: score = 1 - KV-cache usage (to 0.1%)."""
+
+    name = "kv"
+    default_weight = 1.0
+
+    def score_one(self, request: RequestFeatures, target: TargetView) -> ScoreResult:
+        usage = target.state.kv_cache_usage
+        usage = min(1.0, max(0.0, usage)) if usage == usage else 0.0  # NaN -> unknown -> 0
+        return _kv_result(round(usage * 1000))
+
+
+@lru_cache(maxsize=1001)
+def _kv_result(usage_permille: int) -> ScoreResult:
+    # One shared result per 0.1% step: this scorer then costs a dict lookup per target.
+    return ScoreResult(1.0 - usage_permille / 1000.0, f"KV cache {usage_permille / 10:g}% used")
+
+
+@lru_cache(maxsize=65536)
+def _target_hash(target_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(target_id.encode(), digest_size=8).digest(), "big")
+
+
+def hrw_weight(prefix_key: int, target_id: str) -> int:
+    """Rendezvous (highest-random-weight) weight of a target for a prefix key.
+
+    Stable across processes and machines (no per-process hash seed), so every agent that sees
+    the same candidates orders them the same way for a prefix.
+    """
+    x = (prefix_key ^ _target_hash(target_id)) & _MASK64
+    # splitmix64 finaliser: mixes every input bit into every output bit.
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+@attrs.frozen
+class PrefixAffinityScorer:
+    """Keeps requests sharing a prompt prefix on one replica until it is loaded.
+
+    Bounded-load consistent hashing: the candidates are ordered by rendezvous hash of
+    (prefix key, target); the first whose load (running + waiting + in-flight) is below the
+    capacity ceil(load_factor * (total load + 1) / candidates) scores 1, the rest 0. Without a
+    prefix key every target scores a neutral 0.5.
+    """
+
+    load_factor: float = 1.25
+    name: str = "prefix"
+    default_weight: float = 3.0
+
+    def configured(self, scoring: ScoringConfig) -> PrefixAffinityScorer:
+        return attrs.evolve(self, load_factor=scoring.prefix_load_factor)
+
+    def score(self, request: RequestFeatures, targets: Sequence[TargetView]) -> list[ScoreResult]:
+        count = len(targets)
+        prefix_key = request.prefix_key
+        if prefix_key == 0 or count == 0:
+            neutral = ScoreResult(0.5, "no prefix key: neutral")
+            return [neutral] * count
+        loads = [v.state.running + v.state.waiting + v.in_flight for v in targets]
+        capacity = math.ceil(self.load_factor * (sum(loads) + 1) / count)
+        weights = [hrw_weight(prefix_key, v.key.target_id) for v in targets]
+        order = sorted(range(count), key=weights.__getitem__, reverse=True)
+        chosen_rank = next((r for r, i in enumerate(order) if loads[i] < capacity), None)
+        if chosen_rank is None:  # only reachable with load_factor < 1
+            chosen_rank = min(range(count), key=lambda r: loads[order[r]])
+        chosen = order[chosen_rank]
+        prefix = f"prefix {prefix_key:016x}"
+        results: list[ScoreResult] = [ScoreResult(0.0, "")] * count
+        for rank, i in enumerate(order):
+            load = loads[i]
+            if i == chosen:
+                reason = (
+                    f"{prefix} placed here (rendezvous rank {rank + 1}/{count}), "
+                    f"load {load:g} < capacity {capacity}"
+                )
+                if chosen_rank:
+                    reason += f"; spilled past {chosen_rank} loaded replica(s)"
+                results[i] = ScoreResult(1.0, reason)
+            else:
+                why = "loaded" if load >= capacity else "not chosen"
+                reason = (
+                    f"{prefix} rendezvous rank {rank + 1}/{count}, {why} "
+                    f"(load {load:g}, capacity {capacity})"
+                )
+                results[i] = ScoreResult(0.0, reason)
+        return results
+
+
+def builtin_scorers() -> list[QueueScorer | KvHeadroomScorer | PrefixAffinityScorer]:
+    """Fresh instances of the built-in scorers (what the agent's plugin registers)."""
+    return [QueueScorer(), KvHeadroomScorer(), PrefixAffinityScorer()]

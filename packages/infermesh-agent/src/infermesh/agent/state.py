@@ -1,0 +1,183 @@
+"""The fused state store: every target's ModelState and every GPU's GpuState this agent knows.
+
+Sans-I/O and single-writer: deltas are applied by synchronous calls on the event-loop thread, so
+each one lands atomically; readers get immutable tuples (per-model candidate lists, rebuilt
+incrementally on each write) and never scan the cluster. Never awaits, reads a clock or logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
+
+import attrs
+from infermesh.core.model import (
+    GpuKey,
+    GpuState,
+    GpuStateDelta,
+    ModelState,
+    ModelStateDelta,
+    TargetKey,
+)
+
+__all__ = ["ApplyCounts", "StateStore", "Subscription"]
+
+_D = TypeVar("_D")
+
+
+@attrs.define
+class ApplyCounts:
+    """How many deltas changed state and how many were stale (not newer than the state)."""
+
+    applied: int = 0
+    stale: int = 0
+
+
+class Subscription(Generic[_D]):
+    """A registered listener; `close()` stops delivery."""
+
+    def __init__(self, listeners: list[Callable[[_D], None]], callback: Callable[[_D], None]):
+        self._listeners = listeners
+        self._callback = callback
+
+    def close(self) -> None:
+        if self._callback in self._listeners:
+            self._listeners.remove(self._callback)
+
+
+class StateStore:
+    """Targets and GPUs keyed by identity, with per-model candidate lists kept up to date.
+
+    A target is a candidate for model `m` when its key's model is `m` or it lists `m` among its
+    (LoRA) adapters. Targets are never forgotten: a model that disappears is reported by its
+    adapter as `loaded=False`, so `model_known` stays true for a model that was ever served.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[TargetKey, ModelState] = {}
+        self._by_target_id: dict[str, ModelState] = {}
+        self._candidates: dict[str, tuple[ModelState, ...]] = {}
+        self._gpus: dict[GpuKey, GpuState] = {}
+        self._gpus_by_node: dict[str, tuple[GpuState, ...]] = {}
+        self._model_listeners: list[Callable[[ModelStateDelta], None]] = []
+        self._gpu_listeners: list[Callable[[GpuStateDelta], None]] = []
+        self.model_counts = ApplyCounts()
+        self.gpu_counts = ApplyCounts()
+
+    # ------------------------------------------------------------------ writes
+
+    def apply_model_delta(self, delta: ModelStateDelta) -> bool:
+        """Apply one delta; False (and nothing changes) when it is not newer than the state."""
+        old = self._models.get(delta.key)
+        new = ModelState.from_delta(delta) if old is None else old.apply(delta)
+        if new is old:
+            self.model_counts.stale += 1
+            return False
+        self._models[delta.key] = new
+        self._by_target_id[delta.key.target_id] = new
+        old_names = _served_names(old) if old is not None else frozenset()
+        for name in old_names | _served_names(new):
+            self._reindex(name, new)
+        self.model_counts.applied += 1
+        for listener in tuple(self._model_listeners):
+            listener(delta)
+        return True
+
+    def apply_gpu_delta(self, delta: GpuStateDelta) -> bool:
+        """Apply one GPU delta; False (and nothing changes) when it is stale."""
+        old = self._gpus.get(delta.key)
+        new = GpuState.from_delta(delta) if old is None else old.apply(delta)
+        if new is old:
+            self.gpu_counts.stale += 1
+            return False
+        self._gpus[delta.key] = new
+        node = delta.key.node
+        others = [g for g in self._gpus_by_node.get(node, ()) if g.key != delta.key]
+        self._gpus_by_node[node] = tuple(sorted([*others, new], key=_gpu_order))
+        self.gpu_counts.applied += 1
+        for listener in tuple(self._gpu_listeners):
+            listener(delta)
+        return True
+
+    def apply_model_deltas(self, deltas: Iterable[ModelStateDelta]) -> ApplyCounts:
+        counts = ApplyCounts()
+        for delta in deltas:
+            if self.apply_model_delta(delta):
+                counts.applied += 1
+            else:
+                counts.stale += 1
+        return counts
+
+    def _reindex(self, name: str, changed: ModelState) -> None:
+        # Only the changed target's membership can differ, so the new list is the old one minus
+        # that target plus its new state: work proportional to one model's replicas.
+        members = [s for s in self._candidates.get(name, ()) if s.key != changed.key]
+        if name in _served_names(changed):
+            members.append(changed)
+        members.sort(key=_target_order)
+        self._candidates[name] = tuple(members)
+
+    # ------------------------------------------------------------------ reads
+
+    def candidates(self, model: str) -> tuple[ModelState, ...]:
+        """Every target that serves or once served `model` (loaded or not), ordered by key."""
+        return self._candidates.get(model, ())
+
+    def model_known(self, model: str) -> bool:
+        return model in self._candidates
+
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(sorted(self._candidates))
+
+    def get_model(self, key: TargetKey) -> ModelState | None:
+        return self._models.get(key)
+
+    def get_target(self, target_id: str) -> ModelState | None:
+        return self._by_target_id.get(target_id)
+
+    def model_states(self) -> tuple[ModelState, ...]:
+        return tuple(sorted(self._models.values(), key=_target_order))
+
+    def get_gpu(self, key: GpuKey) -> GpuState | None:
+        return self._gpus.get(key)
+
+    def gpu_states(self) -> tuple[GpuState, ...]:
+        return tuple(sorted(self._gpus.values(), key=_gpu_order))
+
+    def gpus_for(self, state: ModelState) -> tuple[GpuState, ...]:
+        """The GPUs a target runs on: those named in its `gpu_uuid` label (comma-separated), or
+        every GPU of its node when the label is empty."""
+        node_gpus = self._gpus_by_node.get(state.key.node, ())
+        wanted = state.labels.gpu_uuid
+        if not wanted:
+            return node_gpus
+        uuids = {u.strip() for u in wanted.split(",") if u.strip()}
+        return tuple(g for g in node_gpus if g.key.gpu_uuid in uuids)
+
+    # ------------------------------------------------------------------ watchers
+
+    def subscribe_models(
+        self, callback: Callable[[ModelStateDelta], None]
+    ) -> Subscription[ModelStateDelta]:
+        """Call `callback(delta)` after every applied model delta (synchronously, on write)."""
+        self._model_listeners.append(callback)
+        return Subscription(self._model_listeners, callback)
+
+    def subscribe_gpus(
+        self, callback: Callable[[GpuStateDelta], None]
+    ) -> Subscription[GpuStateDelta]:
+        self._gpu_listeners.append(callback)
+        return Subscription(self._gpu_listeners, callback)
+
+
+def _served_names(state: ModelState) -> frozenset[str]:
+    return frozenset((state.key.model, *state.adapters))
+
+
+def _target_order(state: ModelState) -> tuple[str, str, str]:
+    key = state.key
+    return (key.node, key.endpoint, key.model)
+
+
+def _gpu_order(state: GpuState) -> tuple[str, int, str]:
+    return (state.key.node, state.index, state.key.gpu_uuid)
