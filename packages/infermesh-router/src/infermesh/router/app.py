@@ -1,0 +1,246 @@
+"""The router's ASGI application: OpenAI-compatible endpoints, health and metrics, no framework.
+
+Dispatches on the exact path, reads and validates the request, hands inference requests to the
+`Forwarder` and answers everything else itself. Owns the lifecycle (lifespan) of the agent
+channel, the transports and the outcome reporter. Never buffers a streamed response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Mapping
+
+import attrs
+import orjson
+from infermesh.core.contracts import TransportContext, TransportFactory
+from infermesh.router.agent_client import AgentClient, AgentUnavailable
+from infermesh.router.asgi import (
+    ClientDisconnected,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    send_bytes,
+    send_error,
+    split_request_headers,
+)
+from infermesh.router.errors import SERVER_ERROR, ApiError
+from infermesh.router.features import Route, parse_request
+from infermesh.router.forward import Exchange, Forwarder, ForwardSettings
+from infermesh.router.metrics import CONTENT_TYPE, RouterMetrics
+from infermesh.router.outcomes import OutcomeReporter
+
+__all__ = ["RouterApp", "RouterSettings"]
+
+_FORWARDED = {route.value: route for route in Route}
+_LOCAL = {"/v1/models": "models", "/health": "health", "/metrics": "metrics"}
+
+
+@attrs.frozen
+class RouterSettings:
+    """What the app needs from `config.router`."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_attempts: int = 2
+    retry_after_s: float = 1.0
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 600.0
+    max_connections: int = 1024
+
+
+class RouterApp:
+    """The ASGI callable served by `infermesh router run`."""
+
+    def __init__(
+        self,
+        agent: AgentClient,
+        transport_factories: Mapping[str, TransportFactory],
+        settings: RouterSettings | None = None,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else RouterSettings()
+        self.agent = agent
+        self.metrics = metrics if metrics is not None else RouterMetrics()
+        self.reporter = OutcomeReporter(agent.report, on_dropped=self.metrics.outcomes_dropped.inc)
+        self.forwarder = Forwarder(
+            agent,
+            transport_factories,
+            TransportContext(
+                connect_timeout_s=self.settings.connect_timeout_s,
+                read_timeout_s=self.settings.read_timeout_s,
+                max_connections=self.settings.max_connections,
+            ),
+            ForwardSettings(
+                max_attempts=self.settings.max_attempts,
+                retry_after_s=self.settings.retry_after_s,
+            ),
+            self.metrics,
+            self.reporter.report,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def startup(self) -> None:
+        await self.agent.start()
+        self.reporter.start()
+
+    async def shutdown(self) -> None:
+        await self.reporter.aclose()
+        await self.forwarder.aclose()
+        await self.agent.aclose()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            route = _FORWARDED.get(path)
+            if route is not None:
+                await self._inference(route, scope, receive, send)
+            else:
+                await self._local(_LOCAL.get(path), scope, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def _local(self, name: str | None, scope: Scope, send: Send) -> None:
+        label = name or "other"
+        status = 500
+        gauge = self.metrics.in_progress_by_route[label]
+        gauge.inc()
+        try:
+            if name is None:
+                raise ApiError(
+                    404,
+                    f"no route for {scope['method']} {scope['path']}; the router serves "
+                    "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, "
+                    "GET /health and GET /metrics",
+                    code="not_found",
+                )
+            if scope["method"] != "GET":
+                raise _method_not_allowed(scope, "GET")
+            if name == "models":
+                status = await self._models(send)
+            elif name == "health":
+                status = await self._health(send)
+            else:
+                status = 200
+                await send_bytes(send, 200, self.metrics.render(), CONTENT_TYPE.encode())
+        except ApiError as error:
+            status = error.status
+            await send_error(send, error)
+        finally:
+            gauge.dec()
+            self.metrics.count_request(label, status)
+
+    async def _models(self, send: Send) -> int:
+        try:
+            names = await self.agent.model_names()
+        except AgentUnavailable as exc:
+            raise ApiError(
+                503,
+                str(exc),
+                error_type=SERVER_ERROR,
+                code="agent_unavailable",
+                retry_after_s=self.settings.retry_after_s,
+            ) from None
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "infermesh"} for name in names
+        ]
+        await send_bytes(send, 200, orjson.dumps({"object": "list", "data": data}))
+        return 200
+
+    async def _health(self, send: Send) -> int:
+        serving, reason = await self.agent.health()
+        if serving:
+            await send_bytes(send, 200, orjson.dumps({"status": "ok", "agent": self.agent.target}))
+            return 200
+        body = {"status": "unavailable", "agent": self.agent.target, "reason": reason}
+        await send_bytes(send, 503, orjson.dumps(body))
+        return 503
+
+    # ------------------------------------------------------------------ inference
+
+    async def _inference(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived = time.perf_counter()
+        label = route.label
+        gauge = self.metrics.in_progress_by_route[label]
+        gauge.inc()
+        status = 500
+        request_id = ""
+        disconnected: asyncio.Future[Message] | None = None
+        try:
+            try:
+                if scope["method"] != "POST":
+                    raise _method_not_allowed(scope, "POST")
+                headers = split_request_headers(scope["headers"])
+                request_id = headers.request_id or os.urandom(12).hex()
+                if not headers.request_id:
+                    headers.forward.append(("x-request-id", request_id))
+                body = await read_body(
+                    receive, headers.content_length, self.settings.max_body_bytes
+                )
+                parsed = parse_request(route, body, headers.slo, headers.tenant, request_id)
+                if parsed.features.stream:
+                    disconnected = asyncio.ensure_future(receive())
+                query: bytes = scope.get("query_string", b"")
+                exchange = Exchange(
+                    route=route,
+                    parsed=parsed,
+                    body=body,
+                    headers=headers.forward,
+                    send=send,
+                    request_id_header=(b"x-request-id", request_id.encode("latin-1")),
+                    arrived=arrived,
+                    upstream_path=route.value + ("?" + query.decode("latin-1") if query else ""),
+                    disconnected=disconnected,
+                )
+                status = await self.forwarder.forward(exchange)
+            except ApiError as error:
+                status = error.status
+                extra = [(b"x-request-id", request_id.encode("latin-1"))] if request_id else []
+                await send_error(send, error, extra)
+        except ClientDisconnected:
+            status = 499
+        finally:
+            if disconnected is not None:
+                _discard(disconnected)
+            gauge.dec()
+            self.metrics.count_request(label, status)
+
+
+def _discard(task: asyncio.Future[Message]) -> None:
+    """Stop watching for a disconnect without awaiting (and without an unretrieved error)."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
+
+
+def _method_not_allowed(scope: Scope, allowed: str) -> ApiError:
+    return ApiError(
+        405,
+        f"method {scope['method']} is not allowed on {scope['path']}; use {allowed}",
+        code="method_not_allowed",
+        allow=allowed,
+    )
