@@ -126,3 +126,19 @@ async def test_agent_process_refuses_bad_flags_with_a_clear_message(workdir: Pat
     )
     assert result.returncode == 2
     assert b"expected KIND=URL" in result.stderr
+
+
+async def test_agent_process_rejects_an_unknown_scorer_weight_before_binding(
+    workdir: Path,
+) -> None:
+    config = workdir / "agent.toml"
+    config.write_text("[scoring.weights]\nqueu = 2.0\n")
+    socket_path = workdir / "sock" / "agent.sock"
+    result = await anyio.run_process(
+        [*AGENT, "--config", str(config), "--socket", str(socket_path)],
+        check=False,
+        env=child_env(),
+    )
+    assert result.returncode == 1
+    assert b"unknown scorer(s) 'queu'; registered scorers: kv, prefix, queue" in result.stderr
+    assert not socket_path.parent.exists()

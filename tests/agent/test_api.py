@@ -18,14 +18,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from infermesh.agent import plugin as agent_plugin
+from infermesh.agent.api import state as state_api
 from infermesh.agent.api.server import unix_target
 from infermesh.agent.daemon import Agent, AgentStartupError
 from infermesh.core.config import AgentConfig, Config, NodeConfig, RuntimeConfig
+from infermesh.core.contracts import AdapterContext
 from infermesh.core.convert import (
     gpu_delta_to_pb,
     model_delta_to_pb,
     request_features_to_pb,
 )
+from infermesh.core.hookspecs import RegisterRuntimeAdapter, hookimpl
 from infermesh.core.model import (
     GpuKey,
     GpuStateDelta,
@@ -296,3 +299,101 @@ def test_an_unknown_scoring_weight_stops_the_agent_before_it_binds(socket_dir: P
     with pytest.raises(AgentStartupError, match="unknown scorer"):
         make_agent(config)
     assert not (socket_dir / "run").exists()
+
+
+async def test_outcomes_can_be_streamed_in_batches(socket_dir: Path) -> None:
+    agent = make_agent(agent_config(socket_dir))
+    async with running(agent) as channel:
+        await push(channel, delta(A, 1))
+        scoring = scoring_pb2_grpc.ScoringStub(channel)
+        reservations = [
+            (await scoring.ScoreTargets(score_request())).reservation_id for _ in range(3)
+        ]
+        batches = [
+            scoring_pb2.OutcomeBatch(
+                outcomes=[scoring_pb2.Outcome(reservation_id=r, ok=False, status=502)]
+            )
+            for r in reservations
+        ]
+        ack = await scoring.StreamOutcomes(iter(batches))
+        assert ack.accepted == 3
+        assert agent.inflight.open_count() == 0
+        stats = agent.inflight.stats(A.target_id)
+        assert stats is not None
+        assert stats.error_rate > 0
+
+
+async def test_a_watcher_that_falls_behind_is_told_to_resync(
+    socket_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state_api, "WATCH_BUFFER", 2)
+    agent = make_agent(agent_config(socket_dir))
+    async with running(agent) as channel:
+        await push(channel, delta(A, 1))
+        watch = state_pb2_grpc.StateStub(channel).WatchModelDeltas(
+            state_pb2.WatchRequest(initial_snapshot=True)
+        )
+        assert (await watch.read()).version == 1  # the snapshot: the watch is registered
+        # five writes with no await in between: the watcher cannot drain its buffer meanwhile
+        for version in range(2, 7):
+            agent.store.apply_model_delta(ModelStateDelta(A, version, {"running": 1.0}))
+        received = [(await watch.read()).version, (await watch.read()).version]
+        assert received == [2, 3]
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await watch.read()
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "initial_snapshot" in str(error.value.details())
+
+
+class ScriptedAdapter:
+    """A runtime adapter from a test plugin: one delta per stream, the first stream then fails."""
+
+    def __init__(self, context: AdapterContext) -> None:
+        self.key = TargetKey(model="llama", node=context.node, endpoint=context.url)
+        self.streams = 0
+        self.restarted = anyio.Event()
+        self.closed = False
+
+    async def deltas(self) -> AsyncIterator[ModelStateDelta]:
+        self.streams += 1
+        yield ModelStateDelta(self.key, self.streams, {"last_updated": time.time()})
+        if self.streams == 1:
+            raise RuntimeError("scrape exploded")
+        self.restarted.set()
+        await anyio.sleep_forever()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class ScriptedPlugin:
+    def __init__(self) -> None:
+        self.adapters: list[ScriptedAdapter] = []
+
+    def make(self, context: AdapterContext) -> ScriptedAdapter:
+        self.adapters.append(ScriptedAdapter(context))
+        return self.adapters[-1]
+
+    @hookimpl
+    def infermesh_register_runtime_adapters(self, register: RegisterRuntimeAdapter) -> None:
+        register("scripted", self.make)
+
+
+async def test_runtime_adapters_feed_the_store_are_restarted_and_closed(socket_dir: Path) -> None:
+    plugin = ScriptedPlugin()
+    config = agent_config(socket_dir)
+    url = "http://127.0.0.1:8009"
+    config.runtimes.append(RuntimeConfig(kind="scripted", url=url, transport="kserve-http"))
+    host = PluginHost.load(entry_point_list=[], extra=[("agent", agent_plugin), ("t", plugin)])
+    agent = Agent(config, host)
+    async with running(agent) as channel:
+        (adapter,) = plugin.adapters
+        with anyio.fail_after(10):
+            await adapter.restarted.wait()  # the failed stream was restarted
+        reply = await scoring_pb2_grpc.ScoringStub(channel).ScoreTargets(score_request())
+        assert [(t.key.endpoint, t.transport) for t in reply.targets] == [(url, "kserve-http")]
+        restarts = agent.metrics.registry.get_sample_value(
+            "infermesh_agent_adapter_restarts_total", {"adapter": "scripted-0"}
+        )
+        assert restarts == 1
+    assert adapter.closed

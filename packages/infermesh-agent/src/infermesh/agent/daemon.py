@@ -111,9 +111,9 @@ class Agent:
             gpu_factories = host.gpu_adapters()
         except (ScoringSetupError, PluginError) as exc:
             raise AgentStartupError(f"{exc}{_plugin_hint(host)}") from None
-        if config.agent.shutdown_grace_s <= 0:
+        if not config.agent.shutdown_grace_s >= 0:
             raise AgentStartupError(
-                f"agent.shutdown_grace_s must be > 0, got {config.agent.shutdown_grace_s}"
+                f"agent.shutdown_grace_s must be >= 0, got {config.agent.shutdown_grace_s}"
             )
         self.metrics = AgentMetrics(self.store, self.inflight, self.engine, clock)
         self.runtime_adapters: list[tuple[str, RuntimeAdapter]] = _make_adapters(
@@ -252,9 +252,12 @@ class Agent:
 
     async def _shutdown(self) -> None:
         grace_s = self.config.agent.shutdown_grace_s
-        with anyio.move_on_after(grace_s) as scope:
-            # Half the grace for running RPCs (watch streams never end on their own).
-            await self.grpc.stop(grace_s / 2)
+        started = anyio.current_time()
+        # Half the grace for running RPCs (watch streams never end on their own); gRPC bounds
+        # its own stop, so the server is always stopped even with a grace of 0.
+        await self.grpc.stop(grace_s / 2)
+        remaining_s = max(0.0, grace_s - (anyio.current_time() - started))
+        with anyio.move_on_after(remaining_s) as scope:
             adapters: list[tuple[str, RuntimeAdapter | GpuAdapter]] = [
                 *self.runtime_adapters,
                 *self.gpu_adapters,
