@@ -1,0 +1,120 @@
+"""Serve the InferMesh router app with a chosen ingress server and upstream client.
+
+    python -m benchmarks.overhead.router_variant --config C --listen H:P --agent T \
+        --server uvicorn|granian --upstream aiohttp|httpx|httpx2
+
+The app, agent client and plugins are built exactly as `infermesh router run` builds them
+(`infermesh.router.server.build_app`); only the server that runs it, and for httpx the factory
+registered under the runtimes' transport name (`openai-http`), differ. Benchmark-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from infermesh.core.config import Config, load_config, parse_host_port
+from infermesh.core.contracts import TransportFactory
+from infermesh.core.logging import configure_logging
+from infermesh.core.plugins import PluginHost, plugin_selection_from_env
+from infermesh.router.app import RouterApp
+from infermesh.router.server import build_app, uvicorn_config
+
+from benchmarks.overhead import httpx_transport
+
+__all__ = ["create_app", "main"]
+
+# What a runtime's `transport` is unless its config says otherwise; the variant replaces it.
+DEFAULT_TRANSPORT = "openai-http"
+MODULE = "benchmarks.overhead.router_variant"  # not __name__: that is "__main__" under -m
+_ENV_PREFIX = "INFERMESH_BENCH_VARIANT_"
+
+
+def transport_factories(upstream: str) -> dict[str, TransportFactory]:
+    """The installed transports plus the httpx plugin; `openai-http` served by `upstream`.
+
+    The httpx transports are registered through the same hook as every transport plugin; the
+    agent's targets name `openai-http`, so for an httpx variant that name maps to the httpx
+    factory instead of the aiohttp one.
+    """
+    allow, block = plugin_selection_from_env()
+    host = PluginHost.load(allow=allow, block=block, extra=[("bench-httpx", httpx_transport)])
+    factories = dict(host.transports())
+    if upstream != "aiohttp":
+        factories[DEFAULT_TRANSPORT] = factories[httpx_transport.transport_name(upstream)]
+    return factories
+
+
+def _load(config_path: str, listen: str, agent: str) -> Config:
+    config = load_config(
+        config_path, overrides=[("router.listen", listen), ("router.agent", agent)]
+    )
+    configure_logging(
+        config.logging.level, config.logging.format, node=config.node.id, component="router"
+    )
+    return config
+
+
+def create_app() -> RouterApp:
+    """granian's factory: it imports this module in its worker and calls this (no arguments)."""
+    config = _load(
+        os.environ[_ENV_PREFIX + "CONFIG"],
+        os.environ[_ENV_PREFIX + "LISTEN"],
+        os.environ[_ENV_PREFIX + "AGENT"],
+    )
+    return build_app(config, transport_factories(os.environ[_ENV_PREFIX + "UPSTREAM"]))
+
+
+def serve_granian(config: Config) -> None:
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
+
+    host, port = parse_host_port(config.router.listen)
+    Granian(
+        target=f"{MODULE}:create_app",
+        factory=True,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=1,
+        loop=Loops.uvloop,
+        log_level=LogLevels.warning,
+        log_access=False,
+        backlog=4096,
+    ).serve()
+
+
+def serve_uvicorn(config: Config, upstream: str) -> None:
+    import uvicorn
+
+    host, port = parse_host_port(config.router.listen)
+    app = build_app(config, transport_factories(upstream))
+    uvicorn.Server(uvicorn_config(app, host, port, config.logging.level)).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--agent", required=True)
+    parser.add_argument("--server", choices=("uvicorn", "granian"), required=True)
+    parser.add_argument("--upstream", choices=("aiohttp", "httpx", "httpx2"), required=True)
+    args = parser.parse_args(argv)
+    config = _load(args.config, args.listen, args.agent)
+    if args.server == "uvicorn":
+        serve_uvicorn(config, args.upstream)
+        return 0
+    # granian builds the app in its worker process from these.
+    os.environ[_ENV_PREFIX + "CONFIG"] = args.config
+    os.environ[_ENV_PREFIX + "LISTEN"] = args.listen
+    os.environ[_ENV_PREFIX + "AGENT"] = args.agent
+    os.environ[_ENV_PREFIX + "UPSTREAM"] = args.upstream
+    serve_granian(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
