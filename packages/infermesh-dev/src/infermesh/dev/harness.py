@@ -62,6 +62,8 @@ class ReplicaSpec:
     profile: str
     name: str
     port: int = 0
+    extra_args: tuple[str, ...] = ()
+    """More `infermesh dev vllm` flags, e.g. `("--max-num-seqs", "4")`."""
 
     def __attrs_post_init__(self) -> None:
         get_profile(self.profile)  # fail early on a typo
@@ -80,6 +82,10 @@ class MeshSpec:
     ready_timeout_s: float = 60.0
     start_agent: bool = True
     start_router: bool = True
+    extra_config: str = ""
+    """TOML appended to the generated config (e.g. a `[scoring.weights]` table)."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Extra environment variables for the agent and router processes."""
 
     def __attrs_post_init__(self) -> None:
         if not self.replicas:
@@ -190,6 +196,8 @@ def render_config(
             f"url = {_toml_str(replica.url)}",
             f"poll_interval_s = {spec.poll_interval_s}",
         ]
+    if spec.extra_config:
+        lines += ["", spec.extra_config.strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -324,6 +332,7 @@ class LocalMesh:
                     replica.name,
                     "--seed",
                     str(index),
+                    *replica.spec.extra_args,
                 ],
                 log_path=self.workdir / f"vllm-{replica.name}.log",
             )
@@ -352,6 +361,7 @@ class LocalMesh:
             argv=[*cli, "agent", "run", *common],
             log_path=self.workdir / "agent.log",
         )
+        env = {**env, **dict(self.spec.env)}
         await self._launch(agent, env)
         await wait_grpc_serving(f"unix://{self.socket_path}", agent, deadline)
         if not self.spec.start_router:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
-from infermesh.dev.tokens import chat_prompt_text, tokenize
+from infermesh.dev.tokens import chat_prompt_text, count_tokens, tokenize
 
 __all__ = [
     "ApiError",
@@ -64,16 +64,25 @@ def error_body(error: ApiError) -> bytes:
 
 @attrs.frozen
 class GenerationRequest:
-    """A validated chat or completion request, reduced to what the emulator acts on."""
+    """A validated chat or completion request, reduced to what the emulator acts on.
+
+    `prompt` is the prompt text (chat messages rendered through a template) or the token ids a
+    completion request sent; tokenizing is left to whoever needs the ids.
+    """
 
     kind: Kind
     model: str
-    prompt_token_ids: tuple[int, ...]
+    prompt: str | tuple[int, ...]
+    prompt_tokens: int
     max_tokens: int
     finish_reason: str
     stream: bool
     include_usage: bool
     continuous_usage: bool
+
+    @property
+    def prompt_token_ids(self) -> tuple[int, ...]:
+        return tuple(tokenize(self.prompt)) if isinstance(self.prompt, str) else self.prompt
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
@@ -89,13 +98,13 @@ def _optional_int(body: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
-def _prompt_token_ids(kind: Kind, body: Mapping[str, Any]) -> tuple[int, ...]:
+def _prompt(kind: Kind, body: Mapping[str, Any]) -> str | tuple[int, ...]:
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' is required and must be a non-empty list", "messages")
         try:
-            return tuple(tokenize(chat_prompt_text(messages)))
+            return chat_prompt_text(messages)
         except ValueError as exc:
             raise _bad(str(exc), "messages") from None
     prompt = body.get("prompt")
@@ -104,7 +113,7 @@ def _prompt_token_ids(kind: Kind, body: Mapping[str, Any]) -> tuple[int, ...]:
     if isinstance(prompt, str):
         if not prompt:
             raise _bad("'prompt' must not be empty", "prompt")
-        return tuple(tokenize(prompt))
+        return prompt
     if (
         isinstance(prompt, list)
         and prompt
@@ -150,8 +159,8 @@ def parse_generation_request(
     n = _optional_int(body, "n")
     if n is not None and n != 1:
         raise _bad(f"n={n} is not supported by the emulator; use n=1", "n")
-    prompt_token_ids = _prompt_token_ids(kind, body)
-    input_len = len(prompt_token_ids)
+    prompt = _prompt(kind, body)
+    input_len = count_tokens(prompt) if isinstance(prompt, str) else len(prompt)
     if input_len >= max_model_len:
         raise _bad(
             f"This model's maximum context length is {max_model_len} tokens. However, your "
@@ -178,7 +187,8 @@ def parse_generation_request(
     return GenerationRequest(
         kind=kind,
         model=model,
-        prompt_token_ids=prompt_token_ids,
+        prompt=prompt,
+        prompt_tokens=input_len,
         max_tokens=length,
         finish_reason=reason,
         stream=stream,

@@ -6,6 +6,7 @@ prefix-cache block hashes agree between runs. Never meant to match any real mode
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ __all__ = [
     "VOCAB_SIZE",
     "chat_prompt_text",
     "count_tokens",
+    "filler_text",
     "filler_token",
     "tokenize",
 ]
@@ -52,6 +54,12 @@ def filler_token(index: int, offset: int = 0) -> str:
     """
     word = _FILLER_WORDS[(index + offset) % len(_FILLER_WORDS)]
     return word if index == 0 else " " + word
+
+
+@functools.lru_cache(maxsize=1024)
+def filler_text(num_tokens: int, offset: int = 0) -> str:
+    """The whole answer of `num_tokens` generated tokens (cached: answers repeat a lot)."""
+    return "".join(filler_token(index, offset) for index in range(num_tokens))
 
 
 def _content_text(content: Any) -> str:

@@ -20,7 +20,7 @@ from infermesh.dev.driver import EngineDriver
 from infermesh.dev.engine import Engine, EngineConfig, EngineRequest, EngineSnapshot
 from infermesh.dev.metrics_page import CONTENT_TYPE, VllmMetricsPage
 from infermesh.dev.profiles import DEFAULT_MODEL, GpuProfile, get_profile
-from infermesh.dev.tokens import filler_token
+from infermesh.dev.tokens import filler_text, filler_token
 
 __all__ = ["DEFAULT_MODEL", "EmulatorConfig", "EmulatorServer", "build_app", "start_emulator"]
 
@@ -203,11 +203,11 @@ class _Emulator:
         headers: dict[str, str],
     ) -> web.StreamResponse:
         """Answer at once: the whole body (or the whole stream) in one write."""
-        prompt_tokens, completion_tokens = len(parsed.prompt_token_ids), parsed.max_tokens
+        prompt_tokens, completion_tokens = parsed.prompt_tokens, parsed.max_tokens
         self.metrics.record_instant(prompt_tokens, completion_tokens, parsed.finish_reason)
         created = int(time.time())
         if not parsed.stream:
-            text = "".join(filler_token(i, self.config.seed) for i in range(completion_tokens))
+            text = filler_text(completion_tokens, self.config.seed)
             build = proto.chat_response if parsed.kind == "chat" else proto.completion_response
             body = build(
                 request_id,
@@ -262,7 +262,7 @@ class _Emulator:
             )
         )
         created = int(time.time())
-        prompt_tokens = len(parsed.prompt_token_ids)
+        prompt_tokens = parsed.prompt_tokens
         finished = False
         try:
             if not parsed.stream:
@@ -274,9 +274,7 @@ class _Emulator:
                     return _error(
                         proto.ApiError(500, driver.dead_reason, error_type="EngineDeadError")
                     )
-                text = "".join(
-                    filler_token(i, self.config.seed) for i in range(output.num_output_tokens)
-                )
+                text = filler_text(output.num_output_tokens, self.config.seed)
                 build = proto.chat_response if parsed.kind == "chat" else proto.completion_response
                 body = build(
                     request_id,
@@ -293,35 +291,37 @@ class _Emulator:
             response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
             await response.prepare(request)
             sent = 0
-            while not finished:
-                output = await stream.get()
-                finished = output.finished
-                if output.finish_reason == "error":
-                    error = proto.ApiError(500, driver.dead_reason, error_type="EngineDeadError")
-                    await response.write(b"data: " + proto.error_body(error) + b"\n\n")
-                    break
-                events = _stream_events(
-                    parsed,
-                    request_id,
-                    created,
-                    sent,
-                    output.num_output_tokens,
-                    finished,
-                    prompt_tokens=prompt_tokens,
-                    offset=self.config.seed,
-                )
-                sent = output.num_output_tokens
-                await response.write(b"".join(events))
-            if parsed.include_usage and sent:
-                await response.write(
-                    proto.sse(
-                        proto.usage_chunk(
-                            parsed.kind, request_id, created, parsed.model, prompt_tokens, sent
+            try:
+                while not finished:
+                    output = await stream.get()
+                    finished = output.finished
+                    if output.finish_reason == "error":
+                        error = proto.ApiError(
+                            500, driver.dead_reason, error_type="EngineDeadError"
                         )
+                        await response.write(b"data: " + proto.error_body(error) + b"\n\n")
+                        break
+                    events = _stream_events(
+                        parsed,
+                        request_id,
+                        created,
+                        sent,
+                        output.num_output_tokens,
+                        finished,
+                        prompt_tokens=prompt_tokens,
+                        offset=self.config.seed,
                     )
-                )
-            await response.write(proto.SSE_DONE)
-            await response.write_eof()
+                    sent = output.num_output_tokens
+                    await response.write(b"".join(events))
+                if parsed.include_usage and sent:
+                    usage_chunk = proto.usage_chunk(
+                        parsed.kind, request_id, created, parsed.model, prompt_tokens, sent
+                    )
+                    await response.write(proto.sse(usage_chunk))
+                await response.write(proto.SSE_DONE)
+                await response.write_eof()
+            except ConnectionResetError:
+                pass  # the client went away (a cancelled hedge, say); `finally` aborts the request
             return response
         finally:
             if not finished:
@@ -346,7 +346,7 @@ def _stream_events(
         last = finished and index == end_index - 1
         reason = parsed.finish_reason if last else None
         chunk_usage = (
-            proto.usage(prompt_tokens or len(parsed.prompt_token_ids), index + 1)
+            proto.usage(prompt_tokens or parsed.prompt_tokens, index + 1)
             if parsed.continuous_usage
             else None
         )
