@@ -15,14 +15,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+from benchmarks.overhead import httpx_transport
 from infermesh.core.config import Config, load_config, parse_host_port
 from infermesh.core.contracts import TransportFactory
 from infermesh.core.logging import configure_logging
 from infermesh.core.plugins import PluginHost, plugin_selection_from_env
 from infermesh.router.app import RouterApp
 from infermesh.router.server import build_app, uvicorn_config
-
-from benchmarks.overhead import httpx_transport
 
 __all__ = ["create_app", "main"]
 

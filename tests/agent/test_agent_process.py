@@ -20,6 +20,7 @@ import grpc
 import pytest
 from anyio.abc import Process
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from infermesh.agent.api.server import unix_target
 from infermesh.core.convert import model_delta_to_pb, request_features_to_pb
 from infermesh.core.model import ModelStateDelta, RequestFeatures, TargetKey

@@ -17,7 +17,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from infermesh.agent import plugin as agent_plugin
+
+from infermesh.core import builtin as core_plugin
 from infermesh.agent.api import state as state_api
 from infermesh.agent.api.server import unix_target
 from infermesh.agent.daemon import Agent, AgentStartupError
@@ -67,7 +68,7 @@ def agent_config(socket_dir: Path, **agent: Any) -> Config:
 
 
 def make_agent(config: Config) -> Agent:
-    return Agent(config, PluginHost.load(entry_point_list=[], extra=[("agent", agent_plugin)]))
+    return Agent(config, PluginHost.load(entry_point_list=[], extra=[("core", core_plugin)]))
 
 
 @asynccontextmanager
@@ -384,7 +385,7 @@ async def test_runtime_adapters_feed_the_store_are_restarted_and_closed(socket_d
     config = agent_config(socket_dir)
     url = "http://127.0.0.1:8009"
     config.runtimes.append(RuntimeConfig(kind="scripted", url=url, transport="kserve-http"))
-    host = PluginHost.load(entry_point_list=[], extra=[("agent", agent_plugin), ("t", plugin)])
+    host = PluginHost.load(entry_point_list=[], extra=[("core", core_plugin), ("t", plugin)])
     agent = Agent(config, host)
     async with running(agent) as channel:
         (adapter,) = plugin.adapters

@@ -6,18 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from infermesh.agent import plugin as agent_plugin
-from infermesh.agent.inflight import InflightTracker
-from infermesh.agent.scoring.engine import (
-    RETRY_TRANSIENT_S,
-    RETRY_UNAVAILABLE_S,
-    Ranking,
-    ScoringEngine,
-    ScoringSetupError,
-    resolve_scorers,
-)
-from infermesh.agent.scoring.scorers import builtin_scorers, hrw_weight
-from infermesh.agent.state import StateStore
+
+from infermesh.core import builtin as core_plugin
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import Scorer, ScoreResult, TargetView
 from infermesh.core.model import (
@@ -29,6 +19,17 @@ from infermesh.core.model import (
     TargetKey,
 )
 from infermesh.core.plugins import PluginHost
+from infermesh.core.scoring.engine import (
+    RETRY_TRANSIENT_S,
+    RETRY_UNAVAILABLE_S,
+    Ranking,
+    ScoringEngine,
+    ScoringSetupError,
+    resolve_scorers,
+)
+from infermesh.core.scoring.inflight import InflightTracker
+from infermesh.core.scoring.scorers import builtin_scorers, hrw_weight
+from infermesh.core.scoring.state import StateStore
 
 NOW = 1_000.0
 MODEL = "llama"
@@ -288,7 +289,7 @@ def test_prefix_load_factor_from_config_reaches_the_prefix_scorer() -> None:
 
 
 def test_the_built_in_scorers_register_through_the_plugin_hook() -> None:
-    host = PluginHost.load(entry_point_list=[], extra=[("agent", agent_plugin)])
+    host = PluginHost.load(entry_point_list=[], extra=[("core", core_plugin)])
     scorers = host.scorers()
     assert {name: s.default_weight for name, s in scorers.items()} == {
         "queue": 2.0,

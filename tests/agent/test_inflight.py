@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from infermesh.agent.inflight import InflightTracker, is_target_error
+
+from infermesh.core.scoring.inflight import InflightTracker, is_target_error
 
 
 def test_only_reservations_started_after_the_telemetry_count_as_in_flight() -> None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from infermesh.agent.inflight import InflightTracker
+from prometheus_client.parser import text_string_to_metric_families
+
 from infermesh.agent.metrics import AgentMetrics
-from infermesh.agent.scoring.engine import ScoringEngine
-from infermesh.agent.scoring.scorers import builtin_scorers
-from infermesh.agent.state import StateStore
 from infermesh.core.config import ScoringConfig
 from infermesh.core.model import GpuKey, GpuStateDelta, ModelStateDelta, TargetKey
-from prometheus_client.parser import text_string_to_metric_families
+from infermesh.core.scoring.engine import ScoringEngine
+from infermesh.core.scoring.inflight import InflightTracker
+from infermesh.core.scoring.scorers import builtin_scorers
+from infermesh.core.scoring.state import StateStore
 
 NOW = 100.0
 KEY = TargetKey(model="llama", node="n1", endpoint="http://127.0.0.1:8001")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from infermesh.agent.state import StateStore
 from infermesh.core.model import (
     GpuKey,
     GpuStateDelta,
@@ -10,6 +9,7 @@ from infermesh.core.model import (
     ModelStateDelta,
     TargetKey,
 )
+from infermesh.core.scoring.state import StateStore
 
 A = TargetKey(model="llama", node="n1", endpoint="http://a:8000")
 B = TargetKey(model="llama", node="n2", endpoint="http://b:8000")

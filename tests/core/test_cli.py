@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
 from infermesh.core.cli import main
 
 if TYPE_CHECKING:

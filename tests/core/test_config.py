@@ -7,6 +7,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+
 from infermesh.core.config import (
     Config,
     ConfigError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from infermesh.core.convert import (
     gpu_delta_from_pb,
     gpu_delta_to_pb,

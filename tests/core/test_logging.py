@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import structlog
+
 from infermesh.core.logging import configure_logging, get_logger
 
 pytestmark = pytest.mark.usefixtures("reset_logging")

@@ -6,6 +6,7 @@ from typing import Any
 
 import attrs
 import pytest
+
 from infermesh.core.contracts import TargetView
 from infermesh.core.model import (
     DEFAULT_REQUEST_SERVICE_S,

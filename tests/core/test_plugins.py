@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import pytest
+
 from infermesh.core import hookimpl
 from infermesh.core.contracts import AdapterContext, ScoreResult, TargetView, TransportContext
 from infermesh.core.hookspecs import RegisterScorer
@@ -92,7 +93,7 @@ def test_scorer_from_an_installed_distribution_is_discovered(
     scorer = host.scorers()["lowest-queue"]
     assert scorer.default_weight == 1.5
     assert host.plugin_names == ["core", "queue_scorer"]
-    assert host.registrations()["scorers"] == {"lowest-queue": "queue_scorer"}
+    assert host.registrations()["scorers"]["lowest-queue"] == "queue_scorer"
     assert host.origins["queue_scorer"] == "im_test_queue_scorer (infermesh-queue_scorer 0.1.0)"
     assert host.failures == []
 
@@ -132,7 +133,7 @@ def test_broken_plugin_is_reported_by_name_and_skipped(plugin_dists: PluginDistr
         )
     ]
     assert "broken" not in host.plugin_names
-    assert list(host.scorers()) == ["lowest-queue"]
+    assert "lowest-queue" in host.scorers()
 
 
 def test_broken_plugin_is_fatal_when_strict(plugin_dists: PluginDistributions) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
 from infermesh.core.prometheus import Histogram as ReadHistogram
 from infermesh.core.prometheus import (
     LabelSet,
@@ -15,8 +18,6 @@ from infermesh.core.prometheus import (
     histograms_by_labels,
     parse_samples,
 )
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def _exposition() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+
 from infermesh.dev.profiles import GpuProfile
 from infermesh.dev.vllm_emulator import EmulatorConfig, EmulatorServer, start_emulator
 

@@ -10,6 +10,7 @@ import time
 import aiohttp
 import pytest
 from click.testing import CliRunner
+
 from infermesh.dev.cli import demo_command, dev_group
 from infermesh.dev.harness import free_port, infermesh_command
 

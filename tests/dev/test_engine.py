@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from infermesh.dev.engine import Engine, EngineConfig, EngineRequest, simulate
 from infermesh.dev.kv_cache import BlockPool, hash_prompt_blocks
 from infermesh.dev.profiles import PROFILES, get_profile

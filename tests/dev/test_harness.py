@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
 from infermesh.core.config import load_config
 from infermesh.dev.harness import (
     LocalMesh,

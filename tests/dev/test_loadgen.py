@@ -6,6 +6,7 @@ import random
 from collections.abc import Awaitable, Callable
 
 import pytest
+
 from infermesh.dev.loadgen import (
     LoadSpec,
     PromptMix,

@@ -8,10 +8,11 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from infermesh.dev.metrics_page import buckets_1_2_5
 from infermesh.dev.profiles import DEFAULT_MODEL, GpuProfile
 from infermesh.dev.vllm_emulator import EmulatorServer
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.anyio
 

@@ -12,10 +12,11 @@ import anyio
 import httpx2
 import openai
 import pytest
-from infermesh.dev.profiles import DEFAULT_MODEL, GpuProfile, get_profile
-from infermesh.dev.vllm_emulator import EmulatorServer
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
+
+from infermesh.dev.profiles import DEFAULT_MODEL, GpuProfile, get_profile
+from infermesh.dev.vllm_emulator import EmulatorServer
 
 pytestmark = pytest.mark.anyio
 

@@ -25,12 +25,13 @@ import uvicorn
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from openai.types.chat import ChatCompletionChunk
+
 from infermesh.core.proto import scoring_pb2, scoring_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
 from infermesh.router.agent_client import AgentClient
 from infermesh.router.app import RouterApp, RouterSettings
 from infermesh.router.plugin import openai_http_transport
 from infermesh.router.server import uvicorn_config
-from openai.types.chat import ChatCompletionChunk
 
 MAX_BODY_BYTES = 4096
 WAIT_S = 10.0

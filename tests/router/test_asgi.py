@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 import pytest
+
 from infermesh.router.agent_client import AgentClient
 from infermesh.router.app import RouterApp, RouterSettings
 from infermesh.router.asgi import Message, split_request_headers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+
 from infermesh.router.errors import ApiError, bad_request, error_body
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+
 from infermesh.core.model import SloClass
 from infermesh.router.errors import ApiError
 from infermesh.router.features import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from infermesh.core.proto import scoring_pb2
 from infermesh.router.outcomes import OutcomeBuffer, OutcomeReporter
 

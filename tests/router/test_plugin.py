@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+
 from infermesh.core.cli import build_cli
 from infermesh.core.contracts import Transport, TransportContext
 from infermesh.core.plugins import PluginHost

@@ -9,11 +9,11 @@ from typing import Any
 import anyio
 import pytest
 import structlog.testing
+
 from infermesh.core.contracts import AdapterContext
 from infermesh.core.model import ModelState, ModelStateDelta, TargetKey
 from infermesh.vllm.adapter import THREAD_PARSE_CHARS, VllmAdapter
 from infermesh.vllm.control import VllmControlError
-
 from tests.vllm.pages import MODEL, EngineLoad, render_page
 from tests.vllm.server import running_server
 

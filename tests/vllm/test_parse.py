@@ -6,6 +6,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+
 from infermesh.core.model import ModelState, TargetKey
 from infermesh.vllm.parse import (
     ParsedScrape,
@@ -14,7 +15,6 @@ from infermesh.vllm.parse import (
     read_metrics,
     read_models,
 )
-
 from tests.vllm.pages import MODEL, TWO_ENGINES, EngineLoad, models_json, render_page
 
 DATA = Path(__file__).parent / "data"

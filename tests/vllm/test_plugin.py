@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from infermesh.core.config import ConfigError
 from infermesh.core.contracts import AdapterContext, RuntimeAdapter, RuntimeControl
 from infermesh.core.plugins import PluginHost

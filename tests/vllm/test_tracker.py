@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from infermesh.core.model import ModelState, TargetKey
 from infermesh.vllm.tracker import FetchFailed, PageFetched, TargetTracker
-
 from tests.vllm.pages import MODEL, EngineLoad, models_json, render_page
 
 ENDPOINT = "http://10.0.0.7:8000"

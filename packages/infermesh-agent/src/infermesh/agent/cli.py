@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import click
+
 from infermesh.core.config import Config, ConfigError, RuntimeConfig, load_config
 from infermesh.core.logging import configure_logging
 from infermesh.core.plugins import PluginError, PluginHost, plugin_selection_from_env
@@ -109,6 +110,7 @@ def run_command(
         )
 
     import anyio
+
     from infermesh.agent.daemon import Agent, AgentStartupError
 
     try:

@@ -16,17 +16,18 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+
 from infermesh.agent.api.scoring import ScoringService
 from infermesh.agent.api.server import GrpcServer, SocketInUseError
 from infermesh.agent.api.state import StateService
-from infermesh.agent.inflight import InflightTracker
 from infermesh.agent.metrics import AgentMetrics, MetricsServer
-from infermesh.agent.scoring.engine import ScoringEngine, ScoringSetupError
-from infermesh.agent.state import StateStore
 from infermesh.core.config import Config, GpuConfig, RuntimeConfig
 from infermesh.core.contracts import AdapterContext, GpuAdapter, RuntimeAdapter
 from infermesh.core.logging import get_logger
 from infermesh.core.plugins import PluginError, PluginHost
+from infermesh.core.scoring.engine import ScoringEngine, ScoringSetupError
+from infermesh.core.scoring.inflight import InflightTracker
+from infermesh.core.scoring.state import StateStore
 
 __all__ = ["Agent", "AgentStartupError"]
 

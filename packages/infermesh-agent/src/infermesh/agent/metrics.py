@@ -10,11 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from aiohttp import web
-from infermesh.agent.inflight import InflightTracker
-from infermesh.agent.scoring.engine import ScoringEngine
-from infermesh.agent.state import StateStore
-from infermesh.core.config import parse_host_port
-from infermesh.core.model import GpuState, ModelState
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -24,6 +19,12 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from infermesh.core.config import parse_host_port
+from infermesh.core.model import GpuState, ModelState
+from infermesh.core.scoring.engine import ScoringEngine
+from infermesh.core.scoring.inflight import InflightTracker
+from infermesh.core.scoring.state import StateStore
 
 __all__ = ["GPU_GAUGES", "TARGET_GAUGES", "AgentMetrics", "MetricsServer"]
 

@@ -1,19 +1,13 @@
-"""The agent's plugin: the built-in scorers and the `infermesh agent` command.
+"""The agent's plugin: the `infermesh agent` command.
 
-Registered through the same hooks a third-party distribution uses; nothing here does I/O, and
-the command's heavy imports (gRPC, aiohttp) happen only when `agent run` starts.
+The built-in scorers live in infermesh-core (`infermesh.core.scoring`) and are registered by
+core's plugin, so a router scoring locally has them without installing the agent. Nothing here
+does I/O; the command's heavy imports (gRPC, aiohttp) happen only when `agent run` starts.
 """
 
 from __future__ import annotations
 
-from infermesh.agent.scoring.scorers import builtin_scorers
-from infermesh.core.hookspecs import RegisterCommand, RegisterScorer, hookimpl
-
-
-@hookimpl
-def infermesh_register_scorers(register: RegisterScorer) -> None:
-    for scorer in builtin_scorers():
-        register(scorer)
+from infermesh.core.hookspecs import RegisterCommand, hookimpl
 
 
 @hookimpl

@@ -6,7 +6,8 @@ Registered through the same hook as any third-party command; it only reads the P
 from __future__ import annotations
 
 import click
-from infermesh.core.hookspecs import RegisterCommand, hookimpl
+
+from infermesh.core.hookspecs import RegisterCommand, RegisterScorer, hookimpl
 from infermesh.core.plugins import ENV_ALLOW, ENV_BLOCK, PluginHost
 
 
@@ -36,3 +37,12 @@ def plugins_command(host: PluginHost) -> None:
 @hookimpl
 def infermesh_register_commands(register: RegisterCommand) -> None:
     register(plugins_command)
+
+
+@hookimpl
+def infermesh_register_scorers(register: RegisterScorer) -> None:
+    """The built-in scorers: queue (work left), KV-cache headroom, prefix affinity."""
+    from infermesh.core.scoring.scorers import builtin_scorers
+
+    for scorer in builtin_scorers():
+        register(scorer)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
+
 from infermesh.core.config import ConfigError
 from infermesh.core.plugins import (
     ENV_ALLOW,

@@ -29,6 +29,7 @@ from cattrs.errors import (
     IterableValidationError,
 )
 from cattrs.gen import make_dict_structure_fn
+
 from infermesh.core.logging import LOG_FORMATS, LOG_LEVELS
 
 __all__ = [

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
+
 from infermesh.core.model import (
     GpuState,
     GpuStateDelta,

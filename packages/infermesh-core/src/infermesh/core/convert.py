@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
+
 from infermesh.core.model import (
     GpuKey,
     GpuState,

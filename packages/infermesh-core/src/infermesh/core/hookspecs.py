@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import click
 import pluggy
+
 from infermesh.core.contracts import (
     GpuAdapterFactory,
     RuntimeAdapterFactory,

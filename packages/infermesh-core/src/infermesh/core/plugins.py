@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import attrs
 import click
 import pluggy
+
 from infermesh.core import hookspecs
 from infermesh.core.contracts import (
     GpuAdapterFactory,

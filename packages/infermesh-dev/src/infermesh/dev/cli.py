@@ -7,6 +7,7 @@ Option parsing and error reporting only; heavy modules are imported inside each 
 from __future__ import annotations
 
 import click
+
 from infermesh.dev.profiles import DEFAULT_MODEL, PROFILES
 
 __all__ = ["demo_command", "dev_group"]

@@ -15,6 +15,12 @@ from collections.abc import Sequence
 
 import aiohttp
 import attrs
+from prometheus_client.parser import text_string_to_metric_families
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
 from infermesh.dev.harness import LocalMesh, MeshSpec, MeshStartError, RunningReplica
 from infermesh.dev.loadgen import (
     LoadReport,
@@ -24,11 +30,6 @@ from infermesh.dev.loadgen import (
     run_load,
     summarize,
 )
-from prometheus_client.parser import text_string_to_metric_families
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 __all__ = ["DemoFailed", "EngineCounters", "run_demo", "scrape_engine_counters"]
 

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 import attrs
+
 from infermesh.dev.kv_cache import BlockPool, hash_prompt_blocks
 from infermesh.dev.profiles import GpuProfile
 

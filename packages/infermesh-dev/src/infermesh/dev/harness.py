@@ -23,6 +23,7 @@ from types import TracebackType
 
 import aiohttp
 import attrs
+
 from infermesh.dev.profiles import DEFAULT_MODEL, get_profile
 
 __all__ = [

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from infermesh.dev.engine import EngineConfig, EngineSnapshot, FinishedStats, StepStats
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+
+from infermesh.dev.engine import EngineConfig, EngineSnapshot, FinishedStats, StepStats
 
 __all__ = ["CONTENT_TYPE", "FINISH_REASONS", "VllmMetricsPage"]
 

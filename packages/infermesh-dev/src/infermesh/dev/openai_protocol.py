@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
+
 from infermesh.dev.tokens import chat_prompt_text, count_tokens, tokenize
 
 __all__ = [

@@ -15,6 +15,7 @@ from collections import Counter
 
 import attrs
 from aiohttp import web
+
 from infermesh.dev import openai_protocol as proto
 from infermesh.dev.driver import EngineDriver
 from infermesh.dev.engine import Engine, EngineConfig, EngineRequest, EngineSnapshot

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from infermesh.core.model import RequestFeatures, SloClass
 from infermesh.core.proto import scoring_pb2, scoring_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import attrs
 import orjson
+
 from infermesh.core.contracts import TransportContext, TransportFactory
 from infermesh.router.agent_client import AgentClient, AgentUnavailable
 from infermesh.router.asgi import (

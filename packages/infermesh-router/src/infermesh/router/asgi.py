@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import attrs
+
 from infermesh.router.errors import ApiError, bad_request
 
 __all__ = [

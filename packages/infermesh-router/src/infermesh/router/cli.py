@@ -7,6 +7,7 @@ imported when a command runs so that `infermesh --help` stays fast.
 from __future__ import annotations
 
 import click
+
 from infermesh.core.config import ConfigError, load_config
 from infermesh.core.logging import configure_logging
 from infermesh.core.plugins import PluginHost, plugin_selection_from_env

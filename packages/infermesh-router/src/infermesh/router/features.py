@@ -22,6 +22,7 @@ from typing import Any
 
 import attrs
 import orjson
+
 from infermesh.core.model import RequestFeatures, SloClass
 from infermesh.router.errors import bad_request
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import attrs
+
 from infermesh.core.contracts import Transport, TransportContext, TransportFactory, UpstreamError
 from infermesh.core.logging import get_logger
 from infermesh.core.proto import scoring_pb2

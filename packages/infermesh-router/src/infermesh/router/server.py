@@ -10,6 +10,7 @@ import importlib.util
 from collections.abc import Mapping
 
 import uvicorn
+
 from infermesh.core.config import Config, ConfigError, parse_host_port
 from infermesh.core.contracts import TransportFactory
 from infermesh.core.logging import get_logger

@@ -11,8 +11,9 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
-from infermesh.core.contracts import TransportContext, UpstreamError
 from yarl import URL
+
+from infermesh.core.contracts import TransportContext, UpstreamError
 
 __all__ = ["AiohttpUpstreamResponse", "OpenAIHttpTransport"]
 

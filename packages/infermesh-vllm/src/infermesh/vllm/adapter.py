@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import anyio
 import attrs
+
 from infermesh.core.config import ConfigError
 from infermesh.core.contracts import AdapterContext
 from infermesh.core.logging import get_logger

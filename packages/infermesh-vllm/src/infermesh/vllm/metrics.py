@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import attrs
+
 from infermesh.core.prometheus import Histogram, MetricsParseError, Sample, parse_samples
 
 __all__ = ["FAMILIES", "MetricsReading", "ServedModelReading", "VllmPageError", "read_metrics"]

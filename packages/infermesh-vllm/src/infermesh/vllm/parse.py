@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
+
 from infermesh.core.model import Labels, ModelState, TargetKey, finite_or_none
 from infermesh.core.prometheus import Histogram
 from infermesh.vllm.metrics import MetricsReading, ServedModelReading, VllmPageError, read_metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import attrs
+
 from infermesh.core.model import ModelState, ModelStateDelta, TargetKey
 from infermesh.vllm.parse import MetricsReading, VllmPageError, parse_scrape
 

@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
+
 from infermesh.agent.api.status import abort
-from infermesh.agent.inflight import InflightTracker, is_target_error
 from infermesh.agent.metrics import AgentMetrics
-from infermesh.agent.scoring.engine import RETRY_TRANSIENT_S, RETRY_UNAVAILABLE_S, ScoringEngine
 from infermesh.core.convert import request_features_from_pb
 from infermesh.core.model import ModelState, TargetKey
 from infermesh.core.proto import scoring_pb2, scoring_pb2_grpc
+from infermesh.core.scoring.engine import RETRY_TRANSIENT_S, RETRY_UNAVAILABLE_S, ScoringEngine
+from infermesh.core.scoring.inflight import InflightTracker, is_target_error
 
 __all__ = ["DEFAULT_TRANSPORT", "ScoringService"]
 

@@ -17,6 +17,7 @@ import anyio
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from infermesh.agent.api.scoring import ScoringService
 from infermesh.agent.api.state import StateService
 from infermesh.core.config import parse_host_port

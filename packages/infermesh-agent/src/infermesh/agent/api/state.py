@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
+
 from infermesh.agent.api.status import abort
-from infermesh.agent.state import StateStore
 from infermesh.core.convert import (
     gpu_delta_from_pb,
     gpu_delta_to_pb,
@@ -28,6 +28,7 @@ from infermesh.core.convert import (
 )
 from infermesh.core.model import GpuStateDelta, ModelStateDelta
 from infermesh.core.proto import state_pb2, state_pb2_grpc, types_pb2
+from infermesh.core.scoring.state import StateStore
 
 __all__ = ["WATCH_BUFFER", "StateService"]
 

@@ -12,11 +12,12 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import attrs
-from infermesh.agent.inflight import InflightTracker
-from infermesh.agent.state import StateStore
+
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import Scorer, ScoreResult, TargetView
 from infermesh.core.model import ModelState, RequestFeatures
+from infermesh.core.scoring.inflight import InflightTracker
+from infermesh.core.scoring.state import StateStore
 
 __all__ = [
     "ConfigurableScorer",

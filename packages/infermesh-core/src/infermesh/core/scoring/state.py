@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 import attrs
+
 from infermesh.core.model import (
     GpuKey,
     GpuState,

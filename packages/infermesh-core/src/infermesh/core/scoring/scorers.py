@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import attrs
+
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
