@@ -83,7 +83,7 @@ async def test_unknown_model_is_404_with_openai_error(mesh: LocalMesh) -> None:
 async def test_missing_messages_is_400(mesh: LocalMesh) -> None:
     async with client(mesh) as oai:
         with pytest.raises(openai.BadRequestError) as info:
-            await oai.chat.completions.create(model=MODEL, messages=None)  # type: ignore[arg-type]
+            await oai.chat.completions.create(model=MODEL, messages=None)  # type: ignore[call-overload]
     assert "messages" in str(info.value)
 
 
