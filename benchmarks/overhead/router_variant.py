@@ -31,15 +31,18 @@ MODULE = "benchmarks.overhead.router_variant"  # not __name__: that is "__main__
 _ENV_PREFIX = "INFERMESH_BENCH_VARIANT_"
 
 
-def transport_factories(upstream: str) -> dict[str, TransportFactory]:
+def _host() -> PluginHost:
+    allow, block = plugin_selection_from_env()
+    return PluginHost.load(allow=allow, block=block, extra=[("bench-httpx", httpx_transport)])
+
+
+def transport_factories(host: PluginHost, upstream: str) -> dict[str, TransportFactory]:
     """The installed transports plus the httpx plugin; `openai-http` served by `upstream`.
 
     The httpx transports are registered through the same hook as every transport plugin; the
     agent's targets name `openai-http`, so for an httpx variant that name maps to the httpx
     factory instead of the aiohttp one.
     """
-    allow, block = plugin_selection_from_env()
-    host = PluginHost.load(allow=allow, block=block, extra=[("bench-httpx", httpx_transport)])
     factories = dict(host.transports())
     if upstream != "aiohttp":
         factories[DEFAULT_TRANSPORT] = factories[httpx_transport.transport_name(upstream)]
@@ -63,7 +66,9 @@ def create_app() -> RouterApp:
         os.environ[_ENV_PREFIX + "LISTEN"],
         os.environ[_ENV_PREFIX + "AGENT"],
     )
-    return build_app(config, transport_factories(os.environ[_ENV_PREFIX + "UPSTREAM"]))
+    plugins = _host()
+    upstream = os.environ[_ENV_PREFIX + "UPSTREAM"]
+    return build_app(config, transport_factories(plugins, upstream), plugins.scorers())
 
 
 def serve_granian(config: Config) -> None:
@@ -89,9 +94,10 @@ def serve_granian(config: Config) -> None:
 def serve_uvicorn(config: Config, upstream: str) -> None:
     import uvicorn
 
-    host, port = parse_host_port(config.router.listen)
-    app = build_app(config, transport_factories(upstream))
-    uvicorn.Server(uvicorn_config(app, host, port, config.logging.level)).run()
+    address, port = parse_host_port(config.router.listen)
+    plugins = _host()
+    app = build_app(config, transport_factories(plugins, upstream), plugins.scorers())
+    uvicorn.Server(uvicorn_config(app, address, port, config.logging.level)).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

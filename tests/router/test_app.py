@@ -1,344 +1,41 @@
-"""The router end to end in one process: uvicorn serving the app, a fake agent on a real UDS, and
-tiny aiohttp runtimes on 127.0.0.1, driven with the real `openai` client and httpx.
-
-The fake agent ranks the endpoints each test lists for a model, in that order; the fake runtimes
-answer OpenAI requests (JSON or SSE) and can fail on purpose.
+"""The router end to end in one process, in both scoring modes: uvicorn serving the app, a fake
+agent on a real UDS, and tiny aiohttp runtimes on 127.0.0.1, driven with the real `openai`
+client and httpx. The harness is in conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
+import math
 import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import attrs
-import grpc
 import httpx2
 import openai
 import orjson
 import pytest
-import uvicorn
-from aiohttp import web
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import health_pb2
 from openai.types.chat import ChatCompletionChunk
 
-from infermesh.core.proto import scoring_pb2, scoring_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
-from infermesh.router.agent_client import AgentClient
-from infermesh.router.app import RouterApp, RouterSettings
-from infermesh.router.plugin import openai_http_transport
-from infermesh.router.server import uvicorn_config
+from infermesh.core.proto import types_pb2
+from infermesh.core.scoring.engine import RETRY_UNAVAILABLE_S
+from infermesh.router.local_scoring import LocalScoring
 
-MAX_BODY_BYTES = 4096
-WAIT_S = 10.0
-
-
-def closed_port_endpoint() -> str:
-    """A loopback URL on which nothing listens: connecting is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-# ----------------------------------------------------------------------------- fake agent
-
-
-class FakeScoring(scoring_pb2_grpc.ScoringServicer):
-    """Ranks `routes[model]` in order; records every call and outcome."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, list[str]] = {}
-        self.score_requests: list[scoring_pb2.ScoreTargetsRequest] = []
-        self.admits: list[scoring_pb2.AdmitRequest] = []
-        self.outcomes: list[scoring_pb2.Outcome] = []
-        self.changed = asyncio.Condition()
-
-    async def ScoreTargets(
-        self, request: scoring_pb2.ScoreTargetsRequest, context: Any
-    ) -> scoring_pb2.ScoreTargetsResponse:
-        self.score_requests.append(request)
-        model = request.request.model
-        endpoints = self.routes.get(model)
-        if endpoints is None:
-            return scoring_pb2.ScoreTargetsResponse(model_known=False)
-        if not endpoints:
-            return scoring_pb2.ScoreTargetsResponse(
-                model_known=True,
-                candidates=1,
-                excluded=[f"node|http://10.0.0.9:8000|{model}: telemetry stale"],
-                retry_after_s=2.5,
-            )
-        targets = [
-            scoring_pb2.RankedTarget(
-                target_id=f"node|{endpoint}|{model}",
-                key=types_pb2.TargetKey(model=model, node="node", endpoint=endpoint),
-                runtime="vllm",
-                transport="openai-http",
-                score=1.0 - 0.1 * rank,
-            )
-            for rank, endpoint in enumerate(endpoints[: request.max_targets or None])
-        ]
-        return scoring_pb2.ScoreTargetsResponse(
-            model_known=True,
-            targets=targets,
-            candidates=len(endpoints),
-            reservation_id=f"res-{len(self.score_requests)}",
-        )
-
-    async def Admit(
-        self, request: scoring_pb2.AdmitRequest, context: Any
-    ) -> scoring_pb2.AdmitResponse:
-        self.admits.append(request)
-        return scoring_pb2.AdmitResponse(admitted=True, reservation_id=f"adm-{len(self.admits)}")
-
-    async def ReportOutcome(
-        self, request: scoring_pb2.OutcomeBatch, context: Any
-    ) -> scoring_pb2.OutcomeAck:
-        async with self.changed:
-            self.outcomes.extend(request.outcomes)
-            self.changed.notify_all()
-        return scoring_pb2.OutcomeAck(accepted=len(request.outcomes))
-
-    async def StreamOutcomes(self, request_iterator: Any, context: Any) -> scoring_pb2.OutcomeAck:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not used by the router")
-        raise AssertionError("unreachable")
-
-    async def wait_outcomes(self, count: int) -> list[scoring_pb2.Outcome]:
-        async with asyncio.timeout(WAIT_S), self.changed:
-            await self.changed.wait_for(lambda: len(self.outcomes) >= count)
-        return list(self.outcomes)
-
-
-class FakeState(state_pb2_grpc.StateServicer):
-    """Only ListModelStates, which is what the router calls."""
-
-    def __init__(self) -> None:
-        self.states: list[types_pb2.ModelState] = []
-
-    async def ListModelStates(
-        self, request: state_pb2.ListRequest, context: Any
-    ) -> state_pb2.ModelStateList:
-        return state_pb2.ModelStateList(states=self.states)
-
-
-def model_state(model: str, endpoint: str, loaded: bool = True) -> types_pb2.ModelState:
-    return types_pb2.ModelState(
-        key=types_pb2.TargetKey(model=model, node="node", endpoint=endpoint),
-        version=1,
-        fields=types_pb2.ModelStateFields(loaded=loaded, healthy=True),
-    )
-
-
-@contextlib.asynccontextmanager
-async def fake_agent(socket_path: Path) -> AsyncIterator[tuple[FakeScoring, FakeState, Any]]:
-    # FakeState implements only the State method the router calls.
-    scoring, state = FakeScoring(), FakeState()  # type: ignore[abstract]
-    health = health_aio.HealthServicer()
-    await health.set("infermesh.v1.Scoring", health_pb2.HealthCheckResponse.SERVING)
-    server = grpc.aio.server()
-    scoring_pb2_grpc.add_ScoringServicer_to_server(scoring, server)
-    state_pb2_grpc.add_StateServicer_to_server(state, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    server.add_insecure_port(f"unix://{socket_path}")
-    await server.start()
-    try:
-        yield scoring, state, health
-    finally:
-        await server.stop(None)
-
-
-# ----------------------------------------------------------------------------- fake runtime
-
-
-@attrs.define
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    peer: object
-    """The client address of the connection the request came on."""
-
-
-def _chunk(route: str, model: str, text: str) -> dict[str, Any]:
-    if route == "/v1/chat/completions":
-        choice: dict[str, Any] = {"index": 0, "delta": {"content": text}, "finish_reason": None}
-        kind = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": None, "logprobs": None}
-        kind = "text_completion"
-    return {"id": "cmpl-1", "object": kind, "created": 0, "model": model, "choices": [choice]}
-
-
-def _final(route: str, model: str) -> dict[str, Any]:
-    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
-    if route == "/v1/chat/completions":
-        message = {"role": "assistant", "content": "Hello"}
-        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": "Hello", "finish_reason": "stop", "logprobs": None}
-        kind = "text_completion"
-    return {
-        "id": "cmpl-1",
-        "object": kind,
-        "created": 0,
-        "model": model,
-        "choices": [choice],
-        "usage": usage,
-    }
-
-
-def _sse(event: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(event) + b"\n\n"
-
-
-class FakeRuntime:
-    """An OpenAI-compatible server: 'Hel' + 'lo' (+ usage) as SSE or one JSON answer.
-
-    `mode`: "ok", "error500" (answers 500 before any body), "empty" (200 with no body) or "die"
-    (drops the connection after the first SSE event). A stream holds its second event until
-    `release_rest` is set.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.mode = "ok"
-        self.received: list[Received] = []
-        self.release_rest = asyncio.Event()
-        self.release_rest.set()
-        self.sent_last = False
-        self.endpoint = ""
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.handle)
-        app.router.add_post("/v1/completions", self.handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.endpoint = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        headers = {name.lower(): value for name, value in request.headers.items()}
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        self.received.append(Received(request.path_qs, headers, body, peer))
-        if self.mode == "error500":
-            return web.json_response({"error": "engine dead"}, status=500)
-        if self.mode == "empty":
-            return web.Response(status=200, headers={"x-runtime": self.name})
-        payload = orjson.loads(body)
-        model, route = payload["model"], request.path
-        headers = {"x-runtime": self.name}
-        if not payload.get("stream"):
-            return web.json_response(_final(route, model), headers=headers)
-        response = web.StreamResponse(headers={**headers, "content-type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(_sse(_chunk(route, model, "Hel")))
-        if self.mode == "die":
-            assert request.transport is not None
-            request.transport.abort()
-            return response
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(WAIT_S):
-                await self.release_rest.wait()
-        self.sent_last = True
-        await response.write(_sse(_chunk(route, model, "lo")))
-        usage = {**_final(route, model), "choices": []}
-        await response.write(_sse(usage))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-
-# ----------------------------------------------------------------------------- router
-
-
-@contextlib.asynccontextmanager
-async def running_router(agent_target: str) -> AsyncIterator[str]:
-    """The router app under uvicorn on a free loopback port; yields its base URL."""
-    app = RouterApp(
-        AgentClient(agent_target, timeout_s=2.0, models_cache_s=0.0),
-        {"openai-http": openai_http_transport},
-        RouterSettings(max_body_bytes=MAX_BODY_BYTES, max_attempts=2, retry_after_s=1.0),
-    )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn_config(app, "127.0.0.1", port, "warning")
-    config.load()
-    server = uvicorn.Server(config)
-    # What Server.serve() does, without taking over the test process's signal handlers.
-    server.lifespan = config.lifespan_class(config)
-    await server.startup(sockets=[sock])
-    assert server.started, "router did not start"
-    main_loop = asyncio.create_task(server.main_loop())
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await main_loop
-        await server.shutdown(sockets=[sock])
-        sock.close()
-
-
-def plain_http_client(base_url: str = "") -> httpx2.AsyncClient:
-    """An HTTP client for loopback URLs; without TLS it skips loading CA certificates, which
-    takes long enough on a loaded machine to trip the blocked-loop detector."""
-    return httpx2.AsyncClient(base_url=base_url, timeout=WAIT_S, verify=False)
-
-
-@attrs.define
-class Mesh:
-    agent: FakeScoring
-    state: FakeState
-    health: Any
-    a: FakeRuntime
-    b: FakeRuntime
-    url: str
-    http: httpx2.AsyncClient
-    openai: openai.AsyncOpenAI
-    workdir: Path
-
-
-@pytest.fixture
-async def mesh() -> AsyncIterator[Mesh]:
-    with tempfile.TemporaryDirectory(prefix="im-router-", dir="/tmp") as workdir:
-        socket_path = Path(workdir) / "agent.sock"
-        a, b = FakeRuntime("a"), FakeRuntime("b")
-        await a.start()
-        await b.start()
-        try:
-            async with (
-                fake_agent(socket_path) as (scoring, state, health),
-                running_router(f"unix://{socket_path}") as url,
-                plain_http_client(base_url=url) as http,
-                plain_http_client() as openai_http,
-            ):
-                client = openai.AsyncOpenAI(
-                    base_url=f"{url}/v1", api_key="test", max_retries=0, http_client=openai_http
-                )
-                scoring.routes["m"] = [a.endpoint, b.endpoint]
-                try:
-                    yield Mesh(scoring, state, health, a, b, url, http, client, Path(workdir))
-                finally:
-                    await client.close()
-        finally:
-            await a.stop()
-            await b.stop()
-
+from .conftest import (
+    MAX_BODY_BYTES,
+    MODES,
+    Mesh,
+    _chunk,
+    _final,
+    closed_port_endpoint,
+    make_scoring,
+    plain_http_client,
+    running_router,
+    sse,
+    target_id,
+)
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Say hello"}]}
 
@@ -359,8 +56,9 @@ def _warm_up_openai_client() -> None:
             return httpx2.Response(404, json={"error": {"message": "no"}})
         payload = orjson.loads(request.content)
         if payload.get("stream"):
-            sse = _sse(_chunk(path, "m", "x")) + b"data: [DONE]\n\n"
-            return httpx2.Response(200, content=sse, headers={"content-type": "text/event-stream"})
+            events = sse(_chunk(path, "m", "x")) + b"data: [DONE]\n\n"
+            headers = {"content-type": "text/event-stream"}
+            return httpx2.Response(200, content=events, headers=headers)
         return httpx2.Response(200, json=_final(path, "m"))
 
     async def exercise() -> None:
@@ -401,7 +99,7 @@ def assert_openai_error(response: httpx2.Response, status: int, error_type: str)
 
 @pytest.mark.anyio
 async def test_streamed_chat_reaches_the_client_before_the_runtime_finishes(mesh: Mesh) -> None:
-    mesh.agent.routes["m"] = [mesh.a.endpoint]
+    await mesh.route("m", [mesh.a.endpoint])
     mesh.a.release_rest.clear()
     stream = await mesh.openai.chat.completions.create(
         model="m",
@@ -422,8 +120,8 @@ async def test_streamed_chat_reaches_the_client_before_the_runtime_finishes(mesh
     (outcome,) = await mesh.agent.wait_outcomes(1)
     assert outcome.ok
     assert outcome.status == 200
-    assert outcome.reservation_id == "res-1"
-    assert outcome.target_id == f"node|{mesh.a.endpoint}|m"
+    assert outcome.reservation_id.startswith("res-" if mesh.mode == "agent" else "router-")
+    assert outcome.target_id == target_id("m", mesh.a.endpoint)
     assert outcome.HasField("ttft_s")
     assert 0 < outcome.ttft_s <= outcome.latency_s
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (5, 2)
@@ -474,11 +172,14 @@ async def test_original_body_bytes_and_trace_headers_are_forwarded(mesh: Mesh) -
     assert received.path == "/v1/chat/completions?trace=1"
     assert received.headers["traceparent"] == traceparent
     assert received.headers["x-request-id"] == "req-42"
-    features = mesh.agent.score_requests[-1].request
-    assert features.slo_class == types_pb2.SLO_CLASS_LATENCY
-    assert (features.tenant, features.request_id, features.model) == ("acme", "req-42", "m")
-    assert features.prefix_key != 0
-    assert features.prompt_tokens == 1  # "café": 4 characters
+    (outcome,) = await mesh.agent.wait_outcomes(1)
+    assert outcome.request_id == "req-42"
+    if mesh.mode == "agent":
+        features = mesh.agent.score_requests[-1].request
+        assert features.slo_class == types_pb2.SLO_CLASS_LATENCY
+        assert (features.tenant, features.request_id, features.model) == ("acme", "req-42", "m")
+        assert features.prefix_key != 0
+        assert features.prompt_tokens == 1  # "café": 4 characters
 
 
 @pytest.mark.anyio
@@ -487,7 +188,8 @@ async def test_a_request_id_is_generated_when_absent_and_returned(mesh: Mesh) ->
     request_id = response.headers["x-request-id"]
     assert len(request_id) >= 16
     assert mesh.a.received[0].headers["x-request-id"] == request_id
-    assert mesh.agent.score_requests[-1].request.request_id == request_id
+    (outcome,) = await mesh.agent.wait_outcomes(1)
+    assert outcome.request_id == request_id
 
 
 # ----------------------------------------------------------------------------- retries
@@ -498,16 +200,24 @@ async def test_connection_refused_falls_back_to_the_next_target_with_a_new_reser
     mesh: Mesh,
 ) -> None:
     dead = closed_port_endpoint()
-    mesh.agent.routes["m"] = [dead, mesh.b.endpoint]
+    await mesh.route("m", [dead, mesh.b.endpoint])
     answer = await mesh.openai.chat.completions.create(
         model="m", messages=[{"role": "user", "content": "Say hello"}]
     )
     assert answer.choices[0].message.content == "Hello"
-    assert [a.target_id for a in mesh.agent.admits] == [f"node|{mesh.b.endpoint}|m"]
     failed, served = await mesh.agent.wait_outcomes(2)
-    assert (failed.ok, failed.status, failed.reservation_id) == (False, 0, "res-1")
+    assert (failed.ok, failed.status) == (False, 0)
     assert dead in failed.error
-    assert (served.ok, served.status, served.reservation_id) == (True, 200, "adm-1")
+    assert (served.ok, served.status) == (True, 200)
+    assert served.target_id == target_id("m", mesh.b.endpoint)
+    if mesh.mode == "agent":
+        assert [a.target_id for a in mesh.agent.admits] == [target_id("m", mesh.b.endpoint)]
+        assert (failed.reservation_id, served.reservation_id) == ("res-1", "adm-1")
+    else:
+        assert mesh.agent.admits == [], "local mode reserves in the router"
+        assert failed.reservation_id != served.reservation_id
+        assert isinstance(mesh.app.scoring, LocalScoring)
+        assert mesh.app.scoring.inflight.open_count() == 0, "every reservation was released"
 
 
 @pytest.mark.anyio
@@ -524,7 +234,7 @@ async def test_a_5xx_before_any_body_is_retried_on_the_next_target(mesh: Mesh) -
 @pytest.mark.anyio
 async def test_502_when_every_target_refuses_the_connection(mesh: Mesh) -> None:
     first, second = closed_port_endpoint(), closed_port_endpoint()
-    mesh.agent.routes["m"] = [first, second]
+    await mesh.route("m", [first, second])
     response = await mesh.http.post("/v1/chat/completions", json=CHAT)
     error = assert_openai_error(response, 502, "server_error")
     assert error["code"] == "upstream_failed"
@@ -600,12 +310,14 @@ async def test_unknown_model_is_404_telling_how_to_list_models(mesh: Mesh) -> No
 
 @pytest.mark.anyio
 async def test_no_healthy_target_is_503_with_retry_after(mesh: Mesh) -> None:
-    mesh.agent.routes["m"] = []
+    await mesh.route("m", [])
     response = await mesh.http.post("/v1/chat/completions", json=CHAT)
     error = assert_openai_error(response, 503, "server_error")
     assert error["code"] == "no_healthy_target"
     assert "telemetry stale" in error["message"]
-    assert response.headers["retry-after"] == "3"
+    # Agent mode relays the agent's hint (2.5 s); local mode gives the engine's own.
+    expected_s = 2.5 if mesh.mode == "agent" else RETRY_UNAVAILABLE_S
+    assert response.headers["retry-after"] == str(math.ceil(expected_s))
 
 
 @pytest.mark.anyio
@@ -645,10 +357,16 @@ async def test_wrong_method_is_405_with_allow_and_unknown_path_is_404(mesh: Mesh
 
 
 @pytest.mark.anyio
-async def test_unreachable_agent_gives_503_with_retry_after_and_unhealthy_health() -> None:
+@pytest.mark.parametrize("mode", MODES)
+async def test_unreachable_agent_gives_503_with_retry_after_and_unhealthy_health(
+    mode: str,
+) -> None:
     with tempfile.TemporaryDirectory(prefix="im-router-", dir="/tmp") as workdir:
         target = f"unix://{workdir}/missing.sock"
-        async with running_router(target) as url, plain_http_client(base_url=url) as http:
+        async with (
+            running_router(make_scoring(mode, target)) as (url, _),
+            plain_http_client(base_url=url) as http,
+        ):
             response = await http.post("/v1/chat/completions", json=CHAT)
             error = assert_openai_error(response, 503, "server_error")
             assert error["code"] == "agent_unavailable"
@@ -668,12 +386,11 @@ async def test_unreachable_agent_gives_503_with_retry_after_and_unhealthy_health
 
 @pytest.mark.anyio
 async def test_models_lists_the_union_of_loaded_models_in_openai_format(mesh: Mesh) -> None:
-    mesh.state.states = [
-        model_state("m", mesh.a.endpoint),
-        model_state("m", mesh.b.endpoint),
-        model_state("lora-sql", mesh.b.endpoint),
-        model_state("unloaded", mesh.a.endpoint, loaded=False),
-    ]
+    agent = mesh.agent
+    await mesh.publish(
+        agent.state_of("lora-sql", mesh.b.endpoint),
+        agent.state_of("unloaded", mesh.a.endpoint, loaded=False),
+    )
     page = await mesh.openai.models.list()
     assert [model.id for model in page.data] == ["lora-sql", "m"]
     raw = (await mesh.http.get("/v1/models")).json()
@@ -687,7 +404,8 @@ async def test_models_lists_the_union_of_loaded_models_in_openai_format(mesh: Me
 
 
 @pytest.mark.anyio
-async def test_health_follows_the_agents_grpc_health(mesh: Mesh) -> None:
+async def test_health_follows_the_agents_grpc_health_in_agent_mode(agent_mesh: Mesh) -> None:
+    mesh = agent_mesh
     response = await mesh.http.get("/health")
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
@@ -707,7 +425,8 @@ async def test_metrics_count_requests_by_route_and_status(mesh: Mesh) -> None:
     assert 'infermesh_router_requests_total{route="chat",status="400"} 1.0' in text
     assert 'infermesh_router_ttft_seconds_count{route="chat"} 1.0' in text
     assert 'infermesh_router_upstream_latency_seconds_count{route="chat"} 2.0' in text
-    assert "infermesh_router_agent_score_latency_seconds_count 2.0" in text
+    score_latency = f"infermesh_router_{mesh.mode}_score_latency_seconds_count 2.0"
+    assert score_latency in text
     assert 'infermesh_router_requests_in_progress{route="chat"} 0.0' in text
 
 
@@ -715,7 +434,7 @@ async def test_metrics_count_requests_by_route_and_status(mesh: Mesh) -> None:
 async def test_a_client_leaving_mid_stream_stops_the_relay_without_blaming_the_runtime(
     mesh: Mesh,
 ) -> None:
-    mesh.agent.routes["m"] = [mesh.a.endpoint]
+    await mesh.route("m", [mesh.a.endpoint])
     mesh.a.release_rest.clear()
     async with mesh.http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
         async for _ in r.aiter_raw():
@@ -727,7 +446,7 @@ async def test_a_client_leaving_mid_stream_stops_the_relay_without_blaming_the_r
 
 @pytest.mark.anyio
 async def test_upstream_connections_are_pooled_across_requests(mesh: Mesh) -> None:
-    mesh.agent.routes["m"] = [mesh.a.endpoint]
+    await mesh.route("m", [mesh.a.endpoint])
     for _ in range(3):
         assert (await mesh.http.post("/v1/chat/completions", json=CHAT)).status_code == 200
     stream = {**CHAT, "stream": True}

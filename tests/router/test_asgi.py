@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from infermesh.router.agent_client import AgentClient
+from infermesh.router.agent_scoring import AgentScoring
 from infermesh.router.app import RouterApp, RouterSettings
 from infermesh.router.asgi import Message, split_request_headers
 from infermesh.router.errors import ApiError
@@ -39,7 +40,9 @@ def http_scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
 @pytest.mark.anyio
 async def test_a_chunked_body_is_refused_without_reading_past_the_limit() -> None:
     app = RouterApp(
-        AgentClient("unix:///nonexistent.sock"), {}, RouterSettings(max_body_bytes=1000)
+        AgentScoring(AgentClient("unix:///nonexistent.sock")),
+        {},
+        RouterSettings(max_body_bytes=1000),
     )
     upload, responses = EndlessUpload(), Responses()
     await app(http_scope("/v1/chat/completions", []), upload, responses)
@@ -52,7 +55,9 @@ async def test_a_chunked_body_is_refused_without_reading_past_the_limit() -> Non
 @pytest.mark.anyio
 async def test_a_declared_content_length_over_the_limit_is_refused_before_reading() -> None:
     app = RouterApp(
-        AgentClient("unix:///nonexistent.sock"), {}, RouterSettings(max_body_bytes=1000)
+        AgentScoring(AgentClient("unix:///nonexistent.sock")),
+        {},
+        RouterSettings(max_body_bytes=1000),
     )
     upload, responses = EndlessUpload(), Responses()
     scope = http_scope("/v1/completions", [(b"content-length", b"1001")])

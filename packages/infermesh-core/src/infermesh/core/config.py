@@ -155,6 +155,9 @@ class RouterConfig:
     """Ingress HTTP server: `uvicorn` (uvloop + httptools)."""
     models_cache_s: float = 1.0
     retry_after_s: float = 1.0
+    scoring: str = "local"
+    """Where requests are ranked: `local` (in the router, on a replica of the agent's state kept
+    by its State watch streams) or `agent` (one ScoreTargets call to the agent per request)."""
 
 
 @attrs.define

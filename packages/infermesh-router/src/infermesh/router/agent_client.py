@@ -1,8 +1,9 @@
-"""The router's gRPC client to its local agent: Scoring, State and health over one channel.
+"""The router's gRPC client to its local agent: Scoring, State (calls and watch streams) and
+health over one channel.
 
-One grpc.aio channel per process, opened inside the running loop by `start()`; every call has a
-deadline and a failure becomes `AgentUnavailable` with a message naming the agent. Never retries
-or waits for the agent to appear: the caller decides what to answer.
+One grpc.aio channel per process, opened inside the running loop by `start()`; every unary call
+has a deadline and a failure becomes `AgentUnavailable` with a message naming the agent. Never
+retries or waits for the agent to appear: the caller decides what to answer.
 """
 
 from __future__ import annotations
@@ -13,18 +14,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from infermesh.core.model import RequestFeatures, SloClass
-from infermesh.core.proto import scoring_pb2, scoring_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
+from infermesh.core.proto import scoring_pb2, scoring_pb2_grpc, state_pb2, state_pb2_grpc
 
-__all__ = ["AgentClient", "AgentUnavailable", "features_to_proto"]
+__all__ = ["AgentClient", "AgentUnavailable"]
 
 SCORING_SERVICE = "infermesh.v1.Scoring"
-
-_SLO_TO_PROTO = {
-    SloClass.LATENCY: types_pb2.SLO_CLASS_LATENCY,
-    SloClass.STANDARD: types_pb2.SLO_CLASS_STANDARD,
-    SloClass.BATCH: types_pb2.SLO_CLASS_BATCH,
-}
 
 # A router often starts before its agent: keep reconnect backoff short so the first requests
 # after the agent comes up are served instead of failing fast for up to two minutes.
@@ -37,20 +31,6 @@ _CHANNEL_OPTIONS = [
 
 class AgentUnavailable(Exception):
     """The agent could not be reached or failed to answer; the message says which and why."""
-
-
-def features_to_proto(features: RequestFeatures) -> scoring_pb2.RequestFeatures:
-    return scoring_pb2.RequestFeatures(
-        model=features.model,
-        slo_class=_SLO_TO_PROTO[features.slo_class],
-        prompt_tokens=features.prompt_tokens,
-        max_output_tokens=features.max_output_tokens,
-        prefix_key=features.prefix_key,
-        tenant=features.tenant,
-        stream=features.stream,
-        filters=dict(features.filters),
-        request_id=features.request_id,
-    )
 
 
 class AgentClient:
@@ -81,7 +61,8 @@ class AgentClient:
             await self._channel.close()
             self._channel = None
 
-    def _unavailable(self, method: str, exc: BaseException) -> AgentUnavailable:
+    def unavailable(self, method: str, exc: BaseException) -> AgentUnavailable:
+        """`exc`, raised by a call to `method`, as an AgentUnavailable naming this agent."""
         if isinstance(exc, grpc.aio.AioRpcError):
             detail = f"{exc.code().name}: {exc.details()}"
         else:
@@ -97,7 +78,7 @@ class AgentClient:
         try:
             return await stub_method(request, timeout=self.timeout_s)
         except (grpc.aio.AioRpcError, OSError) as exc:
-            raise self._unavailable(method, exc) from None
+            raise self.unavailable(method, exc) from None
 
     async def score(
         self, request: scoring_pb2.RequestFeatures, max_targets: int
@@ -128,6 +109,34 @@ class AgentClient:
         )
         return ack.accepted
 
+    def watch_model_deltas(self) -> Any:
+        """The agent's model deltas as a server stream (no deadline), starting with a snapshot.
+
+        Returns the grpc.aio call: iterate it for `ModelStateDelta`s, `cancel()` it to stop.
+        """
+        return self._watch(self._state.WatchModelDeltas)
+
+    def watch_gpu_deltas(self) -> Any:
+        """The agent's GPU deltas as a server stream, starting with a snapshot (see above)."""
+        return self._watch(self._state.WatchGpuDeltas)
+
+    def _watch(self, stub_method: Any) -> Any:
+        if self._channel is None:
+            raise AgentUnavailable(f"the agent client for {self.target} is not started")
+        return stub_method(state_pb2.WatchRequest(initial_snapshot=True))
+
+    async def list_model_states(self) -> state_pb2.ModelStateList:
+        states: state_pb2.ModelStateList = await self._call(
+            "ListModelStates", self._state.ListModelStates, state_pb2.ListRequest()
+        )
+        return states
+
+    async def list_gpu_states(self) -> state_pb2.GpuStateList:
+        states: state_pb2.GpuStateList = await self._call(
+            "ListGpuStates", self._state.ListGpuStates, state_pb2.ListRequest()
+        )
+        return states
+
     async def model_names(self, now: float | None = None) -> list[str]:
         """Sorted names of the models some target of the agent has loaded.
 
@@ -136,9 +145,7 @@ class AgentClient:
         now = time.monotonic() if now is None else now
         if now - self._models_at < self.models_cache_s:
             return self._models
-        states: state_pb2.ModelStateList = await self._call(
-            "ListModelStates", self._state.ListModelStates, state_pb2.ListRequest()
-        )
+        states = await self.list_model_states()
         names = {state.key.model for state in states.states if state.fields.loaded}
         self._models = sorted(name for name in names if name)
         self._models_at = now

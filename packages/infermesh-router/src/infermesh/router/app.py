@@ -2,7 +2,8 @@
 
 Dispatches on the exact path, reads and validates the request, hands inference requests to the
 `Forwarder` and answers everything else itself. Owns the lifecycle (lifespan) of the agent
-channel, the transports and the outcome reporter. Never buffers a streamed response.
+channel, the scoring mode, the transports and the outcome reporter. Never buffers a streamed
+response.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import attrs
 import orjson
 
 from infermesh.core.contracts import TransportContext, TransportFactory
-from infermesh.router.agent_client import AgentClient, AgentUnavailable
+from infermesh.router.agent_client import AgentUnavailable
 from infermesh.router.asgi import (
     ClientDisconnected,
     Message,
@@ -28,6 +29,7 @@ from infermesh.router.asgi import (
     send_error,
     split_request_headers,
 )
+from infermesh.router.decision import RouteScoring
 from infermesh.router.errors import SERVER_ERROR, ApiError
 from infermesh.router.features import Route, parse_request
 from infermesh.router.forward import Exchange, Forwarder, ForwardSettings
@@ -57,17 +59,21 @@ class RouterApp:
 
     def __init__(
         self,
-        agent: AgentClient,
+        scoring: RouteScoring,
         transport_factories: Mapping[str, TransportFactory],
         settings: RouterSettings | None = None,
         metrics: RouterMetrics | None = None,
     ) -> None:
         self.settings = settings if settings is not None else RouterSettings()
-        self.agent = agent
+        self.scoring = scoring
+        self.agent = scoring.agent
         self.metrics = metrics if metrics is not None else RouterMetrics()
-        self.reporter = OutcomeReporter(agent.report, on_dropped=self.metrics.outcomes_dropped.inc)
+        scoring.attach_metrics(self.metrics)
+        self.reporter = OutcomeReporter(
+            self.agent.report, on_dropped=self.metrics.outcomes_dropped.inc
+        )
         self.forwarder = Forwarder(
-            agent,
+            scoring,
             transport_factories,
             TransportContext(
                 connect_timeout_s=self.settings.connect_timeout_s,
@@ -86,9 +92,11 @@ class RouterApp:
 
     async def startup(self) -> None:
         await self.agent.start()
+        await self.scoring.start()
         self.reporter.start()
 
     async def shutdown(self) -> None:
+        await self.scoring.aclose()
         await self.reporter.aclose()
         await self.forwarder.aclose()
         await self.agent.aclose()
@@ -156,7 +164,7 @@ class RouterApp:
 
     async def _models(self, send: Send) -> int:
         try:
-            names = await self.agent.model_names()
+            names = await self.scoring.model_names()
         except AgentUnavailable as exc:
             raise ApiError(
                 503,
@@ -172,11 +180,17 @@ class RouterApp:
         return 200
 
     async def _health(self, send: Send) -> int:
-        serving, reason = await self.agent.health()
+        serving, reason = await self.scoring.health()
         if serving:
-            await send_bytes(send, 200, orjson.dumps({"status": "ok", "agent": self.agent.target}))
+            body = {"status": "ok", "agent": self.agent.target, "scoring": self.scoring.mode}
+            await send_bytes(send, 200, orjson.dumps(body))
             return 200
-        body = {"status": "unavailable", "agent": self.agent.target, "reason": reason}
+        body = {
+            "status": "unavailable",
+            "agent": self.agent.target,
+            "scoring": self.scoring.mode,
+            "reason": reason,
+        }
         await send_bytes(send, 503, orjson.dumps(body))
         return 503
 

@@ -40,6 +40,13 @@ def router_group() -> None:
     default=None,
     help="Largest request body accepted; larger ones get 413 [router.max_body_bytes].",
 )
+@click.option(
+    "--scoring",
+    type=click.Choice(["local", "agent"]),
+    default=None,
+    help="Rank requests in the router on a replica of the agent's state (local) or with one "
+    "ScoreTargets call to the agent per request (agent) [router.scoring].",
+)
 @click.option("--log-level", default=None, help="debug, info, warning, error [logging.level].")
 @click.option("--log-format", default=None, help="auto, json or console [logging.format].")
 @click.pass_context
@@ -49,6 +56,7 @@ def run_command(
     listen: str | None,
     agent: str | None,
     max_body_bytes: int | None,
+    scoring: str | None,
     log_level: str | None,
     log_format: str | None,
 ) -> None:
@@ -60,6 +68,7 @@ def run_command(
                 ("router.listen", listen),
                 ("router.agent", agent),
                 ("router.max_body_bytes", max_body_bytes),
+                ("router.scoring", scoring),
                 ("logging.level", log_level),
                 ("logging.format", log_format),
             ],
@@ -77,6 +86,6 @@ def run_command(
     from infermesh.router.server import serve
 
     try:
-        serve(config, host.transports())
+        serve(config, host.transports(), host.scorers())
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None

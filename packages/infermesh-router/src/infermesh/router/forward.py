@@ -1,8 +1,8 @@
 """Forwarding one inference request: score, try ranked targets, relay the answer, report it.
 
-Attempts move to the next ranked target (with a fresh `Admit` reservation) only while nothing
-has been relayed to the client; once a byte is sent the response is committed. Chunks are sent
-as they arrive and never buffered. Never blocks a response on outcome reporting.
+Attempts move to the next ranked target (with a fresh reservation from `admit`) only while
+nothing has been relayed to the client; once a byte is sent the response is committed. Chunks are
+sent as they arrive and never buffered. Never blocks a response on outcome reporting.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import attrs
+from prometheus_client import Histogram
 
 from infermesh.core.contracts import Transport, TransportContext, TransportFactory, UpstreamError
 from infermesh.core.logging import get_logger
 from infermesh.core.proto import scoring_pb2
-from infermesh.router.agent_client import AgentClient, AgentUnavailable, features_to_proto
+from infermesh.router.agent_client import AgentUnavailable
 from infermesh.router.asgi import HOP_BY_HOP, Message, Send
+from infermesh.router.decision import Choice, Decision, RouteScoring
 from infermesh.router.errors import SERVER_ERROR, ApiError, error_body
 from infermesh.router.features import ParsedRequest, Route
 from infermesh.router.metrics import RouterMetrics
@@ -27,7 +29,6 @@ __all__ = ["AttemptFailed", "Exchange", "ForwardSettings", "Forwarder"]
 
 log = get_logger(__name__)
 
-DEFAULT_TRANSPORT = "openai-http"
 ERROR_EXCERPT_BYTES = 512
 _SSE = "text/event-stream"
 _DONE = b"data: [DONE]\n\n"
@@ -66,7 +67,7 @@ class Exchange:
 class _Attempt:
     """One try on one target, and what is reported about it."""
 
-    target: scoring_pb2.RankedTarget
+    target: Choice
     reservation_id: str
     started: float
     ok: bool = False
@@ -107,18 +108,21 @@ def _response_head(
 
 
 class Forwarder:
-    """Routes requests through the agent's ranking to runtimes, over transport plugins."""
+    """Routes requests by a scoring mode's ranking to runtimes, over transport plugins."""
 
     def __init__(
         self,
-        agent: AgentClient,
+        scoring: RouteScoring,
         transport_factories: Mapping[str, TransportFactory],
         transport_context: TransportContext,
         settings: ForwardSettings,
         metrics: RouterMetrics,
         report: Callable[[scoring_pb2.Outcome], None],
     ) -> None:
-        self.agent = agent
+        self.scoring = scoring
+        self._score_latency: Histogram = (
+            metrics.agent_score_latency if scoring.mode == "agent" else metrics.local_score_latency
+        )
         self.transport_factories = dict(transport_factories)
         self.transport_context = transport_context
         self.settings = settings
@@ -144,15 +148,12 @@ class Forwarder:
             await transport.aclose()
         self._transports.clear()
 
-    async def score(
-        self, parsed: ParsedRequest
-    ) -> tuple[scoring_pb2.RequestFeatures, scoring_pb2.ScoreTargetsResponse]:
-        """The agent's ranking, or the ApiError (404/503) to answer instead."""
+    async def score(self, parsed: ParsedRequest) -> Decision:
+        """The ranking, or the ApiError (404/503) to answer instead."""
         features = parsed.features
-        request = features_to_proto(features)
         started = time.perf_counter()
         try:
-            decision = await self.agent.score(request, self.settings.max_attempts)
+            decision = await self.scoring.score(features, self.settings.max_attempts)
         except AgentUnavailable as exc:
             raise ApiError(
                 503,
@@ -162,7 +163,9 @@ class Forwarder:
                 retry_after_s=self.settings.retry_after_s,
             ) from None
         finally:
-            self.metrics.agent_score_latency.observe(time.perf_counter() - started)
+            self._score_latency.observe(time.perf_counter() - started)
+        if decision.choices:
+            return decision
         if not decision.model_known:
             raise ApiError(
                 404,
@@ -171,17 +174,15 @@ class Forwarder:
                 param="model",
                 code="model_not_found",
             )
-        if not decision.targets:
-            excluded = "; ".join(decision.excluded[:5]) or "none reported"
-            raise ApiError(
-                503,
-                f"no healthy target can serve model {features.model!r} right now "
-                f"({decision.candidates} candidate(s); excluded: {excluded})",
-                error_type=SERVER_ERROR,
-                code="no_healthy_target",
-                retry_after_s=decision.retry_after_s or self.settings.retry_after_s,
-            )
-        return request, decision
+        excluded = "; ".join(decision.excluded[:5]) or "none reported"
+        raise ApiError(
+            503,
+            f"no healthy target can serve model {features.model!r} right now "
+            f"({decision.candidates} candidate(s); excluded: {excluded})",
+            error_type=SERVER_ERROR,
+            code="no_healthy_target",
+            retry_after_s=decision.retry_after_s or self.settings.retry_after_s,
+        )
 
     async def forward(self, exchange: Exchange) -> int:
         """Answer the request from the best target that responds; returns the status sent.
@@ -189,18 +190,18 @@ class Forwarder:
         Raises ApiError (404, 503, 502) when nothing was relayed.
         """
         parsed = exchange.parsed
-        request, decision = await self.score(parsed)
+        decision = await self.score(parsed)
         failures: list[str] = []
-        for index, target in enumerate(decision.targets[: self.settings.max_attempts]):
+        for index, target in enumerate(decision.choices[: self.settings.max_attempts]):
             if index == 0:
                 reservation_id = decision.reservation_id
             else:
                 try:
-                    admitted = await self.agent.admit(request, target.target_id)
+                    admitted = await self.scoring.admit(parsed.features, target)
                 except AgentUnavailable as exc:
                     failures.append(f"{target.target_id}: {exc}")
                     break
-                if not admitted.admitted:
+                if admitted.reservation_id is None:
                     failures.append(f"{target.target_id}: not admitted ({admitted.reason})")
                     continue
                 reservation_id = admitted.reservation_id
@@ -225,28 +226,28 @@ class Forwarder:
         )
 
     def _finish(self, attempt: _Attempt, parsed: ParsedRequest) -> None:
-        """Queue the attempt's outcome for the agent (never waits)."""
-        self._report(
-            scoring_pb2.Outcome(
-                reservation_id=attempt.reservation_id,
-                target_id=attempt.target.target_id,
-                request_id=parsed.features.request_id,
-                ok=attempt.ok,
-                status=attempt.status,
-                error=attempt.error,
-                ttft_s=attempt.ttft_s,
-                latency_s=time.perf_counter() - attempt.started,
-                prompt_tokens=attempt.prompt_tokens or parsed.features.prompt_tokens,
-                completion_tokens=attempt.completion_tokens,
-            )
+        """Close the attempt in the scoring mode and queue its outcome for the agent."""
+        outcome = scoring_pb2.Outcome(
+            reservation_id=attempt.reservation_id,
+            target_id=attempt.target.target_id,
+            request_id=parsed.features.request_id,
+            ok=attempt.ok,
+            status=attempt.status,
+            error=attempt.error,
+            ttft_s=attempt.ttft_s,
+            latency_s=time.perf_counter() - attempt.started,
+            prompt_tokens=attempt.prompt_tokens or parsed.features.prompt_tokens,
+            completion_tokens=attempt.completion_tokens,
         )
+        self.scoring.finished(outcome)
+        self._report(outcome)
 
     async def _attempt(self, attempt: _Attempt, exchange: Exchange) -> int:
         """One target: relay its response, or raise AttemptFailed before relaying anything."""
         target = attempt.target
         try:
-            transport = self.transport(target.transport or DEFAULT_TRANSPORT)
-            url = target.key.endpoint.rstrip("/") + exchange.upstream_path
+            transport = self.transport(target.transport)
+            url = target.endpoint.rstrip("/") + exchange.upstream_path
             try:
                 upstream = await transport.request("POST", url, exchange.headers, exchange.body)
             except UpstreamError as exc:

@@ -6,8 +6,15 @@ for them. Only definitions and cheap recording helpers; never starts an HTTP ser
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from infermesh.core.scoring.inflight import InflightTracker
+from infermesh.router.replica import StateReplica
 
 __all__ = ["CONTENT_TYPE", "RouterMetrics"]
 
@@ -72,7 +79,13 @@ class RouterMetrics:
         )
         self.agent_score_latency = Histogram(
             "infermesh_router_agent_score_latency_seconds",
-            "Duration of ScoreTargets calls to the local agent.",
+            "Duration of ScoreTargets calls to the local agent (router.scoring = agent).",
+            buckets=AGENT_BUCKETS_S,
+            registry=r,
+        )
+        self.local_score_latency = Histogram(
+            "infermesh_router_local_score_latency_seconds",
+            "Duration of ranking a request in the router (router.scoring = local).",
             buckets=AGENT_BUCKETS_S,
             registry=r,
         )
@@ -100,6 +113,10 @@ class RouterMetrics:
         self.ttft_by_route = {route: self.ttft.labels(route) for route in FORWARDED_ROUTES}
         self._requests_children: dict[tuple[str, int], Counter] = {}
 
+    def watch_replica(self, replica: StateReplica, inflight: InflightTracker) -> None:
+        """Export local scoring's replica and reservations, read when scraped."""
+        self.registry.register(_ReplicaCollector(replica, inflight))
+
     def count_request(self, route: str, status: int) -> None:
         child = self._requests_children.get((route, status))
         if child is None:
@@ -110,3 +127,40 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ReplicaCollector(Collector):
+    """The state replica's health and size, and the router's own reservations."""
+
+    def __init__(self, replica: StateReplica, inflight: InflightTracker) -> None:
+        self.replica = replica
+        self.inflight = inflight
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        replica = self.replica
+        yield GaugeMetricFamily(
+            "infermesh_router_state_connected",
+            "1 while the agent's state streams are open and their snapshot is complete.",
+            value=1.0 if replica.connected else 0.0,
+        )
+        live = replica.live
+        yield GaugeMetricFamily(
+            "infermesh_router_state_targets",
+            "Targets in the replica of the agent's state that requests are ranked on.",
+            value=len(live.model_states()) if live is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "infermesh_router_state_syncs",
+            "Complete snapshots of the agent's state received (first sync and resyncs).",
+            value=replica.syncs,
+        )
+        yield CounterMetricFamily(
+            "infermesh_router_state_deltas",
+            "Model and GPU deltas received from the agent's watch streams.",
+            value=replica.deltas,
+        )
+        yield GaugeMetricFamily(
+            "infermesh_router_reservations_open",
+            "In-flight reservations this router holds (released by each attempt's outcome).",
+            value=self.inflight.open_count(),
+        )
