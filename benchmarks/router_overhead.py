@@ -117,7 +117,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--skip",
         default="",
         metavar="MODES",
-        help="comma list of modes to leave out: infermesh, vllm-router",
+        help="comma list of modes to leave out: infermesh, 'infermesh agent-scoring', vllm-router",
     )
     parser.add_argument(
         "--vllm-router",

@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.overhead import tools
 from benchmarks.overhead.loadgen import chat_body
 from benchmarks.overhead.processes import ChildProcess, ProcessGroup, StartError, free_port
-from benchmarks.overhead.report import DIRECT, INFERMESH, VLLM_ROUTER
+from benchmarks.overhead.report import DIRECT, INFERMESH, INFERMESH_AGENT, VLLM_ROUTER
 
 __all__ = ["ALL_VARIANTS", "Mesh", "Variant", "build_mesh", "parse_variants"]
 
@@ -28,12 +28,13 @@ CHAT_PATH = "/v1/chat/completions"
 HOST = "127.0.0.1"
 
 SERVERS = ("uvicorn", "granian")
-UPSTREAMS = ("aiohttp", "httpx", "httpx2")
+UPSTREAMS = ("builtin", "aiohttp", "httpx", "httpx2")
+"""`builtin` is the router's own `openai-http` client; the others are benchmark plugins."""
 ALL_VARIANTS = (
+    "uvicorn+builtin",
+    "granian+builtin",
     "uvicorn+aiohttp",
-    "granian+aiohttp",
     "uvicorn+httpx",
-    "granian+httpx",
     "uvicorn+httpx2",
 )
 
@@ -181,9 +182,10 @@ def write_config(path: Path, args: argparse.Namespace, bases: Sequence[str]) -> 
 
 
 def start_infermesh(
-    procs: ProcessGroup, args: argparse.Namespace, config: Path, mesh: Mesh
+    procs: ProcessGroup, args: argparse.Namespace, config: Path, mesh: Mesh, skip: set[str]
 ) -> str | None:
-    """The agent and the product router (`infermesh router run`); returns the agent target."""
+    """The agent and the product router (`infermesh router run`, local scoring by default),
+    plus the same router with `--scoring agent`; returns the agent target."""
     socket_path = config.parent / "agent.sock"
     agent = procs.start("agent", [*_infermesh_argv(), "agent", "run", "--config", str(config)])
     mesh.agent = agent
@@ -197,34 +199,31 @@ def start_infermesh(
             return None
         time.sleep(0.1)
     target = f"unix://{socket_path}"
-    port = free_port()
-    router = procs.start(
-        "router",
-        [
-            *_infermesh_argv(),
-            "router",
-            "run",
-            "--config",
-            str(config),
-            "--listen",
-            f"{HOST}:{port}",
-            "--agent",
-            target,
-        ],
-    )
-    base = f"http://{HOST}:{port}"
-    try:
-        procs.wait_http(router, f"{base}/health", timeout_s=args.start_timeout)
-        wait_chat_ok(router, base + CHAT_PATH, _probe_body(args), args.start_timeout)
-    except StartError as exc:
-        mesh.skipped[INFERMESH] = str(exc)
-        return target
-    mesh.urls[INFERMESH] = [base + CHAT_PATH]
-    mesh.proxies[INFERMESH] = router
     versions = tools.package_versions(
-        [sys.executable], ["uvicorn", "uvloop", "httptools", "aiohttp", "grpcio"]
+        [sys.executable], ["uvicorn", "uvloop", "httptools", "grpcio"]
     )
-    mesh.details[INFERMESH] = f"infermesh router run (default server and transport); {versions}"
+    for mode, scoring, detail in (
+        (INFERMESH, [], "infermesh router run (defaults: local scoring, builtin transport)"),
+        (INFERMESH_AGENT, ["--scoring", "agent"], "infermesh router run --scoring agent"),
+    ):
+        if mode in skip:
+            mesh.skipped[mode] = "--skip"
+            continue
+        port = free_port()
+        argv = [*_infermesh_argv(), "router", "run", "--config", str(config)]
+        argv += ["--listen", f"{HOST}:{port}", "--agent", target, *scoring]
+        router = procs.start("router" if mode == INFERMESH else "router-agent-scoring", argv)
+        base = f"http://{HOST}:{port}"
+        try:
+            procs.wait_http(router, f"{base}/health", timeout_s=args.start_timeout)
+            wait_chat_ok(router, base + CHAT_PATH, _probe_body(args), args.start_timeout)
+        except StartError as exc:
+            mesh.skipped[mode] = str(exc)
+            procs.stop(router)
+            continue
+        mesh.urls[mode] = [base + CHAT_PATH]
+        mesh.proxies[mode] = router
+        mesh.details[mode] = f"{detail}; {versions}"
     return target
 
 
@@ -325,7 +324,7 @@ def _probe_body(args: argparse.Namespace) -> bytes:
 
 def build_mesh(procs: ProcessGroup, args: argparse.Namespace, work_dir: Path) -> Mesh:
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
-    unknown = skip - {INFERMESH, VLLM_ROUTER}
+    unknown = skip - {INFERMESH, INFERMESH_AGENT, VLLM_ROUTER}
     if unknown:
         raise SystemExit(f"--skip: unknown mode(s) {', '.join(sorted(unknown))}")
     mesh = Mesh(urls={}, skipped={}, details={})
@@ -339,7 +338,7 @@ def build_mesh(procs: ProcessGroup, args: argparse.Namespace, work_dir: Path) ->
         mesh.skipped[INFERMESH] = "--skip"
     else:
         print("starting the InferMesh agent and router ...", file=sys.stderr)
-        target = start_infermesh(procs, args, config, mesh)
+        target = start_infermesh(procs, args, config, mesh, skip)
     if VLLM_ROUTER in skip:
         mesh.skipped[VLLM_ROUTER] = "--skip"
     else:

@@ -27,6 +27,9 @@ __all__ = [
 
 DIRECT = "direct"
 INFERMESH = "infermesh"
+"""The product router as `infermesh router run` starts it (local scoring)."""
+INFERMESH_AGENT = "infermesh agent-scoring"
+"""The same router with `--scoring agent`: one ScoreTargets call to the agent per request."""
 VLLM_ROUTER = "vllm-router"
 
 

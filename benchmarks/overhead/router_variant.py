@@ -1,11 +1,11 @@
 """Serve the InferMesh router app with a chosen ingress server and upstream client.
 
     python -m benchmarks.overhead.router_variant --config C --listen H:P --agent T \
-        --server uvicorn|granian --upstream aiohttp|httpx|httpx2
+        --server uvicorn|granian --upstream builtin|aiohttp|httpx|httpx2
 
 The app, agent client and plugins are built exactly as `infermesh router run` builds them
-(`infermesh.router.server.build_app`); only the server that runs it, and for httpx the factory
-registered under the runtimes' transport name (`openai-http`), differ. Benchmark-only.
+(`infermesh.router.server.build_app`); only the server that runs it, and for aiohttp/httpx the
+factory registered under the runtimes' transport name (`openai-http`), differ. Benchmark-only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from benchmarks.overhead import httpx_transport
+from benchmarks.overhead import aiohttp_transport, httpx_transport
 from infermesh.core.config import Config, load_config, parse_host_port
 from infermesh.core.contracts import TransportFactory
 from infermesh.core.logging import configure_logging
@@ -33,18 +33,21 @@ _ENV_PREFIX = "INFERMESH_BENCH_VARIANT_"
 
 def _host() -> PluginHost:
     allow, block = plugin_selection_from_env()
-    return PluginHost.load(allow=allow, block=block, extra=[("bench-httpx", httpx_transport)])
+    extra = [("bench-httpx", httpx_transport), ("bench-aiohttp", aiohttp_transport)]
+    return PluginHost.load(allow=allow, block=block, extra=extra)
 
 
 def transport_factories(host: PluginHost, upstream: str) -> dict[str, TransportFactory]:
-    """The installed transports plus the httpx plugin; `openai-http` served by `upstream`.
+    """The installed transports plus the benchmark's; `openai-http` served by `upstream`.
 
-    The httpx transports are registered through the same hook as every transport plugin; the
-    agent's targets name `openai-http`, so for an httpx variant that name maps to the httpx
-    factory instead of the aiohttp one.
+    The aiohttp and httpx transports are registered through the same hook as every transport
+    plugin; the targets name `openai-http`, so for such a variant that name maps to their
+    factory instead of the router's own client (`builtin`).
     """
     factories = dict(host.transports())
-    if upstream != "aiohttp":
+    if upstream == "aiohttp":
+        factories[DEFAULT_TRANSPORT] = factories[aiohttp_transport.NAME]
+    elif upstream != "builtin":
         factories[DEFAULT_TRANSPORT] = factories[httpx_transport.transport_name(upstream)]
     return factories
 
@@ -106,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--agent", required=True)
     parser.add_argument("--server", choices=("uvicorn", "granian"), required=True)
-    parser.add_argument("--upstream", choices=("aiohttp", "httpx", "httpx2"), required=True)
+    parser.add_argument(
+        "--upstream", choices=("builtin", "aiohttp", "httpx", "httpx2"), required=True
+    )
     args = parser.parse_args(argv)
     config = _load(args.config, args.listen, args.agent)
     if args.server == "uvicorn":

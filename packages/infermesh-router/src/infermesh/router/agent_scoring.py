@@ -21,6 +21,8 @@ class AgentScoring:
     """Ranks through the agent's Scoring API (see `RouteScoring`)."""
 
     mode = "agent"
+    # The agent holds the reservations: release them promptly so its in-flight counts stay right.
+    outcome_linger_s = 0.05
 
     def __init__(self, agent: AgentClient) -> None:
         self.agent = agent

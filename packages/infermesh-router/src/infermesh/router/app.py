@@ -70,7 +70,9 @@ class RouterApp:
         self.metrics = metrics if metrics is not None else RouterMetrics()
         scoring.attach_metrics(self.metrics)
         self.reporter = OutcomeReporter(
-            self.agent.report, on_dropped=self.metrics.outcomes_dropped.inc
+            self.agent.report,
+            linger_s=scoring.outcome_linger_s,
+            on_dropped=self.metrics.outcomes_dropped.inc,
         )
         self.forwarder = Forwarder(
             scoring,

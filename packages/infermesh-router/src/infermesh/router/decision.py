@@ -62,6 +62,8 @@ class RouteScoring(Protocol):
     """`local` or `agent`, as in `router.scoring`."""
     agent: AgentClient
     """The agent's client: outcome reports go through it in every mode."""
+    outcome_linger_s: float
+    """How long outcome reports gather into one batch before they are sent to the agent."""
 
     def attach_metrics(self, metrics: RouterMetrics) -> None:
         """Export the mode's own metrics (called once, by the app)."""

@@ -39,6 +39,9 @@ class LocalScoring:
     """
 
     mode = "local"
+    # The router releases its own reservations; the agent only learns EWMAs and counts from the
+    # reports, so they can gather longer, which makes each ReportOutcome call carry more.
+    outcome_linger_s = 0.25
 
     def __init__(
         self,

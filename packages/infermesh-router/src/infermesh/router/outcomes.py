@@ -19,9 +19,9 @@ __all__ = ["OutcomeBuffer", "OutcomeReporter"]
 
 log = get_logger(__name__)
 
-# How long a batch gathers after the first outcome arrives. Each ReportOutcome call costs
-# the router's loop about as much CPU as forwarding a request, so outcomes must not go one by
-# one; 50 ms is far below a scrape interval, so the agent's in-flight counts stay accurate.
+# How long a batch gathers after the first outcome arrives (the default; each scoring mode sets
+# its own). Each ReportOutcome call costs the router's loop about as much CPU as forwarding a
+# request, so outcomes must not go one by one; 50 ms is far below a scrape interval.
 LINGER_S = 0.05
 
 SendBatch = Callable[[scoring_pb2.OutcomeBatch], Awaitable[int]]

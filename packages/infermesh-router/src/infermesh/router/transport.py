@@ -1,113 +1,204 @@
-"""The `openai-http` transport: HTTP/1.1 to OpenAI-compatible runtimes over pooled aiohttp.
+"""The `openai-http` transport: HTTP/1.1 to OpenAI-compatible runtimes over pooled connections.
 
-One ClientSession per transport, created on first use inside the serving loop, with bytes relayed
-as they arrive (no decompression, no re-buffering). Never retries: the router decides whether to
+A small client of its own (asyncio protocols, httptools parsing), chosen by measurement over
+aiohttp and httpx (docs/benchmarks.md): per request it writes one head, parses one response and
+relays body bytes as they arrive (no decompression, no re-buffering). Keep-alive connections are
+pooled per origin, up to `max_connections` in all. Never retries: the router decides whether to
 try another target. Every failure to reach or read a runtime becomes `UpstreamError`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-
-import aiohttp
-from yarl import URL
+import ssl
+from collections.abc import AsyncIterator, Hashable, Sequence
+from typing import NamedTuple
+from urllib.parse import urlsplit
 
 from infermesh.core.contracts import TransportContext, UpstreamError
+from infermesh.router.upstream_conn import UpstreamConnection
 
-__all__ = ["AiohttpUpstreamResponse", "OpenAIHttpTransport"]
+__all__ = ["OpenAIHttpTransport", "UpstreamHttpResponse"]
 
 # vLLM (uvicorn) closes idle keep-alive connections after 5 s; reusing one it is closing fails
 # the request, so the pool drops idle connections a little earlier than the runtime does.
 KEEPALIVE_S = 4.0
 
 _URL_CACHE_MAX = 4096
-_NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+# The transport frames each request itself; these request headers are never passed through.
+_OWN_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "expect", "te"}
+)
+
+
+class _Origin(NamedTuple):
+    scheme: str
+    host: str
+    port: int
+
+
+class _Target(NamedTuple):
+    """A parsed URL: where to connect and what the request line and Host header say."""
+
+    origin: _Origin
+    request_target: str
+    host_header: str
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError):
         return "timed out"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class AiohttpUpstreamResponse:
+def _parse(url: str) -> _Target:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise UpstreamError(f"{url}: not an http:// or https:// URL")
+    default_port = 443 if scheme == "https" else 80
+    try:
+        port = parts.port or default_port
+    except ValueError as exc:
+        raise UpstreamError(f"{url}: {exc}") from None
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    host_header = shown if port == default_port else f"{shown}:{port}"
+    return _Target(_Origin(scheme, host, port), target, host_header)
+
+
+class UpstreamHttpResponse:
     """A runtime response whose headers have arrived; the body streams through `chunks()`."""
 
-    __slots__ = ("_response", "headers", "status", "url")
+    __slots__ = ("_conn", "_pool", "headers", "status", "url")
 
-    def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
-        self._response = response
+    def __init__(self, conn: UpstreamConnection, pool: _Pool, url: str) -> None:
+        self._conn = conn
+        self._pool = pool
         self.url = url
-        self.status = response.status
+        self.status = conn.status
         self.headers: Sequence[tuple[str, str]] = [
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in response.raw_headers
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in conn.headers
         ]
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; a connection lost mid-body raises `UpstreamError`."""
-        content = self._response.content
-        try:
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    return
+        conn = self._conn
+        while True:
+            chunk = conn.take()
+            if chunk:
                 yield chunk
-        except _NETWORK_ERRORS as exc:
-            raise UpstreamError(f"{self.url}: body interrupted: {_describe(exc)}") from exc
+            elif conn.complete:
+                return
+            elif conn.error or conn.closed:
+                error = conn.error or "connection closed mid-response"
+                raise UpstreamError(f"{self.url}: body interrupted: {error}")
+            else:
+                await conn.wait()
 
     async def read(self) -> bytes:
-        try:
-            return await self._response.read()
-        except _NETWORK_ERRORS as exc:
-            raise UpstreamError(f"{self.url}: body interrupted: {_describe(exc)}") from exc
+        return b"".join([chunk async for chunk in self.chunks()])
 
     def release(self) -> None:
         """Pool the connection when the body was read to the end; otherwise close it."""
-        if self._response.content.is_eof():
-            self._response.release()
-        else:
-            self._response.close()
+        self._pool.release(self._conn)
 
 
-class OpenAIHttpTransport:
-    """Forwards requests to runtimes by URL over one pooled aiohttp session."""
+class _Pool:
+    """Idle keep-alive connections per origin and a cap on open connections."""
 
     def __init__(self, context: TransportContext) -> None:
         self.context = context
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}
+        self._idle: dict[Hashable, list[UpstreamConnection]] = {}
+        self._slots = asyncio.Semaphore(context.max_connections)
+        self._ssl: ssl.SSLContext | None = None
+        self.opened = 0
 
-    def _url(self, url: str) -> URL:
+    async def acquire(self, origin: _Origin, url: str) -> UpstreamConnection:
+        idle = self._idle.get(origin)
+        if idle:
+            now = asyncio.get_running_loop().time()
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
+                    return conn
+                conn.close()
+        return await self._connect(origin, url)
+
+    async def _connect(self, origin: _Origin, url: str) -> UpstreamConnection:
+        if self._slots.locked():
+            self._evict_one()
+        await self._slots.acquire()
+        loop = asyncio.get_running_loop()
+        context = self.context
+        try:
+            async with asyncio.timeout(context.connect_timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(loop, context.read_timeout_s, self._closed),
+                    origin.host,
+                    origin.port,
+                    ssl=self._ssl_context() if origin.scheme == "https" else None,
+                )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            self._slots.release()
+            raise UpstreamError(f"{url}: {_describe(exc)}") from None
+        except BaseException:
+            self._slots.release()
+            raise
+        self.opened += 1
+        conn.origin = origin
+        return conn
+
+    def _closed(self, conn: UpstreamConnection) -> None:
+        self._slots.release()
+
+    def _evict_one(self) -> None:
+        """Close the longest-idle connection of any origin to make room for a new one."""
+        oldest: list[UpstreamConnection] | None = None
+        for conns in self._idle.values():
+            if conns and (oldest is None or conns[0].idle_since < oldest[0].idle_since):
+                oldest = conns
+        if oldest:
+            oldest.pop(0).close()
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if conn.reusable and not conn.chunks:
+            conn.idle_since = conn.loop.time()
+            origin = conn.origin
+            self._idle.setdefault(origin, []).append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+
+class OpenAIHttpTransport:
+    """Forwards requests to runtimes by URL over pooled HTTP/1.1 connections."""
+
+    def __init__(self, context: TransportContext) -> None:
+        self.context = context
+        self._pool: _Pool | None = None
+        self._targets: dict[str, _Target] = {}
+
+    def _target(self, url: str) -> _Target:
         """Parsed URLs by string: targets are few and parsing one costs more than the lookup."""
-        parsed = self._urls.get(url)
-        if parsed is None:
-            if len(self._urls) >= _URL_CACHE_MAX:
-                self._urls.clear()
-            parsed = self._urls[url] = URL(url)
-        return parsed
-
-    def _new_session(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=self.context.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=KEEPALIVE_S,
-        )
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=self.context.connect_timeout_s,
-            sock_read=self.context.read_timeout_s,
-        )
-        return aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            auto_decompress=False,
-            # The client's own headers are forwarded; aiohttp must not add or override them.
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        target = self._targets.get(url)
+        if target is None:
+            if len(self._targets) >= _URL_CACHE_MAX:
+                self._targets.clear()
+            target = self._targets[url] = _parse(url)
+        return target
 
     async def request(
         self,
@@ -115,20 +206,37 @@ class OpenAIHttpTransport:
         url: str,
         headers: Sequence[tuple[str, str]],
         body: bytes,
-    ) -> AiohttpUpstreamResponse:
+    ) -> UpstreamHttpResponse:
         """Send `body` unchanged; return once the runtime's response headers arrive."""
-        session = self._session
-        if session is None:
-            session = self._session = self._new_session()
+        target = self._target(url)
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = _Pool(self.context)
+        lines = [
+            f"{method} {target.request_target} HTTP/1.1\r\nhost: {target.host_header}\r\n"
+            f"content-length: {len(body)}\r\n"
+        ]
+        for name, value in headers:
+            if name.lower() not in _OWN_HEADERS:
+                lines.append(f"{name}: {value}\r\n")
+        lines.append("\r\n")
         try:
-            response = await session.request(
-                method, self._url(url), headers=headers, data=body, allow_redirects=False
-            )
-        except _NETWORK_ERRORS as exc:
-            raise UpstreamError(f"{url}: {_describe(exc)}") from exc
-        return AiohttpUpstreamResponse(response, url)
+            head = "".join(lines).encode("latin-1")
+        except UnicodeEncodeError as exc:
+            raise UpstreamError(f"{url}: a request header is not Latin-1 text ({exc})") from None
+        conn = await pool.acquire(target.origin, url)
+        try:
+            conn.send(head, body)
+            while not conn.head_done:
+                if conn.error or conn.closed:
+                    raise UpstreamError(f"{url}: {conn.error or 'connection closed'}")
+                await conn.wait()
+        except BaseException:
+            conn.close()
+            raise
+        return UpstreamHttpResponse(conn, pool, url)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
