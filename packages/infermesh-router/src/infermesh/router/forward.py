@@ -10,11 +10,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import attrs
-from prometheus_client import Histogram
 
-from infermesh.core.contracts import Transport, TransportContext, TransportFactory, UpstreamError
+from infermesh.core.contracts import (
+    Transport,
+    TransportContext,
+    TransportFactory,
+    UpstreamError,
+    UpstreamResponse,
+)
 from infermesh.core.logging import get_logger
 from infermesh.core.proto import scoring_pb2
 from infermesh.router.agent_client import AgentUnavailable
@@ -22,7 +28,7 @@ from infermesh.router.asgi import HOP_BY_HOP, Message, Send
 from infermesh.router.decision import Choice, Decision, RouteScoring
 from infermesh.router.errors import SERVER_ERROR, ApiError, error_body
 from infermesh.router.features import ParsedRequest, Route
-from infermesh.router.metrics import RouterMetrics
+from infermesh.router.metrics import FastHistogram, RouterMetrics
 from infermesh.router.usage import UsageScanner
 
 __all__ = ["AttemptFailed", "Exchange", "ForwardSettings", "Forwarder"]
@@ -30,9 +36,11 @@ __all__ = ["AttemptFailed", "Exchange", "ForwardSettings", "Forwarder"]
 log = get_logger(__name__)
 
 ERROR_EXCERPT_BYTES = 512
-_SSE = "text/event-stream"
+_SSE = b"text/event-stream"
 _DONE = b"data: [DONE]\n\n"
-_HOP_BY_HOP_RESPONSE = HOP_BY_HOP - {"content-length"}
+_DROPPED_RESPONSE_HEADERS = frozenset(
+    name.encode() for name in (HOP_BY_HOP - {"content-length"}) | {"x-request-id"}
+)
 
 
 @attrs.frozen
@@ -78,8 +86,7 @@ class _Attempt:
     completion_tokens: int = 0
 
 
-@attrs.frozen
-class _ResponseHead:
+class _ResponseHead(NamedTuple):
     """The upstream response's headers as relayed, and what the relay needs to know of them."""
 
     headers: list[tuple[bytes, bytes]]
@@ -87,8 +94,16 @@ class _ResponseHead:
     sse: bool
 
 
+def raw_headers_of(upstream: UpstreamResponse) -> Sequence[tuple[bytes, bytes]]:
+    """The response headers as bytes: as the built-in transport read them, else encoded."""
+    raw: Sequence[tuple[bytes, bytes]] | None = getattr(upstream, "raw_headers", None)
+    if raw is not None:
+        return raw
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in upstream.headers]
+
+
 def _response_head(
-    upstream_headers: Sequence[tuple[str, str]], request_id_header: tuple[bytes, bytes]
+    upstream_headers: Sequence[tuple[bytes, bytes]], request_id_header: tuple[bytes, bytes]
 ) -> _ResponseHead:
     """Hop-by-hop headers and the runtime's request id dropped, ours added; one pass."""
     headers: list[tuple[bytes, bytes]] = []
@@ -96,13 +111,13 @@ def _response_head(
     sse = False
     for name, value in upstream_headers:
         lower = name.lower()
-        if lower in _HOP_BY_HOP_RESPONSE or lower == "x-request-id":
+        if lower in _DROPPED_RESPONSE_HEADERS:
             continue
-        if lower == "content-length":
+        if lower == b"content-length":
             content_length = int(value) if value.isdigit() else None
-        elif lower == "content-type":
+        elif lower == b"content-type":
             sse = value.startswith(_SSE)
-        headers.append((lower.encode("latin-1"), value.encode("latin-1")))
+        headers.append((lower, value))
     headers.append(request_id_header)
     return _ResponseHead(headers, content_length, sse)
 
@@ -120,7 +135,7 @@ class Forwarder:
         report: Callable[[scoring_pb2.Outcome], None],
     ) -> None:
         self.scoring = scoring
-        self._score_latency: Histogram = (
+        self._score_latency: FastHistogram = (
             metrics.agent_score_latency if scoring.mode == "agent" else metrics.local_score_latency
         )
         self.transport_factories = dict(transport_factories)
@@ -262,7 +277,8 @@ class Forwarder:
                     first = await anext(chunks, b"")
                 except UpstreamError as exc:
                     raise AttemptFailed(str(exc)) from None
-                return await self._relay(attempt, exchange, upstream.headers, first, chunks)
+                headers = raw_headers_of(upstream)
+                return await self._relay(attempt, exchange, headers, first, chunks)
             finally:
                 await _aclose(chunks)
                 upstream.release()
@@ -277,7 +293,7 @@ class Forwarder:
         self,
         attempt: _Attempt,
         exchange: Exchange,
-        upstream_headers: Sequence[tuple[str, str]],
+        upstream_headers: Sequence[tuple[bytes, bytes]],
         first: bytes,
         chunks: AsyncIterator[bytes],
     ) -> int:

@@ -1,22 +1,32 @@
 """The router's Prometheus metrics, `infermesh_router_*`, in one registry per process.
 
-Label children for the known routes are bound once so the request path does no label lookups
-for them. Only definitions and cheap recording helpers; never starts an HTTP server.
+What every request records (request counts, in-progress, latency histograms) lives in plain
+slotted objects, read by a collector when `/metrics` is scraped: recording one is an integer
+add and a bisect, with no lock and no label lookup (prometheus_client's own metrics take a lock
+per update, which the single-threaded event loop does not need). Rare events use
+prometheus_client counters. Only definitions and cheap recording helpers; never starts an HTTP
+server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import bisect
+from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.router.replica import StateReplica
 
-__all__ = ["CONTENT_TYPE", "RouterMetrics"]
+__all__ = ["CONTENT_TYPE", "FastHistogram", "LevelGauge", "RouterMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -45,50 +55,52 @@ ROUTES = ("chat", "completions", "models", "health", "metrics", "other")
 FORWARDED_ROUTES = ("chat", "completions")
 
 
+class FastHistogram:
+    """A histogram for one event loop: `observe` is a bisect and two adds."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # Prometheus buckets are `le` (upper bound inclusive): bisect_left puts a value equal
+        # to a bound in that bound's bucket.
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        return out
+
+
+class LevelGauge:
+    """A gauge of things in progress: `inc` and `dec` are adds."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
 class RouterMetrics:
     """Every router metric; `render()` gives the Prometheus text exposition."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "infermesh_router_requests",
-            "Requests answered by the router, by route and HTTP status.",
-            ["route", "status"],
-            registry=r,
-        )
-        self.in_progress = Gauge(
-            "infermesh_router_requests_in_progress",
-            "Requests being handled now, by route.",
-            ["route"],
-            registry=r,
-        )
-        self.upstream_latency = Histogram(
-            "infermesh_router_upstream_latency_seconds",
-            "From sending a request to a runtime until its response ended, by route.",
-            ["route"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "infermesh_router_ttft_seconds",
-            "Streamed requests: from arrival at the router to the first body chunk of the runtime.",
-            ["route"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.agent_score_latency = Histogram(
-            "infermesh_router_agent_score_latency_seconds",
-            "Duration of ScoreTargets calls to the local agent (router.scoring = agent).",
-            buckets=AGENT_BUCKETS_S,
-            registry=r,
-        )
-        self.local_score_latency = Histogram(
-            "infermesh_router_local_score_latency_seconds",
-            "Duration of ranking a request in the router (router.scoring = local).",
-            buckets=AGENT_BUCKETS_S,
-            registry=r,
-        )
         self.upstream_failures = Counter(
             "infermesh_router_upstream_failures",
             "Attempts that failed before anything was relayed (then retried, or answered 502).",
@@ -106,27 +118,84 @@ class RouterMetrics:
             "Outcome reports that could not be delivered to the agent.",
             registry=r,
         )
-        self.in_progress_by_route = {route: self.in_progress.labels(route) for route in ROUTES}
+        self.requests_by_route_status: dict[tuple[str, int], int] = {}
+        self.in_progress_by_route = {route: LevelGauge() for route in ROUTES}
         self.upstream_latency_by_route = {
-            route: self.upstream_latency.labels(route) for route in FORWARDED_ROUTES
+            route: FastHistogram(LATENCY_BUCKETS_S) for route in FORWARDED_ROUTES
         }
-        self.ttft_by_route = {route: self.ttft.labels(route) for route in FORWARDED_ROUTES}
-        self._requests_children: dict[tuple[str, int], Counter] = {}
+        self.ttft_by_route = {route: FastHistogram(LATENCY_BUCKETS_S) for route in FORWARDED_ROUTES}
+        self.agent_score_latency = FastHistogram(AGENT_BUCKETS_S)
+        self.local_score_latency = FastHistogram(AGENT_BUCKETS_S)
+        r.register(_RequestCollector(self))
 
     def watch_replica(self, replica: StateReplica, inflight: InflightTracker) -> None:
         """Export local scoring's replica and reservations, read when scraped."""
         self.registry.register(_ReplicaCollector(replica, inflight))
 
     def count_request(self, route: str, status: int) -> None:
-        child = self._requests_children.get((route, status))
-        if child is None:
-            child = self._requests_children[(route, status)] = self.requests.labels(
-                route, str(status)
-            )
-        child.inc()
+        counts = self.requests_by_route_status
+        key = (route, status)
+        counts[key] = counts.get(key, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _histogram(
+    name: str, documentation: str, by_label: dict[str, FastHistogram], label: str = "route"
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=[label] if label else None)
+    for value, histogram in by_label.items():
+        family.add_metric([value] if label else [], histogram.cumulative(), histogram.sum)
+    return family
+
+
+class _RequestCollector(Collector):
+    """The per-request metrics of `RouterMetrics`, as Prometheus families."""
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        requests = CounterMetricFamily(
+            "infermesh_router_requests",
+            "Requests answered by the router, by route and HTTP status.",
+            labels=["route", "status"],
+        )
+        for (route, status), count in sorted(m.requests_by_route_status.items()):
+            requests.add_metric([route, str(status)], count)
+        yield requests
+        in_progress = GaugeMetricFamily(
+            "infermesh_router_requests_in_progress",
+            "Requests being handled now, by route.",
+            labels=["route"],
+        )
+        for route, gauge in m.in_progress_by_route.items():
+            in_progress.add_metric([route], gauge.value)
+        yield in_progress
+        yield _histogram(
+            "infermesh_router_upstream_latency_seconds",
+            "From sending a request to a runtime until its response ended, by route.",
+            m.upstream_latency_by_route,
+        )
+        yield _histogram(
+            "infermesh_router_ttft_seconds",
+            "Streamed requests: from arrival at the router to the first body chunk of the runtime.",
+            m.ttft_by_route,
+        )
+        yield _histogram(
+            "infermesh_router_agent_score_latency_seconds",
+            "Duration of ScoreTargets calls to the local agent (router.scoring = agent).",
+            {"": m.agent_score_latency},
+            label="",
+        )
+        yield _histogram(
+            "infermesh_router_local_score_latency_seconds",
+            "Duration of ranking a request in the router (router.scoring = local).",
+            {"": m.local_score_latency},
+            label="",
+        )
 
 
 class _ReplicaCollector(Collector):
@@ -136,7 +205,7 @@ class _ReplicaCollector(Collector):
         self.replica = replica
         self.inflight = inflight
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         replica = self.replica
         yield GaugeMetricFamily(
             "infermesh_router_state_connected",

@@ -72,16 +72,26 @@ def _parse(url: str) -> _Target:
 class UpstreamHttpResponse:
     """A runtime response whose headers have arrived; the body streams through `chunks()`."""
 
-    __slots__ = ("_conn", "_pool", "headers", "status", "url")
+    __slots__ = ("_conn", "_pool", "raw_headers", "status", "url")
 
     def __init__(self, conn: UpstreamConnection, pool: _Pool, url: str) -> None:
         self._conn = conn
         self._pool = pool
         self.url = url
         self.status = conn.status
-        self.headers: Sequence[tuple[str, str]] = [
-            (name.decode("latin-1"), value.decode("latin-1")) for name, value in conn.headers
+        self.raw_headers: Sequence[tuple[bytes, bytes]] = conn.headers
+        """The headers as received; the router relays these without decoding them."""
+
+    @property
+    def headers(self) -> Sequence[tuple[str, str]]:
+        """The headers as text (the `UpstreamResponse` contract), decoded when asked for."""
+        return [
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in self.raw_headers
         ]
+
+    @headers.setter
+    def headers(self, headers: Sequence[tuple[str, str]]) -> None:
+        self.raw_headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; a connection lost mid-body raises `UpstreamError`."""
