@@ -18,10 +18,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from infermesh.core import builtin as core_plugin
 from infermesh.agent.api import state as state_api
 from infermesh.agent.api.server import unix_target
 from infermesh.agent.daemon import Agent, AgentStartupError
+from infermesh.core import builtin as core_plugin
 from infermesh.core.config import AgentConfig, Config, NodeConfig, RuntimeConfig
 from infermesh.core.contracts import AdapterContext
 from infermesh.core.convert import (
@@ -398,3 +398,52 @@ async def test_runtime_adapters_feed_the_store_are_restarted_and_closed(socket_d
         )
         assert restarts == 1
     assert adapter.closed
+
+
+class FakeClock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_outcome_reported_late_takes_its_finished_request_off_the_scraped_load(
+    socket_dir: Path,
+) -> None:
+    clock = FakeClock(1_000.0)
+    host = PluginHost.load(entry_point_list=[], extra=[("core", core_plugin)])
+    agent = Agent(agent_config(socket_dir), host, clock=clock)
+    target_id = A.target_id
+    async with running(agent) as channel:
+        await push(channel, delta(A, 1, running=0.0, last_updated=999.9))
+        scoring = scoring_pb2_grpc.ScoringStub(channel)
+        reply = await scoring.ScoreTargets(score_request())  # reserved at 1000.0
+        # the scrape at 1000.2 counts it running; it finishes at 1000.3 (latency 0.3 s) and
+        # its outcome arrives at 1000.4, in a batch with one the runtime refused
+        await push(channel, delta(A, 2, running=1.0, last_updated=1_000.2))
+        refused = await scoring.ScoreTargets(score_request())
+        clock.now = 1_000.4
+        await scoring.ReportOutcome(
+            scoring_pb2.OutcomeBatch(
+                outcomes=[
+                    scoring_pb2.Outcome(
+                        reservation_id=reply.reservation_id, ok=True, status=200, latency_s=0.3
+                    ),
+                    scoring_pb2.Outcome(
+                        reservation_id=refused.reservation_id, ok=False, status=503
+                    ),
+                ]
+            )
+        )
+        assert agent.inflight.finished_unseen(target_id, 1_000.2) == 1
+        after = await scoring.ScoreTargets(score_request())
+        queue = next(r.reason for r in after.targets[0].reasons if r.scorer == "queue")
+        assert "running 0, waiting 0, in-flight 0; scraped running 1, waiting 0; 1 finished" in (
+            queue
+        )
+        # telemetry read after the finish ends the correction
+        await push(channel, delta(A, 3, running=0.0, last_updated=1_000.35))
+        assert agent.inflight.finished_unseen(target_id, 1_000.35) == 0

@@ -44,6 +44,8 @@ def test_every_target_and_gpu_has_its_gauges_with_identifying_labels() -> None:
         )
     )
     inflight.reserve(KEY.target_id, now=99.5)
+    counted = inflight.reserve(KEY.target_id, now=98.0)  # running at the scrape (99.0)
+    inflight.release(counted.reservation_id, finished_at=99.8)
     inflight.record_outcome(KEY.target_id, ok=True, status=200, ttft_s=0.1)
 
     samples = scrape(metrics)
@@ -57,6 +59,7 @@ def test_every_target_and_gpu_has_its_gauges_with_identifying_labels() -> None:
     assert samples[("infermesh_agent_target_waiting", target)] == 2.0
     assert samples[("infermesh_agent_target_kv_cache_usage_ratio", target)] == 0.25
     assert samples[("infermesh_agent_target_in_flight", target)] == 1.0
+    assert samples[("infermesh_agent_target_finished_unseen", target)] == 1.0
     assert samples[("infermesh_agent_target_healthy", target)] == 1.0
     assert samples[("infermesh_agent_target_telemetry_age_seconds", target)] == 1.0
     assert samples[("infermesh_agent_target_ttft_ewma_seconds", target)] == 0.1

@@ -79,6 +79,25 @@ def infermesh_register_commands(register):
 """
 
 
+CORE_SCORERS = {"queue": "core", "kv": "core", "prefix": "core"}
+"""The built-in scorers core's own plugin registers whenever it is loaded."""
+
+
+def registrations_beyond_core(host: PluginHost) -> dict[str, dict[str, str]]:
+    """`host.registrations()` without core's built-in scorers, after checking they are there."""
+    registrations = host.registrations()
+    scorers = dict(registrations["scorers"])
+    if "core" in host.plugin_names:
+        assert {name: scorers.pop(name, None) for name in CORE_SCORERS} == CORE_SCORERS
+    return {**registrations, "scorers": scorers}
+
+
+def scorers_beyond_core(host: PluginHost) -> dict[str, object]:
+    """`host.scorers()` without core's built-in scorers, after checking core registered them."""
+    registrations_beyond_core(host)
+    return {n: s for n, s in host.scorers().items() if n not in CORE_SCORERS}
+
+
 def install_scorer(dists: PluginDistributions, plugin: str = "queue_scorer") -> None:
     dists.add(
         f"infermesh-{plugin}", {plugin: f"im_test_{plugin}"}, {f"im_test_{plugin}": SCORER_PLUGIN}
@@ -108,7 +127,7 @@ def test_every_register_hook_reaches_its_typed_accessor(plugin_dists: PluginDist
     assert "fake-gpu" in host.gpu_adapters()
     assert host.transports()["fake-http"](TransportContext()) is not None
     assert sorted(host.commands()) == ["hello", "plugins"]
-    assert host.registrations() == {
+    assert registrations_beyond_core(host) == {
         "runtime adapters": {"fake-runtime": "every"},
         "GPU adapters": {"fake-gpu": "every"},
         "scorers": {},
@@ -305,7 +324,7 @@ def test_scorer_that_does_not_satisfy_the_protocol_is_rejected(
             "missing default_weight",
         )
     ]
-    assert host.scorers() == {}
+    assert scorers_beyond_core(host) == {}
     with pytest.raises(PluginError, match=r"plugin 'bad' .*does not implement the Scorer protocol"):
         PluginHost.load(allow=["bad"], strict=True)
 
@@ -347,7 +366,7 @@ def infermesh_register_scorers(register):
     host = PluginHost.load(allow=["invalid"])
     assert [f.name for f in host.failures] == ["invalid"]
     assert error in host.failures[0].error
-    assert host.scorers() == {}
+    assert scorers_beyond_core(host) == {}
 
 
 def test_a_plugin_failing_one_hook_loses_all_its_registrations(
@@ -467,7 +486,7 @@ def test_two_distributions_declaring_one_plugin_name_load_only_the_first(
     plugin_dists.add("infermesh-one", {"same": "im_test_one"}, {"im_test_one": SCORER_PLUGIN})
     plugin_dists.add("infermesh-two", {"same": "im_test_two"}, {"im_test_two": SCORER_PLUGIN})
     host = PluginHost.load(allow=["same"])
-    assert host.registrations()["scorers"] == {"lowest-queue": "same"}
+    assert registrations_beyond_core(host)["scorers"] == {"lowest-queue": "same"}
     assert len(host.failures) == 1
     assert host.failures[0].error.startswith(
         "entry point name 'same' is also declared for im_test_"

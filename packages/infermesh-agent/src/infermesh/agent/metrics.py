@@ -49,6 +49,10 @@ TARGET_GAUGES: dict[str, tuple[str, _TargetValue]] = {
         "Open reservations started after the target's last telemetry (unseen by the runtime).",
         lambda s, i, n: i.in_flight(s.key.target_id, s.last_updated),
     ),
+    "finished_unseen": (
+        "Reservations the last telemetry still counted that have finished since.",
+        lambda s, i, n: i.finished_unseen(s.key.target_id, s.last_updated),
+    ),
     "reservations_open": (
         "All open reservations on the target.",
         lambda s, i, n: i.open_count(s.key.target_id),

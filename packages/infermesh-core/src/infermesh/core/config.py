@@ -127,6 +127,10 @@ class ScoringConfig:
     prefix_load_factor: float = 1.25
     """Bounded-load factor c: a prefix stays on its replica while that replica's load is below
     c times the mean load of the candidates."""
+    prefix_min_capacity: int = 4
+    """A prefix also stays on its replica while that replica's load is below this, however idle
+    the others are: runtimes batch many sequences, and spilling the second concurrent request
+    would waste the prefix cache. 0 or 1 leaves only the bounded-load rule."""
     outcome_ewma_alpha: float = 0.2
 
 

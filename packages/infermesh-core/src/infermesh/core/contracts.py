@@ -109,9 +109,18 @@ GpuAdapterFactory = Callable[[AdapterContext], GpuAdapter]
 class TargetView:
     """A scorer's read-only view of one candidate target at decision time.
 
-    `in_flight` counts requests the routers have sent to this target that the last scrape could
-    not yet see; `ttft_ewma_s` and `error_rate` come from outcome reports. Together they correct
-    telemetry that is up to one scrape interval old.
+    Telemetry is up to one scrape interval old; the routers' reservations and outcome reports
+    correct it in both directions:
+
+    - `in_flight`: requests sent to this target after the telemetry was read (it cannot show
+      them yet);
+    - `open_before_scrape`: requests sent shortly before the telemetry was read and not
+      finished; the runtime should count them, and those it does not are still on their way;
+    - `finished_unseen`: requests the telemetry still counts that have finished since.
+
+    `running`, `waiting`, `unseen`, `load` and `expected_work_left_s` apply these corrections:
+    read them rather than `state.running` / `state.waiting`. `ttft_ewma_s` and `error_rate`
+    come from outcome reports.
     """
 
     state: ModelState
@@ -120,6 +129,42 @@ class TargetView:
     ttft_ewma_s: float | None = None
     error_rate: float = 0.0
     now: float = 0.0
+    finished_unseen: int = 0
+    open_before_scrape: int = 0
+
+    running: float = attrs.field(init=False)
+    """Running requests, less those that finished since the scrape beyond the queue."""
+    waiting: float = attrs.field(init=False)
+    """Queued requests, less those that finished since the scrape.
+
+    While a runtime has a queue, a finished request's slot goes to a queued one, so what
+    finished comes off the queue first and off `running` only once the queue is empty."""
+    unseen: float = attrs.field(init=False)
+    """Requests on their way that the telemetry does not show: `in_flight`, plus those sent
+    before the scrape beyond what it counts (corrected running + waiting)."""
+    load: float = attrs.field(init=False)
+    """Requests on the target now, as best known: running + waiting + unseen."""
+
+    def __attrs_post_init__(self) -> None:
+        # Derived once here: scorers read them for every target on every request.
+        state = self.state
+        running, waiting = state.running, state.waiting
+        finished = self.finished_unseen
+        if finished > 0:
+            if finished <= waiting:
+                waiting -= finished
+            else:
+                running = max(0.0, running - (finished - max(waiting, 0.0)))
+                waiting = 0.0
+        unseen = float(self.in_flight)
+        missing = self.open_before_scrape - running - waiting
+        if missing > 0:
+            unseen += missing
+        setattr_ = object.__setattr__
+        setattr_(self, "running", running)
+        setattr_(self, "waiting", waiting)
+        setattr_(self, "unseen", unseen)
+        setattr_(self, "load", running + waiting + unseen)
 
     @property
     def key(self) -> TargetKey:
@@ -127,8 +172,15 @@ class TargetView:
 
     @property
     def expected_work_left_s(self) -> float:
-        """`work_left_s` with the in-flight requests the scrape has not seen counted as queued."""
-        return self.state.work_left_with_s(extra_queued=self.in_flight)
+        """`work_left_s` corrected for what the scrape has not seen: unseen requests count as
+        queued, and requests that finished since the scrape no longer count."""
+        state = self.state
+        if self.finished_unseen <= 0:
+            return state.work_left_with_s(extra_queued=self.unseen)
+        # ModelState.work_left_with_s's formula over the corrected running and waiting.
+        running = self.running
+        outstanding = self.waiting + self.unseen + 0.5 * running
+        return outstanding * state.request_service_s / max(running, 1.0)
 
 
 @attrs.frozen

@@ -137,9 +137,14 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
 
     def _record(self, batch: scoring_pb2.OutcomeBatch) -> int:
         accepted = 0
+        now = self.clock()
         for outcome in batch.outcomes:
             released = (
-                self.inflight.release(outcome.reservation_id) if outcome.reservation_id else None
+                self.inflight.release_outcome(
+                    outcome.reservation_id, now, status=outcome.status, latency_s=outcome.latency_s
+                )
+                if outcome.reservation_id
+                else None
             )
             target_id = outcome.target_id or (released.target_id if released else "")
             ttft_s = outcome.ttft_s if outcome.HasField("ttft_s") else None

@@ -133,6 +133,10 @@ def resolve_scorers(
         raise ScoringSetupError(
             f"scoring.prefix_load_factor must be >= 1, got {scoring.prefix_load_factor}"
         )
+    if not scoring.prefix_min_capacity >= 0:
+        raise ScoringSetupError(
+            f"scoring.prefix_min_capacity must be >= 0, got {scoring.prefix_min_capacity}"
+        )
     weighted: list[WeightedScorer] = []
     for name in sorted(registered):
         scorer = registered[name]
@@ -229,10 +233,14 @@ class ScoringEngine:
         """The scorers' view of `state` at `now`, with in-flight and outcome feedback."""
         if target_id is None:
             target_id = state.key.target_id
-        stats = self.inflight.stats(target_id)
+        inflight = self.inflight
+        stats = inflight.stats(target_id)
+        seen_at = state.last_updated
         return TargetView(
             state=state,
-            in_flight=self.inflight.in_flight(target_id, state.last_updated),
+            in_flight=inflight.in_flight(target_id, seen_at),
+            finished_unseen=inflight.finished_unseen(target_id, seen_at),
+            open_before_scrape=inflight.open_before(target_id, seen_at, self.stale_after_s),
             gpus=self.store.gpus_for(state),
             ttft_ewma_s=stats.ttft_ewma_s if stats else None,
             error_rate=stats.error_rate if stats else 0.0,

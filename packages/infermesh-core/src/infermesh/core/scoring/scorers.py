@@ -33,7 +33,8 @@ _MASK64 = (1 << 64) - 1
 
 
 class QueueScorer:
-    """Prefers targets with less work left, counting the requests routers sent since the scrape.
+    """Prefers targets with less work left, corrected for what the routers did since the scrape
+    (in-flight requests added, finished ones taken off: `TargetView.expected_work_left_s`).
 
     score = 1 / (1 + work_left / reference) where reference is the mean work left across the
     candidates (at least WORK_FLOOR_S): an idle target scores 1, one with the mean load 0.5, a
@@ -55,13 +56,25 @@ class QueueScorer:
         mean_text = f"mean {mean_s * 1000.0:.0f}ms"
         results = []
         for view, w in zip(targets, work, strict=True):
-            state = view.state
-            reason = (
-                f"work left {w * 1000.0:.0f}ms (running {state.running:g}, "
-                f"waiting {state.waiting:g}, in-flight {view.in_flight}); {mean_text}"
-            )
+            reason = f"work left {w * 1000.0:.0f}ms ({_load_text(view)}); {mean_text}"
             results.append(ScoreResult(1.0 / (1.0 + w / reference_s), reason))
         return results
+
+
+def _load_text(view: TargetView) -> str:
+    """The corrected load of a target for a reason, with the corrections when there are any."""
+    state = view.state
+    unseen = view.unseen
+    finished = view.finished_unseen
+    text = f"running {view.running:g}, waiting {view.waiting:g}, in-flight {unseen:g}"
+    if finished <= 0 and unseen == view.in_flight:
+        return text
+    notes = [f"scraped running {state.running:g}, waiting {state.waiting:g}"]
+    if finished > 0:
+        notes.append(f"{finished} finished since")
+    if unseen != view.in_flight:
+        notes.append(f"{unseen - view.in_flight:g} sent before it not counted yet")
+    return f"{text}; {'; '.join(notes)}"
 
 
 class KvHeadroomScorer(PerTargetScorer):
@@ -105,17 +118,26 @@ class PrefixAffinityScorer:
     """Keeps requests sharing a prompt prefix on one replica until it is loaded.
 
     Bounded-load consistent hashing: the candidates are ordered by rendezvous hash of
-    (prefix key, target); the first whose load (running + waiting + in-flight) is below the
-    capacity ceil(load_factor * (total load + 1) / candidates) scores 1, the rest 0. Without a
-    prefix key every target scores a neutral 0.5.
+    (prefix key, target); the first whose load (`TargetView.load`: running + waiting + unseen,
+    corrected for what the routers did since the scrape) is below the capacity scores 1, the
+    rest 0.
+    The capacity is max(ceil(load_factor * (total load + 1) / candidates), min_capacity): the
+    bounded-load rule, but never below `min_capacity`, so a replica that batches many sequences
+    keeps its prefix (and its prefix cache) while the others are idle. Without a prefix key
+    every target scores a neutral 0.5.
     """
 
     load_factor: float = 1.25
+    min_capacity: int = 4
     name: str = "prefix"
     default_weight: float = 3.0
 
     def configured(self, scoring: ScoringConfig) -> PrefixAffinityScorer:
-        return attrs.evolve(self, load_factor=scoring.prefix_load_factor)
+        return attrs.evolve(
+            self,
+            load_factor=scoring.prefix_load_factor,
+            min_capacity=scoring.prefix_min_capacity,
+        )
 
     def score(self, request: RequestFeatures, targets: Sequence[TargetView]) -> list[ScoreResult]:
         count = len(targets)
@@ -123,8 +145,13 @@ class PrefixAffinityScorer:
         if prefix_key == 0 or count == 0:
             neutral = ScoreResult(0.5, "no prefix key: neutral")
             return [neutral] * count
-        loads = [v.state.running + v.state.waiting + v.in_flight for v in targets]
-        capacity = math.ceil(self.load_factor * (sum(loads) + 1) / count)
+        loads = [v.load for v in targets]
+        bounded = math.ceil(self.load_factor * (sum(loads) + 1) / count)
+        capacity = max(bounded, self.min_capacity)
+        if capacity > bounded:
+            capacity_text = f"capacity {capacity} (minimum; bounded-load {bounded})"
+        else:
+            capacity_text = f"capacity {capacity} (bounded-load)"
         weights = [hrw_weight(prefix_key, v.key.target_id) for v in targets]
         order = sorted(range(count), key=weights.__getitem__, reverse=True)
         chosen_rank = next((r for r, i in enumerate(order) if loads[i] < capacity), None)
@@ -136,19 +163,23 @@ class PrefixAffinityScorer:
         for rank, i in enumerate(order):
             load = loads[i]
             if i == chosen:
+                relation = "<" if load < capacity else ">="
                 reason = (
                     f"{prefix} placed here (rendezvous rank {rank + 1}/{count}), "
-                    f"load {load:g} < capacity {capacity}"
+                    f"load {load:g} {relation} {capacity_text}"
                 )
                 if chosen_rank:
                     reason += f"; spilled past {chosen_rank} loaded replica(s)"
                 results[i] = ScoreResult(1.0, reason)
             else:
-                why = "loaded" if load >= capacity else "not chosen"
-                reason = (
-                    f"{prefix} rendezvous rank {rank + 1}/{count}, {why} "
-                    f"(load {load:g}, capacity {capacity})"
-                )
+                if load >= capacity:
+                    why = f"loaded (load {load:g} >= {capacity_text})"
+                else:  # ranked after the chosen one, which is the first with room
+                    why = (
+                        f"not chosen: rank {chosen_rank + 1} has room "
+                        f"(load {load:g}, {capacity_text})"
+                    )
+                reason = f"{prefix} rendezvous rank {rank + 1}/{count}, {why}"
                 results[i] = ScoreResult(0.0, reason)
         return results
 
