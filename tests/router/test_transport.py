@@ -253,3 +253,29 @@ async def test_an_unread_body_closes_the_connection_instead_of_pooling_it() -> N
             response = await client.request("POST", server.url, [], b"{}")
             response.release()  # without reading the body
     assert server.connections == 2
+
+
+async def test_requests_over_the_connection_limit_wait_for_a_slot() -> None:
+    holder: list[Server] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await keep_alive_json(holder[0])(reader, writer)
+
+    context = TransportContext(connect_timeout_s=2.0, read_timeout_s=10.0, max_connections=1)
+    client = OpenAIHttpTransport(context)
+
+    async def one(body: bytes) -> bytes:
+        response = await client.request("POST", holder[0].url, [], body)
+        try:
+            return await response.read()
+        finally:
+            response.release()
+
+    try:
+        async with serving(handle) as server:
+            holder.append(server)
+            async with asyncio.timeout(10):
+                answers = await asyncio.gather(*(one(b"x" * n) for n in range(1, 6)))
+    finally:
+        await client.aclose()
+    assert answers == [b'{"echo": ' + str(n).encode() + b"}" for n in range(1, 6)]

@@ -124,6 +124,8 @@ class _Pool:
         self._idle: dict[Hashable, list[UpstreamConnection]] = {}
         self._slots = asyncio.Semaphore(context.max_connections)
         self._ssl: ssl.SSLContext | None = None
+        self._waiting = 0
+        """Requests waiting for a free connection slot."""
         self.opened = 0
 
     async def acquire(self, origin: _Origin, url: str) -> UpstreamConnection:
@@ -140,7 +142,11 @@ class _Pool:
     async def _connect(self, origin: _Origin, url: str) -> UpstreamConnection:
         if self._slots.locked():
             self._evict_one()
-        await self._slots.acquire()
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
         loop = asyncio.get_running_loop()
         context = self.context
         try:
@@ -179,7 +185,8 @@ class _Pool:
         return self._ssl
 
     def release(self, conn: UpstreamConnection) -> None:
-        if conn.reusable and not conn.chunks:
+        # With requests waiting for a slot, a connection goes back as a slot, not to the pool.
+        if conn.reusable and not conn.chunks and not self._waiting:
             conn.idle_since = conn.loop.time()
             origin = conn.origin
             self._idle.setdefault(origin, []).append(conn)

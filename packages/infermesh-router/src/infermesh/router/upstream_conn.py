@@ -163,11 +163,19 @@ class UpstreamConnection(asyncio.Protocol):
             self._waiter = None
 
     def take(self) -> bytes:
-        """The next body chunk received, or b"" when none is waiting."""
+        """Every body byte received and not yet taken (b"" when none is waiting).
+
+        Pieces that arrived together (several SSE events in one read) are handed over as one,
+        so relaying them costs one write instead of one per piece; nothing is held back.
+        """
         chunks = self.chunks
         if not chunks:
             return b""
-        chunk = chunks.popleft()
+        if len(chunks) == 1:
+            chunk = chunks.popleft()
+        else:
+            chunk = b"".join(chunks)
+            chunks.clear()
         self._buffered -= len(chunk)
         if self._paused and self._buffered < LOW_WATER_BYTES and self.transport is not None:
             self._paused = False
