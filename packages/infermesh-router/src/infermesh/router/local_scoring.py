@@ -136,9 +136,15 @@ class LocalScoring:
         return Admission(self.inflight.reserve(choice.target_id, now).reservation_id)
 
     def finished(self, outcome: scoring_pb2.Outcome) -> None:
-        """Release the reservation and fold the outcome into this router's EWMAs."""
+        """Release the reservation and fold the outcome into this router's EWMAs (what the
+        agent does with an outcome report)."""
         if outcome.reservation_id:
-            self.inflight.release(outcome.reservation_id)
+            self.inflight.release_outcome(
+                outcome.reservation_id,
+                self.clock(),
+                status=outcome.status,
+                latency_s=outcome.latency_s,
+            )
         if outcome.target_id:
             ttft_s = outcome.ttft_s if outcome.HasField("ttft_s") else None
             self.inflight.record_outcome(
