@@ -146,9 +146,11 @@ class VllmAdapter:
         """Poll every `poll_interval_s` until cancelled; yields only what changed."""
         while True:
             started = anyio.current_time()
+            # Stamp the telemetry when the fetch starts (as Prometheus does): a request sent
+            # after this instant may or may not be in the page, so it counts as in flight.
+            now = self._clock()
             outcome = await self._scrape()
             self.polls += 1
-            now = self._clock()
             if isinstance(outcome, PageFetched) and len(outcome.metrics_text) > THREAD_PARSE_CHARS:
                 observation = await anyio.to_thread.run_sync(self._tracker.observe, outcome, now)
             else:
