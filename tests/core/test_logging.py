@@ -111,3 +111,16 @@ def test_invalid_format_is_a_clear_error() -> None:
         ValueError, match=r"unknown log format 'xml'; expected one of auto, json, console"
     ):
         configure_logging("info", "xml")
+
+
+def test_stdlib_exception_logs_carry_the_traceback_in_json() -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", node="n1", component="router", stream=out)
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+    (line,) = lines(out)
+    assert line["logger"] == "uvicorn.error"
+    assert "Traceback (most recent call last)" in str(line["exception"])
+    assert "ZeroDivisionError: division by zero" in str(line["exception"])
