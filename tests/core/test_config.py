@@ -331,3 +331,12 @@ def test_every_config_key_is_documented() -> None:
     documented = DOCS.read_text(encoding="utf-8")
     missing = [key for key in _dotted_keys(Config) if f"`{key}`" not in documented]
     assert missing == [], f"keys missing from {DOCS}: {missing}"
+
+
+def test_router_scoring_mode_must_be_local_or_agent(tmp_path: Path) -> None:
+    path = tmp_path / "infermesh.toml"
+    path.write_text('[router]\nscoring = "remote"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert "router.scoring" in str(info.value)
+    assert "local" in str(info.value)

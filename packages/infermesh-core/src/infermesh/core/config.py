@@ -442,6 +442,8 @@ def _value_problems(config: Config) -> list[tuple[str, str]]:
         problems.append(("scoring.outcome_ewma_alpha", f"must be in (0, 1], got {alpha}"))
     one_of("logging.level", config.logging.level, LOG_LEVELS)
     one_of("logging.format", config.logging.format, LOG_FORMATS)
+    one_of("router.scoring", config.router.scoring, ("local", "agent"))
+    one_of("router.server", config.router.server, ("uvicorn",))
     return problems
 
 
