@@ -19,6 +19,7 @@ import os
 from collections.abc import Generator, Iterator
 
 import pytest
+import structlog
 
 pytest_plugins = ["pytester"]
 
@@ -101,3 +102,16 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         report = detector.report()
         detector.blocked.clear()
         pytest.fail(report, pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def reset_logging() -> Iterator[None]:
+    """Undo configure_logging after every test: a test that sets a level (or a CLI run
+    in-process) must not filter what the next test captures."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    root.handlers[:] = handlers
+    root.setLevel(level)

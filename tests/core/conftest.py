@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import textwrap
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-import structlog
 
 
 class PluginDistributions:
@@ -47,15 +45,3 @@ def plugin_dists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pl
     yield dists
     for module in dists.modules:
         sys.modules.pop(module, None)
-
-
-@pytest.fixture
-def reset_logging() -> Iterator[None]:
-    """Undo configure_logging: structlog defaults and the root logger as they were."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
-    root.handlers[:] = handlers
-    root.setLevel(level)
