@@ -183,16 +183,76 @@ class TargetView:
         return outstanding * state.request_service_s / max(running, 1.0)
 
 
-@attrs.frozen
 class ScoreResult:
-    """One scorer's opinion of one target: a score in [0, 1] (1 is best) and why."""
+    """One scorer's opinion of one target: a score in [0, 1] (1 is best) and why.
+
+    An immutable value compared by (score, reason). `ScoreResult(score, reason)` takes the
+    reason as text; a scorer on the hot path can use `ScoreResult.deferred` instead, so that
+    the text is only formatted when someone reads `reason` (most rankings are never explained).
+    """
+
+    # A deferred result leaves `_reason` unset until it is first read.
+    __slots__ = ("_lazy", "_reason", "score")
+    __match_args__ = ("score", "reason")
 
     score: float
-    reason: str
+    _reason: str
+    _lazy: tuple[Callable[..., str], tuple[Any, ...]]
 
-    def __attrs_post_init__(self) -> None:
-        if not 0.0 <= self.score <= 1.0:
-            raise ValueError(f"score {self.score} outside [0, 1] ({self.reason})")
+    def __init__(self, score: float, reason: str) -> None:
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"score {score} outside [0, 1] ({reason})")
+        _set_slot(self, "score", score)
+        _set_slot(self, "_reason", reason)
+
+    @classmethod
+    def deferred(cls, score: float, formatter: Callable[..., str], *args: Any) -> ScoreResult:
+        """A result whose reason is `formatter(*args)`, computed on the first read of `reason`.
+
+        `formatter` must be pure and `args` must not change afterwards (pass immutable values),
+        so the reason reads the same whenever it is formatted.
+        """
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"score {score} outside [0, 1] ({formatter(*args)})")
+        self = _new_object(cls)
+        _set_slot(self, "score", score)
+        _set_slot(self, "_lazy", (formatter, args))
+        return self
+
+    @property
+    def reason(self) -> str:
+        try:
+            return self._reason
+        except AttributeError:
+            formatter, args = self._lazy
+            reason = formatter(*args)
+            _set_slot(self, "_reason", reason)
+            return reason
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise attrs.exceptions.FrozenInstanceError()
+
+    def __delattr__(self, name: str) -> None:
+        raise attrs.exceptions.FrozenInstanceError()
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, ScoreResult)
+        return self.score == other.score and self.reason == other.reason
+
+    def __hash__(self) -> int:
+        return hash((self.score, self.reason))
+
+    def __repr__(self) -> str:
+        return f"ScoreResult(score={self.score!r}, reason={self.reason!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, (self.score, self.reason))
+
+
+_set_slot = object.__setattr__
+_new_object = object.__new__
 
 
 @runtime_checkable

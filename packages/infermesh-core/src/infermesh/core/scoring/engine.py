@@ -38,6 +38,8 @@ RETRY_UNAVAILABLE_S = 5.0
 """Every target is unhealthy, unloaded or filtered out by labels."""
 # Labels that are read from the target's key rather than its Labels.
 _KEY_FILTERS = frozenset({"model", "node", "endpoint"})
+# Candidate tuples whose target ids the engine keeps (one per model, as the store hands out).
+_IDS_CACHE_SIZE = 1024
 
 
 class ScoringSetupError(Exception):
@@ -183,6 +185,9 @@ class ScoringEngine:
         self.stale_after_s = stale_after_s
         self._total_weight = sum(ws.weight for ws in self.scorers)
         self.scorer_failures: dict[str, int] = {}
+        # id(candidate tuple) -> (that tuple, its target ids); the tuple is kept so that the
+        # id cannot be reused by another tuple while the entry lives.
+        self._ids_cache: dict[int, tuple[tuple[ModelState, ...], tuple[str, ...]]] = {}
 
     @classmethod
     def from_config(
@@ -254,48 +259,101 @@ class ScoringEngine:
 
         Ties are broken by target id, so the same inputs always give the same order.
         """
-        self.inflight.expire(now)
+        inflight = self.inflight
+        inflight.expire(now)
         candidates = self.store.candidates(request.model)
         if not candidates:
             known = self.store.model_known(request.model)
             return Ranking((), known, 0, (), RETRY_UNAVAILABLE_S if known else 0.0)
+        target_ids = self._target_ids(candidates)
         ids: list[str] = []
         views: list[TargetView] = []
         excluded: list[Exclusion] = []
-        for state in candidates:
-            exclusion = self.exclusion(state, request, now)
-            if exclusion is None:
-                target_id = state.key.target_id
-                ids.append(target_id)
-                views.append(self.view(state, now, target_id))
-            else:
-                excluded.append(exclusion)
+        filters = request.filters
+        stale_after_s = self.stale_after_s
+        gpus_for = self.store.gpus_for
+        stats_of = inflight.stats
+        in_flight = inflight.in_flight
+        finished_unseen = inflight.finished_unseen
+        open_before = inflight.open_before
+        for state, target_id in zip(candidates, target_ids, strict=True):
+            seen_at = state.last_updated
+            # The usual case, checked inline: loaded, warm, healthy and fresh, no filters or
+            # GPU labels; `exclusion` gives the same verdict (and the reason) otherwise.
+            if not (
+                state.loaded
+                and not state.warming
+                and state.healthy
+                and now - seen_at <= stale_after_s
+                and not filters
+                and not state.labels.gpu_uuid
+            ):
+                exclusion = self.exclusion(state, request, now)
+                if exclusion is not None:
+                    excluded.append(exclusion)
+                    continue
+            stats = stats_of(target_id)
+            ids.append(target_id)
+            views.append(
+                TargetView(
+                    state=state,
+                    in_flight=in_flight(target_id, seen_at),
+                    finished_unseen=finished_unseen(target_id, seen_at),
+                    open_before_scrape=open_before(target_id, seen_at, stale_after_s),
+                    gpus=gpus_for(state),
+                    ttft_ewma_s=stats.ttft_ewma_s if stats else None,
+                    error_rate=stats.error_rate if stats else 0.0,
+                    now=now,
+                )
+            )
         if not views:
             transient = any(e.transient for e in excluded)
             retry_after_s = RETRY_TRANSIENT_S if transient else RETRY_UNAVAILABLE_S
             return Ranking((), True, len(candidates), tuple(excluded), retry_after_s)
         count = len(views)
+        scorers = self.scorers
+        if count == 1:
+            results = tuple(self._run_scorer(ws, request, views)[0] for ws in scorers)
+            total = sum(ws.weight * r.score for ws, r in zip(scorers, results, strict=True))
+            score = min(1.0, total / self._total_weight)
+            only = RankedTarget(ids[0], views[0], score, results, scorers)
+            return Ranking((only,), True, len(candidates), tuple(excluded), 0.0)
         totals = [0.0] * count
         per_scorer: list[Sequence[ScoreResult]] = []
-        for ws in self.scorers:
-            results = self._run_scorer(ws, request, views)
-            per_scorer.append(results)
+        for ws in scorers:
+            results_ = self._run_scorer(ws, request, views)
+            per_scorer.append(results_)
             weight = ws.weight
-            for i, result in enumerate(results):
+            for i, result in enumerate(results_):
                 totals[i] += weight * result.score
+        # Best total first, ties by target id: the same inputs always give the same order.
         order = sorted(range(count), key=lambda i: (-totals[i], ids[i]))
         if max_targets > 0:
             order = order[:max_targets]
         total_weight = self._total_weight
-        scorers = self.scorers
-        by_target = list(zip(*per_scorer, strict=True))  # per target: one result per scorer
         ranked = tuple(
             RankedTarget(
-                ids[i], views[i], min(1.0, totals[i] / total_weight), by_target[i], scorers
+                ids[i],
+                views[i],
+                min(1.0, totals[i] / total_weight),
+                tuple([results_[i] for results_ in per_scorer]),
+                scorers,
             )
             for i in order
         )
         return Ranking(ranked, True, len(candidates), tuple(excluded), 0.0)
+
+    def _target_ids(self, candidates: tuple[ModelState, ...]) -> tuple[str, ...]:
+        """The target ids of a candidate tuple, kept while the store hands out the same tuple
+        (it builds a new one whenever a target of the model changes)."""
+        cached = self._ids_cache.get(id(candidates))
+        if cached is not None and cached[0] is candidates:
+            return cached[1]
+        ids = tuple(state.key.target_id for state in candidates)
+        if len(self._ids_cache) >= _IDS_CACHE_SIZE:
+            self._ids_cache.clear()
+        self._ids_cache[id(candidates)] = (candidates, ids)
+        return ids
 
     def _run_scorer(
         self, ws: WeightedScorer, request: RequestFeatures, views: Sequence[TargetView]

@@ -53,12 +53,15 @@ class QueueScorer:
             return []
         mean_s = sum(work) / len(work)
         reference_s = max(mean_s, WORK_FLOOR_S)
-        mean_text = f"mean {mean_s * 1000.0:.0f}ms"
-        results = []
-        for view, w in zip(targets, work, strict=True):
-            reason = f"work left {w * 1000.0:.0f}ms ({_load_text(view)}); {mean_text}"
-            results.append(ScoreResult(1.0 / (1.0 + w / reference_s), reason))
-        return results
+        deferred = ScoreResult.deferred
+        return [
+            deferred(1.0 / (1.0 + w / reference_s), _queue_reason, w, view, mean_s)
+            for view, w in zip(targets, work, strict=True)
+        ]
+
+
+def _queue_reason(work_s: float, view: TargetView, mean_s: float) -> str:
+    return f"work left {work_s * 1000.0:.0f}ms ({_load_text(view)}); mean {mean_s * 1000.0:.0f}ms"
 
 
 def _load_text(view: TargetView) -> str:
@@ -148,40 +151,64 @@ class PrefixAffinityScorer:
         loads = [v.load for v in targets]
         bounded = math.ceil(self.load_factor * (sum(loads) + 1) / count)
         capacity = max(bounded, self.min_capacity)
-        if capacity > bounded:
-            capacity_text = f"capacity {capacity} (minimum; bounded-load {bounded})"
-        else:
-            capacity_text = f"capacity {capacity} (bounded-load)"
         weights = [hrw_weight(prefix_key, v.key.target_id) for v in targets]
         order = sorted(range(count), key=weights.__getitem__, reverse=True)
         chosen_rank = next((r for r, i in enumerate(order) if loads[i] < capacity), None)
         if chosen_rank is None:  # only reachable with load_factor < 1
             chosen_rank = min(range(count), key=lambda r: loads[order[r]])
         chosen = order[chosen_rank]
-        prefix = f"prefix {prefix_key:016x}"
-        results: list[ScoreResult] = [ScoreResult(0.0, "")] * count
+        deferred = ScoreResult.deferred
+        results: list[ScoreResult] = [_UNSET] * count
+        placed = chosen_rank + 1
         for rank, i in enumerate(order):
-            load = loads[i]
-            if i == chosen:
-                relation = "<" if load < capacity else ">="
-                reason = (
-                    f"{prefix} placed here (rendezvous rank {rank + 1}/{count}), "
-                    f"load {load:g} {relation} {capacity_text}"
-                )
-                if chosen_rank:
-                    reason += f"; spilled past {chosen_rank} loaded replica(s)"
-                results[i] = ScoreResult(1.0, reason)
-            else:
-                if load >= capacity:
-                    why = f"loaded (load {load:g} >= {capacity_text})"
-                else:  # ranked after the chosen one, which is the first with room
-                    why = (
-                        f"not chosen: rank {chosen_rank + 1} has room "
-                        f"(load {load:g}, {capacity_text})"
-                    )
-                reason = f"{prefix} rendezvous rank {rank + 1}/{count}, {why}"
-                results[i] = ScoreResult(0.0, reason)
+            mine = i == chosen
+            results[i] = deferred(
+                1.0 if mine else 0.0,
+                _prefix_reason,
+                prefix_key,
+                rank,
+                count,
+                loads[i],
+                capacity,
+                bounded,
+                0 if mine else placed,
+            )
         return results
+
+
+_UNSET = ScoreResult(0.0, "")
+
+
+def _prefix_reason(
+    prefix_key: int,
+    rank: int,
+    count: int,
+    load: float,
+    capacity: int,
+    bounded: int,
+    chosen_rank: int,
+) -> str:
+    """Why a target got its prefix score; `chosen_rank` is 0 for the chosen target itself, else
+    the 1-based rendezvous rank of the chosen one."""
+    if capacity > bounded:
+        capacity_text = f"capacity {capacity} (minimum; bounded-load {bounded})"
+    else:
+        capacity_text = f"capacity {capacity} (bounded-load)"
+    prefix = f"prefix {prefix_key:016x}"
+    if not chosen_rank:
+        relation = "<" if load < capacity else ">="
+        reason = (
+            f"{prefix} placed here (rendezvous rank {rank + 1}/{count}), "
+            f"load {load:g} {relation} {capacity_text}"
+        )
+        if rank:
+            reason += f"; spilled past {rank} loaded replica(s)"
+        return reason
+    if load >= capacity:
+        why = f"loaded (load {load:g} >= {capacity_text})"
+    else:  # ranked after the chosen one, which is the first with room
+        why = f"not chosen: rank {chosen_rank} has room (load {load:g}, {capacity_text})"
+    return f"{prefix} rendezvous rank {rank + 1}/{count}, {why}"
 
 
 def builtin_scorers() -> list[QueueScorer | KvHeadroomScorer | PrefixAffinityScorer]:
