@@ -33,9 +33,8 @@ def test_agent_scoring_is_chosen_by_config() -> None:
 
 
 def test_an_unknown_scoring_mode_is_a_config_error_naming_the_key() -> None:
-    config = load_config(None, environ={}, overrides=[("router.scoring", "remote")])
-    with pytest.raises(ConfigError, match=r"router\.scoring.*'remote'.*'local', 'agent'"):
-        build_app(config, TRANSPORTS, SCORERS)
+    with pytest.raises(ConfigError, match=r"router\.scoring.*local, agent.*'remote'"):
+        load_config(None, environ={}, overrides=[("router.scoring", "remote")])
 
 
 def test_a_weight_for_an_unknown_scorer_fails_local_mode_at_start_up() -> None:
