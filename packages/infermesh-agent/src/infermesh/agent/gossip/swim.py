@@ -1,0 +1,491 @@
+"""The SWIM membership state machine with Lifeguard refinements, driven only by `(now, event)`.
+
+`tick(now)`, `receive(now, sender, message)`, `join`, `leave` return the messages to send and
+`next_deadline_s` says when to tick next. It must never open sockets, sleep or read a clock.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from infermesh.agent.gossip.broadcasts import BroadcastQueue, retransmit_limit
+from infermesh.agent.gossip.members import (
+    Member,
+    MemberEvent,
+    MemberState,
+    Suspicion,
+    suspicion_min_timeout_s,
+)
+from infermesh.agent.gossip.messages import (
+    Ack,
+    Alive,
+    Dead,
+    Gossip,
+    Leave,
+    Message,
+    Nack,
+    Outgoing,
+    Ping,
+    PingReq,
+    PushPull,
+    Suspect,
+    Update,
+)
+
+__all__ = ["Swim", "SwimConfig"]
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"SwimConfig.{attribute.name} must be > 0, got {value!r}")
+
+
+@attrs.frozen
+class SwimConfig:
+    """SWIM/Lifeguard parameters; the defaults are hashicorp/memberlist's LAN profile."""
+
+    probe_interval_s: float = attrs.field(default=1.0, validator=_positive)
+    probe_timeout_s: float = attrs.field(default=0.5, validator=_positive)
+    indirect_checks: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    suspicion_mult: float = attrs.field(default=4.0, validator=_positive)
+    suspicion_max_timeout_mult: float = attrs.field(default=6.0, validator=_positive)
+    gossip_nodes: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    gossip_interval_s: float = attrs.field(default=0.2, validator=_positive)
+    gossip_to_the_dead_s: float = 30.0
+    retransmit_mult: int = attrs.field(default=4, validator=_positive)
+    push_pull_interval_s: float = attrs.field(default=30.0, validator=_positive)
+    awareness_max_multiplier: int = attrs.field(default=8, validator=_positive)
+    max_piggyback_updates: int = attrs.field(default=8, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.probe_timeout_s > self.probe_interval_s:
+            raise ValueError(
+                f"SwimConfig.probe_timeout_s ({self.probe_timeout_s}) must not exceed "
+                f"probe_interval_s ({self.probe_interval_s})"
+            )
+
+    @classmethod
+    def lan(cls) -> SwimConfig:
+        return cls()
+
+    @classmethod
+    def wan(cls) -> SwimConfig:
+        """memberlist's WAN profile."""
+        return cls(
+            probe_interval_s=5.0,
+            probe_timeout_s=3.0,
+            suspicion_mult=6.0,
+            gossip_nodes=4,
+            gossip_interval_s=0.5,
+            push_pull_interval_s=60.0,
+        )
+
+
+@attrs.define
+class _Probe:
+    seq: int
+    target: str
+    timeout_at_s: float  # direct ack expected by then, else indirect probes go out
+    ends_at_s: float  # end of the (scaled) probe interval: verdict time
+    acked: bool = False
+    indirect_sent: bool = False
+    expected_nacks: int = 0
+    nacks: int = 0
+
+
+@attrs.define
+class _Relay:
+    requester: str
+    requester_seq: int
+    deadline_s: float
+
+
+class Swim:
+    """One node's view of the cluster. Not thread-safe; drive it from one task."""
+
+    def __init__(self, self_id: str, config: SwimConfig, rng: random.Random, now: float) -> None:
+        if not self_id:
+            raise ValueError("Swim needs a non-empty self_id")
+        self.self_id = self_id
+        self.config = config
+        self._rng = rng
+        self._members: dict[str, Member] = {self_id: Member(self_id, 0, MemberState.ALIVE, now)}
+        self._suspicions: dict[str, Suspicion] = {}
+        self._broadcasts = BroadcastQueue()
+        self._events: list[MemberEvent] = []
+        self._probe_order: list[str] = []
+        self._probe_index = 0
+        self._probe: _Probe | None = None
+        self._relays: dict[int, _Relay] = {}
+        self._seq = 0
+        self._awareness = 0
+        self._left = False
+        self._next_probe_s = now + config.probe_interval_s
+        self._next_gossip_s = now + config.gossip_interval_s
+        self._next_push_pull_s = now + config.push_pull_interval_s
+
+    # ----------------------------------------------------------------- read side
+    @property
+    def incarnation(self) -> int:
+        return self._members[self.self_id].incarnation
+
+    @property
+    def awareness(self) -> int:
+        """Lifeguard local health score, 0 (healthy) .. AwarenessMaxMultiplier - 1."""
+        return self._awareness
+
+    @property
+    def members(self) -> dict[str, Member]:
+        return {member_id: attrs.evolve(m) for member_id, m in self._members.items()}
+
+    def state_of(self, member_id: str) -> MemberState | None:
+        member = self._members.get(member_id)
+        return None if member is None else member.state
+
+    @property
+    def live_count(self) -> int:
+        """Members not dead or left, self included: the N in every log formula."""
+        return sum(1 for m in self._members.values() if not m.is_gone)
+
+    @property
+    def pending_broadcasts(self) -> tuple[Update, ...]:
+        return self._broadcasts.pending()
+
+    def drain_events(self) -> list[MemberEvent]:
+        events, self._events = self._events, []
+        return events
+
+    @property
+    def next_deadline_s(self) -> float:
+        deadlines = [self._next_gossip_s]
+        if not self._left:
+            deadlines += [self._next_probe_s, self._next_push_pull_s]
+        if self._probe is not None:
+            deadlines.append(self._probe.ends_at_s)
+            if not self._probe.indirect_sent and not self._probe.acked:
+                deadlines.append(self._probe.timeout_at_s)
+        deadlines += [relay.deadline_s for relay in self._relays.values()]
+        deadlines += [s.deadline_s for s in self._suspicions.values()]
+        return min(deadlines)
+
+    def _scaled(self, seconds: float) -> float:
+        return seconds * (self._awareness + 1)
+
+    # --------------------------------------------------------------- commands
+    def join(self, now: float, seeds: Iterable[str]) -> list[Outgoing]:
+        """Announce ourselves to `seeds` with a full-state push-pull that asks for theirs."""
+        self._queue_update(Alive(self.self_id, self.incarnation))
+        state = self._state_snapshot()
+        return [
+            Outgoing(seed, PushPull(state, reply=True)) for seed in seeds if seed != self.self_id
+        ]
+
+    def leave(self, now: float) -> list[Outgoing]:
+        """Leave gracefully: broadcast `Leave` and stop probing; keep ticking to gossip it."""
+        if self._left:
+            return []
+        self._left = True
+        self._probe = None
+        self._suspicions.clear()
+        me = self._members[self.self_id]
+        me.state, me.state_since_s = MemberState.LEFT, now
+        self._queue_update(Leave(self.self_id, me.incarnation))
+        return self._gossip(now)
+
+    # ------------------------------------------------------------------ events
+    def tick(self, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for member_id, suspicion in list(self._suspicions.items()):
+            if now >= suspicion.deadline_s:
+                self._declare_dead(now, member_id, suspicion.incarnation)
+        for relay_seq, relay in list(self._relays.items()):
+            if now >= relay.deadline_s:
+                del self._relays[relay_seq]
+                out.append(self._send(relay.requester, Nack(relay.requester_seq)))
+        probe = self._probe
+        if probe is not None:
+            if not probe.acked and not probe.indirect_sent and now >= probe.timeout_at_s:
+                out += self._send_indirect_probes(probe)
+            if now >= probe.ends_at_s:
+                self._finish_probe(now, probe)
+        if not self._left and now >= self._next_probe_s:
+            out += self._start_probe(now)
+        if not self._left and now >= self._next_push_pull_s:
+            self._next_push_pull_s = now + self.config.push_pull_interval_s
+            peers = self._pick_peers(1, include_recently_dead_s=None, now=now)
+            out += [Outgoing(peer, PushPull(self._state_snapshot(), reply=True)) for peer in peers]
+        if now >= self._next_gossip_s:
+            out += self._gossip(now)
+        return out
+
+    def receive(self, now: float, sender: str, message: Message) -> list[Outgoing]:
+        if isinstance(message, PushPull):
+            for state in message.states:
+                if state.member not in self._members and isinstance(state, Suspect | Dead):
+                    # Learn of it first, then hear the accusation.
+                    self._apply(now, Alive(state.member, state.incarnation))
+                self._apply(now, _merge_view(state))
+            if message.reply:
+                return [Outgoing(sender, PushPull(self._state_snapshot(), reply=False))]
+            return []
+        for update in message.updates:
+            self._apply(now, update)
+        match message:
+            case Ping(seq=seq, target=target):
+                if target != self.self_id:
+                    return []
+                if self._left:
+                    # Still up after leaving: answer with the news, to whoever missed it.
+                    return [Outgoing(sender, Ack(seq, (Leave(self.self_id, self.incarnation),)))]
+                return [self._send(sender, Ack(seq))]
+            case Ack(seq=seq):
+                return self._on_ack(sender, seq)
+            case PingReq(seq=seq, target=target):
+                if self._left:
+                    return []
+                relay_seq = self._next_seq()
+                self._relays[relay_seq] = _Relay(sender, seq, now + self.config.probe_timeout_s)
+                return [self._send(target, Ping(relay_seq, target))]
+            case Nack(seq=seq):
+                if self._probe is not None and self._probe.seq == seq:
+                    self._probe.nacks += 1
+                return []
+            case Gossip():
+                return []
+        raise TypeError(f"Swim.receive: unknown message type {type(message).__name__}")
+
+    # ----------------------------------------------------------------- probes
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _send(self, to: str, message: Ping | Ack | PingReq | Nack) -> Outgoing:
+        """Attach piggybacked updates to a probe message."""
+        updates = self._broadcasts.take(self.config.max_piggyback_updates, self._limit())
+        target = self._members.get(to)
+        if isinstance(message, Ping) and target is not None and target.state is MemberState.SUSPECT:
+            # Lifeguard's buddy system: tell a suspect it is suspected, so it can refute in time.
+            buddy = Suspect(to, target.incarnation, self.self_id)
+            updates = (buddy, *(u for u in updates if u.member != to))
+        return Outgoing(to, attrs.evolve(message, updates=message.updates + updates))
+
+    def _limit(self) -> int:
+        return retransmit_limit(self.config.retransmit_mult, self.live_count)
+
+    def _next_probe_target(self) -> str | None:
+        for _ in range(2):
+            while self._probe_index < len(self._probe_order):
+                member_id = self._probe_order[self._probe_index]
+                self._probe_index += 1
+                member = self._members.get(member_id)
+                if member is not None and not member.is_gone:
+                    return member_id
+            # A new round: every live member once, in a fresh random order.
+            self._probe_order = [
+                m.member_id
+                for m in self._members.values()
+                if m.member_id != self.self_id and not m.is_gone
+            ]
+            self._rng.shuffle(self._probe_order)
+            self._probe_index = 0
+        return None
+
+    def _start_probe(self, now: float) -> list[Outgoing]:
+        interval_s = self._scaled(self.config.probe_interval_s)
+        self._next_probe_s = now + interval_s
+        target = self._next_probe_target()
+        if target is None:
+            return []
+        seq = self._next_seq()
+        self._probe = _Probe(
+            seq=seq,
+            target=target,
+            timeout_at_s=now + self._scaled(self.config.probe_timeout_s),
+            ends_at_s=now + interval_s,
+        )
+        return [self._send(target, Ping(seq, target))]
+
+    def _send_indirect_probes(self, probe: _Probe) -> list[Outgoing]:
+        probe.indirect_sent = True
+        candidates = [
+            m.member_id
+            for m in self._members.values()
+            if m.state is MemberState.ALIVE and m.member_id not in (self.self_id, probe.target)
+        ]
+        relays = self._rng.sample(candidates, min(self.config.indirect_checks, len(candidates)))
+        probe.expected_nacks = len(relays)
+        return [self._send(relay, PingReq(probe.seq, probe.target)) for relay in relays]
+
+    def _on_ack(self, sender: str, seq: int) -> list[Outgoing]:
+        relay = self._relays.pop(seq, None)
+        if relay is not None:
+            return [self._send(relay.requester, Ack(relay.requester_seq))]
+        probe = self._probe
+        if probe is not None and probe.seq == seq and not probe.acked:
+            probe.acked = True
+            if not probe.indirect_sent:
+                self._adjust_awareness(-1)
+        return []
+
+    def _finish_probe(self, now: float, probe: _Probe) -> None:
+        self._probe = None
+        if probe.acked:
+            return
+        # Lifeguard: relays that did not even nack suggest that *we* are the slow one.
+        if probe.expected_nacks > 0:
+            self._adjust_awareness(probe.expected_nacks - probe.nacks)
+        else:
+            self._adjust_awareness(1)
+        target = self._members.get(probe.target)
+        if target is not None and target.state is MemberState.ALIVE:
+            self._apply(now, Suspect(target.member_id, target.incarnation, self.self_id))
+
+    def _adjust_awareness(self, delta: int) -> None:
+        ceiling = self.config.awareness_max_multiplier - 1
+        self._awareness = min(ceiling, max(0, self._awareness + delta))
+
+    # ----------------------------------------------------------------- gossip
+    def _pick_peers(
+        self, count: int, include_recently_dead_s: float | None, now: float
+    ) -> list[str]:
+        candidates = []
+        for m in self._members.values():
+            if m.member_id == self.self_id:
+                continue
+            recently_gone = (
+                include_recently_dead_s is not None
+                and m.state is MemberState.DEAD
+                and now - m.state_since_s < include_recently_dead_s
+            )
+            if not m.is_gone or recently_gone:
+                candidates.append(m.member_id)
+        return self._rng.sample(candidates, min(count, len(candidates)))
+
+    def _gossip(self, now: float) -> list[Outgoing]:
+        self._next_gossip_s = now + self.config.gossip_interval_s
+        if not self._broadcasts:
+            return []
+        out = []
+        peers = self._pick_peers(self.config.gossip_nodes, self.config.gossip_to_the_dead_s, now)
+        for peer in peers:
+            updates = self._broadcasts.take(self.config.max_piggyback_updates, self._limit())
+            if updates:
+                out.append(Outgoing(peer, Gossip(updates)))
+        return out
+
+    def _state_snapshot(self) -> tuple[Update, ...]:
+        states: list[Update] = []
+        for m in self._members.values():
+            match m.state:
+                case MemberState.ALIVE:
+                    states.append(Alive(m.member_id, m.incarnation))
+                case MemberState.SUSPECT:
+                    states.append(Suspect(m.member_id, m.incarnation, self.self_id))
+                case MemberState.DEAD:
+                    states.append(Dead(m.member_id, m.incarnation, self.self_id))
+                case MemberState.LEFT:
+                    states.append(Leave(m.member_id, m.incarnation))
+        return tuple(states)
+
+    # ------------------------------------------------------- membership rules
+    def _queue_update(self, update: Update) -> None:
+        self._broadcasts.push(update)
+
+    def _set_state(self, now: float, member: Member, state: MemberState, incarnation: int) -> None:
+        member.state, member.incarnation, member.state_since_s = state, incarnation, now
+        self._events.append(MemberEvent(state.value, member.member_id, incarnation, now))
+
+    def _refute(self, incarnation: int) -> None:
+        me = self._members[self.self_id]
+        me.incarnation = max(me.incarnation, incarnation) + 1
+        self._queue_update(Alive(self.self_id, me.incarnation))
+        # Lifeguard: being suspected hints that our own processing is slow.
+        self._adjust_awareness(1)
+
+    def _apply(self, now: float, update: Update) -> None:
+        member = self._members.get(update.member)
+        if update.member == self.self_id:
+            if self._left:
+                return
+            if isinstance(update, Suspect | Dead) and update.incarnation >= self.incarnation:
+                self._refute(update.incarnation)
+            elif isinstance(update, Suspect | Dead):
+                # The accuser missed our refutation (it may have been lost): repeat it.
+                self._queue_update(Alive(self.self_id, self.incarnation))
+            elif isinstance(update, Alive) and update.incarnation > self.incarnation:
+                # Our own older life (before a restart) was seen at a higher incarnation.
+                self._members[self.self_id].incarnation = update.incarnation
+                self._queue_update(update)
+            return
+        match update:
+            case Alive(member=member_id, incarnation=incarnation):
+                if member is None:
+                    member = Member(member_id, incarnation, MemberState.ALIVE, now)
+                    self._members[member_id] = member
+                    # Probe the newcomer within this round, at a random position.
+                    position = self._rng.randint(self._probe_index, len(self._probe_order))
+                    self._probe_order.insert(position, member_id)
+                    self._events.append(MemberEvent("joined", member_id, incarnation, now))
+                elif incarnation <= member.incarnation:
+                    return
+                else:
+                    self._suspicions.pop(member_id, None)
+                    self._set_state(now, member, MemberState.ALIVE, incarnation)
+                self._queue_update(update)
+            case Suspect(member=member_id, incarnation=incarnation, accuser=accuser):
+                if member is None or member.is_gone or incarnation < member.incarnation:
+                    return
+                suspicion = self._suspicions.get(member_id)
+                if member.state is MemberState.SUSPECT and suspicion is not None:
+                    if incarnation == suspicion.incarnation and suspicion.confirm(accuser):
+                        self._queue_update(update)
+                    return
+                self._set_state(now, member, MemberState.SUSPECT, incarnation)
+                self._suspicions[member_id] = self._new_suspicion(now, incarnation, accuser)
+                self._queue_update(update)
+            case Dead(member=member_id, incarnation=incarnation):
+                if member is None or member.is_gone or incarnation < member.incarnation:
+                    return
+                self._suspicions.pop(member_id, None)
+                self._set_state(now, member, MemberState.DEAD, incarnation)
+                self._queue_update(update)
+            case Leave(member=member_id, incarnation=incarnation):
+                if member is None or member.state is MemberState.LEFT:
+                    return
+                if incarnation < member.incarnation:
+                    return
+                self._suspicions.pop(member_id, None)
+                self._set_state(now, member, MemberState.LEFT, incarnation)
+                self._queue_update(update)
+
+    def _new_suspicion(self, now: float, incarnation: int, accuser: str) -> Suspicion:
+        cluster_size = self.live_count
+        min_s = suspicion_min_timeout_s(
+            self.config.suspicion_mult, cluster_size, self.config.probe_interval_s
+        )
+        # memberlist expects SuspicionMult - 2 confirmations, none in a cluster too small for them.
+        expected = int(self.config.suspicion_mult) - 2
+        if cluster_size - 2 < expected:
+            expected = 0
+        return Suspicion(
+            incarnation=incarnation,
+            started_s=now,
+            min_timeout_s=min_s,
+            max_timeout_s=min_s * self.config.suspicion_max_timeout_mult,
+            expected_confirmations=expected,
+            first_accuser=accuser,
+        )
+
+    def _declare_dead(self, now: float, member_id: str, incarnation: int) -> None:
+        self._apply(now, Dead(member_id, incarnation, self.self_id))
+
+
+def _merge_view(state: Update) -> Update:
+    """A remote full state says 'dead' only as a suspicion: we have not seen it die ourselves."""
+    if isinstance(state, Dead):
+        return Suspect(state.member, state.incarnation, state.accuser)
+    return state

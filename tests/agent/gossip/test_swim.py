@@ -1,0 +1,276 @@
+"""Deterministic tests of the SWIM/Lifeguard state machine: in-memory network, virtual time."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections.abc import Callable
+
+import attrs
+import pytest
+
+from infermesh.agent.gossip import (
+    Ack,
+    Alive,
+    Gossip,
+    MemberEvent,
+    MemberState,
+    Message,
+    Nack,
+    Outgoing,
+    PingReq,
+    Suspect,
+    Swim,
+    SwimConfig,
+)
+from infermesh.agent.gossip.broadcasts import BroadcastQueue, retransmit_limit
+from infermesh.agent.gossip.members import Suspicion, suspicion_min_timeout_s
+
+DropRule = Callable[[str, str, Message], bool]
+
+
+@attrs.define
+class Network:
+    """N state machines, a virtual clock and a router that can drop messages or crash nodes."""
+
+    config: SwimConfig
+    seed: int
+    latency_s: float = 0.002
+    now: float = 0.0
+    nodes: dict[str, Swim] = attrs.field(factory=dict)
+    crashed: set[str] = attrs.field(factory=set)
+    drop: DropRule | None = None
+    events: list[tuple[str, MemberEvent]] = attrs.field(factory=list)
+    sent: list[tuple[float, str, Outgoing]] = attrs.field(factory=list)
+    _queue: list[tuple[float, int, str, Outgoing]] = attrs.field(factory=list)
+    _counter: itertools.count[int] = attrs.field(factory=itertools.count)
+
+    def add(self, node_id: str) -> Swim:
+        rng = random.Random(f"{self.seed}-{node_id}")
+        node = Swim(node_id, self.config, rng, self.now)
+        self.nodes[node_id] = node
+        return node
+
+    def route(self, sender: str, outgoing: list[Outgoing]) -> None:
+        for out in outgoing:
+            self.sent.append((self.now, sender, out))
+            if self.drop is not None and self.drop(sender, out.to, out.message):
+                continue
+            heapq.heappush(
+                self._queue, (self.now + self.latency_s, next(self._counter), sender, out)
+            )
+        self.events += [(sender, event) for event in self.nodes[sender].drain_events()]
+
+    def run_until(self, end_s: float) -> None:
+        while True:
+            live = [n for node_id, n in self.nodes.items() if node_id not in self.crashed]
+            next_tick_s = min(n.next_deadline_s for n in live)
+            next_message_s = self._queue[0][0] if self._queue else math.inf
+            step_s = min(next_tick_s, next_message_s)
+            if step_s > end_s:
+                self.now = end_s
+                return
+            self.now = step_s
+            if next_message_s <= next_tick_s:
+                _, _, sender, out = heapq.heappop(self._queue)
+                if out.to in self.nodes and out.to not in self.crashed:
+                    self.route(out.to, self.nodes[out.to].receive(self.now, sender, out.message))
+                continue
+            for node in live:
+                if node.next_deadline_s <= self.now:
+                    self.route(node.self_id, node.tick(self.now))
+
+    def states_of(self, member_id: str) -> dict[str, MemberState | None]:
+        return {
+            node_id: node.state_of(member_id)
+            for node_id, node in self.nodes.items()
+            if node_id not in self.crashed and node_id != member_id
+        }
+
+    def first_event(self, kind: str, member_id: str) -> float | None:
+        times = [e.at_s for _, e in self.events if e.kind == kind and e.member_id == member_id]
+        return min(times, default=None)
+
+
+def converged_network(size: int, seed: int = 7, config: SwimConfig | None = None) -> Network:
+    network = Network(config or SwimConfig.lan(), seed)
+    for index in range(size):
+        network.add(f"n{index}")
+    for index in range(1, size):
+        network.route(f"n{index}", network.nodes[f"n{index}"].join(network.now, ["n0"]))
+    network.run_until(5.0)
+    return network
+
+
+def test_join_via_a_seed_converges_to_full_membership() -> None:
+    network = converged_network(10)
+
+    for node in network.nodes.values():
+        assert {m.member_id: m.state for m in node.members.values()} == {
+            f"n{i}": MemberState.ALIVE for i in range(10)
+        }
+    assert not [e for _, e in network.events if e.kind != "joined"]
+
+
+@pytest.mark.parametrize("seed", [1, 7, 24])
+def test_a_failed_node_is_declared_dead_by_all_within_the_suspicion_bound(seed: int) -> None:
+    size = 10
+    network = converged_network(size, seed)
+    config = network.config
+    crashed_at_s = network.now
+    network.crashed.add("n5")
+    min_timeout_s = suspicion_min_timeout_s(config.suspicion_mult, size, config.probe_interval_s)
+    max_timeout_s = min_timeout_s * config.suspicion_max_timeout_mult
+    # Worst case: probed last of this round and of the next, then the full (unconfirmed) timeout.
+    bound_s = crashed_at_s + 2 * (size - 1) * config.probe_interval_s + max_timeout_s
+
+    network.run_until(bound_s)
+
+    assert set(network.states_of("n5").values()) == {MemberState.DEAD}
+    first_suspect_s = network.first_event("suspect", "n5")
+    first_dead_s = network.first_event("dead", "n5")
+    assert first_suspect_s is not None
+    assert first_dead_s is not None
+    assert first_dead_s - first_suspect_s >= min_timeout_s
+    # Independent confirmations from the other nine shrink the timeout well below its maximum.
+    assert first_dead_s - first_suspect_s < max_timeout_s / 2
+    others = {e.member_id for _, e in network.events if e.kind in ("suspect", "dead")}
+    assert others == {"n5"}
+
+
+@pytest.mark.parametrize("seed", [1, 7, 24])
+def test_a_slow_but_alive_node_refutes_and_is_never_declared_dead(seed: int) -> None:
+    network = converged_network(8, seed)
+
+    # For thirty probe intervals n3 hears everything but all its answers are lost, so every
+    # probe of it fails and refutations piggybacked on its acks are lost; gossip still carries them.
+    def drop_n3_answers(sender: str, to: str, message: Message) -> bool:
+        return sender == "n3" and isinstance(message, Ack | Nack)
+
+    network.drop = drop_n3_answers
+    network.run_until(network.now + 30.0)
+    network.drop = None
+    network.run_until(network.now + 20.0)
+
+    assert network.first_event("suspect", "n3") is not None
+    assert network.first_event("dead", "n3") is None
+    assert network.nodes["n3"].incarnation >= 1
+    assert set(network.states_of("n3").values()) == {MemberState.ALIVE}
+    assert all(
+        node.members["n3"].incarnation == network.nodes["n3"].incarnation
+        for node in network.nodes.values()
+    )
+
+
+def test_indirect_probes_save_a_member_behind_a_broken_direct_link() -> None:
+    network = converged_network(8)
+
+    def cut_n1_n2(sender: str, to: str, message: Message) -> bool:
+        return {sender, to} == {"n1", "n2"}
+
+    network.drop = cut_n1_n2
+    network.run_until(network.now + 40.0)
+
+    assert [e for _, e in network.events if e.kind in ("suspect", "dead")] == []
+    assert any(
+        isinstance(out.message, PingReq) for _, sender, out in network.sent if sender == "n1"
+    )
+
+
+@pytest.mark.parametrize("seed", [7, 23])
+def test_graceful_leave_propagates_without_a_death(seed: int) -> None:
+    network = converged_network(8, seed)
+    network.route("n4", network.nodes["n4"].leave(network.now))
+    network.run_until(network.now + 1.0)
+    network.crashed.add("n4")  # the process exits after announcing its leave
+    network.run_until(network.now + 30.0)
+
+    assert set(network.states_of("n4").values()) == {MemberState.LEFT}
+    assert network.first_event("dead", "n4") is None
+
+
+def test_awareness_rises_when_acks_are_lost_and_recovers_after() -> None:
+    network = converged_network(8)
+    config = network.config
+    n0 = network.nodes["n0"]
+    assert n0.awareness == 0
+
+    def drop_answers_to_n0(sender: str, to: str, message: Message) -> bool:
+        return to == "n0" and isinstance(message, Ack | Nack)
+
+    network.drop = drop_answers_to_n0
+    window_start_s = network.now
+    network.run_until(window_start_s + 20.0)
+
+    assert n0.awareness == config.awareness_max_multiplier - 1
+    # A node that thinks itself unhealthy probes less: far fewer than one probe per interval.
+    indirect_rounds = (
+        sum(
+            1
+            for at_s, sender, out in network.sent
+            if sender == "n0" and at_s >= window_start_s and isinstance(out.message, PingReq)
+        )
+        / config.indirect_checks
+    )
+    assert indirect_rounds < 20.0 / config.probe_interval_s / 2
+
+    network.drop = None
+    network.run_until(network.now + 60.0)
+    assert n0.awareness == 0
+
+
+def test_suspicion_of_self_is_refuted_with_a_higher_incarnation() -> None:
+    node = Swim("me", SwimConfig.lan(), random.Random(1), now=0.0)
+    node.receive(0.0, "peer", Gossip((Alive("peer", 0),)))
+
+    node.receive(1.0, "peer", Gossip((Suspect("me", 0, "peer"),)))
+
+    assert node.incarnation == 1
+    assert Alive("me", 1) in node.pending_broadcasts
+    assert node.awareness == 1
+    # An accusation about an older incarnation is already refuted: nothing changes.
+    node.receive(2.0, "peer", Gossip((Suspect("me", 0, "other"),)))
+    assert node.incarnation == 1
+
+
+def test_dynamic_suspicion_timeout_shrinks_with_confirmations() -> None:
+    suspicion = Suspicion(
+        incarnation=0,
+        started_s=100.0,
+        min_timeout_s=4.0,
+        max_timeout_s=24.0,
+        expected_confirmations=2,
+        first_accuser="a",
+    )
+    assert suspicion.deadline_s == pytest.approx(124.0)
+    assert not suspicion.confirm("a")  # the first accuser does not confirm itself
+    assert suspicion.confirm("b")
+    assert not suspicion.confirm("b")
+    assert suspicion.timeout_s == pytest.approx(24.0 - math.log(2) / math.log(3) * 20.0)
+    assert suspicion.confirm("c")
+    assert suspicion.timeout_s == pytest.approx(4.0)
+    assert not suspicion.confirm("d")  # beyond the expected count it cannot shrink further
+    assert suspicion_min_timeout_s(4.0, 100, 1.0) == pytest.approx(8.0)
+    assert suspicion_min_timeout_s(4.0, 3, 1.0) == pytest.approx(4.0)
+
+
+def test_broadcasts_stop_after_the_retransmit_limit() -> None:
+    assert retransmit_limit(4, 10) == 8
+    assert retransmit_limit(4, 1000) == 16
+    queue = BroadcastQueue()
+    queue.push(Alive("x", 0))
+    queue.push(Alive("x", 1))  # replaces the older news about the same member
+    sent = [queue.take(max_updates=8, limit=3) for _ in range(5)]
+    assert sent == [(Alive("x", 1),)] * 3 + [()] * 2
+
+
+def test_config_rejects_nonsense_with_a_clear_message() -> None:
+    with pytest.raises(ValueError, match="probe_timeout_s"):
+        SwimConfig(probe_interval_s=1.0, probe_timeout_s=2.0)
+    with pytest.raises(ValueError, match="probe_interval_s"):
+        SwimConfig(probe_interval_s=0.0)
+    with pytest.raises(ValueError, match="self_id"):
+        Swim("", SwimConfig.lan(), random.Random(0), now=0.0)
+    assert SwimConfig.wan().probe_interval_s == 5.0
