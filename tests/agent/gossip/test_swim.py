@@ -164,6 +164,24 @@ def test_a_slow_but_alive_node_refutes_and_is_never_declared_dead(seed: int) -> 
     )
 
 
+def test_a_dead_node_that_restarts_rejoins_with_a_higher_incarnation() -> None:
+    network = converged_network(6)
+    network.crashed.add("n5")
+    network.run_until(network.now + 60.0)
+    assert set(network.states_of("n5").values()) == {MemberState.DEAD}
+    dead_incarnation = network.nodes["n1"].members["n5"].incarnation
+
+    network.crashed.discard("n5")
+    restarted = network.add("n5")  # a fresh process: incarnation 0, knows nobody
+    network.route("n5", restarted.join(network.now, ["n0"]))
+    network.run_until(network.now + 5.0)
+
+    assert restarted.incarnation > dead_incarnation
+    assert set(network.states_of("n5").values()) == {MemberState.ALIVE}
+    assert {m.state for m in restarted.members.values()} == {MemberState.ALIVE}
+    assert len(restarted.members) == 6
+
+
 def test_indirect_probes_save_a_member_behind_a_broken_direct_link() -> None:
     network = converged_network(8)
 

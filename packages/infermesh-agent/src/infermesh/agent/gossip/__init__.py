@@ -3,6 +3,7 @@
 `swim.Swim` is the sans-I/O state machine; transports and codecs wrap it and never hold its rules.
 """
 
+from infermesh.agent.gossip.config import SwimConfig
 from infermesh.agent.gossip.members import Member, MemberEvent, MemberState
 from infermesh.agent.gossip.messages import (
     Ack,
@@ -19,7 +20,7 @@ from infermesh.agent.gossip.messages import (
     Suspect,
     Update,
 )
-from infermesh.agent.gossip.swim import Swim, SwimConfig
+from infermesh.agent.gossip.swim import Swim
 
 __all__ = [
     "Ack",
