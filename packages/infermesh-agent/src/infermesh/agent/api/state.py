@@ -54,42 +54,24 @@ class StateService(state_pb2_grpc.StateServicer):
     async def PushModelDeltas(
         self, request_iterator: AsyncIterator[types_pb2.ModelStateDelta], context: Any
     ) -> state_pb2.PushAck:
-        applied = stale = 0
-        async for message in request_iterator:
-            try:
-                delta = model_delta_from_pb(message)
-            except ValueError as exc:
-                await abort(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"PushModelDeltas: delta #{applied + stale + 1}: {exc} "
-                    f"({applied + stale} earlier deltas were accepted)",
-                )
-            if self.store.apply_model_delta(delta):
-                applied += 1
-            else:
-                stale += 1
-        return state_pb2.PushAck(applied=applied, stale=stale)
+        return await _apply_stream(
+            "PushModelDeltas",
+            request_iterator,
+            model_delta_from_pb,
+            self.store.apply_model_delta,
+            context,
+        )
 
     async def PushGpuDeltas(
         self, request_iterator: AsyncIterator[types_pb2.GpuStateDelta], context: Any
     ) -> state_pb2.PushAck:
-        applied = stale = 0
-        async for message in request_iterator:
-            try:
-                delta = gpu_delta_from_pb(message)
-            except ValueError as exc:
-                await abort(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"PushGpuDeltas: delta #{applied + stale + 1}: {exc} "
-                    f"({applied + stale} earlier deltas were accepted)",
-                )
-            if self.store.apply_gpu_delta(delta):
-                applied += 1
-            else:
-                stale += 1
-        return state_pb2.PushAck(applied=applied, stale=stale)
+        return await _apply_stream(
+            "PushGpuDeltas",
+            request_iterator,
+            gpu_delta_from_pb,
+            self.store.apply_gpu_delta,
+            context,
+        )
 
     # ------------------------------------------------------------------ watch
 
@@ -211,3 +193,34 @@ def _overflow_message() -> str:
     return (
         f"watcher fell more than {WATCH_BUFFER} deltas behind; reconnect with initial_snapshot=true"
     )
+
+
+_Msg = TypeVar("_Msg")
+_Delta = TypeVar("_Delta")
+
+
+async def _apply_stream(
+    rpc: str,
+    messages: AsyncIterator[_Msg],
+    decode: Callable[[_Msg], _Delta],
+    apply: Callable[[_Delta], bool],
+    context: Any,
+) -> state_pb2.PushAck:
+    """Decode and apply a pushed delta stream; a malformed delta aborts with INVALID_ARGUMENT
+    naming its position (the ones before it stay applied)."""
+    applied = stale = 0
+    async for message in messages:
+        try:
+            delta = decode(message)
+        except ValueError as exc:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{rpc}: delta #{applied + stale + 1}: {exc} "
+                f"({applied + stale} earlier deltas were accepted)",
+            )
+        if apply(delta):
+            applied += 1
+        else:
+            stale += 1
+    return state_pb2.PushAck(applied=applied, stale=stale)
