@@ -47,9 +47,9 @@ class Network:
     _queue: list[tuple[float, int, str, Outgoing]] = attrs.field(factory=list)
     _counter: itertools.count[int] = attrs.field(factory=itertools.count)
 
-    def add(self, node_id: str) -> Swim:
+    def add(self, node_id: str, meta: bytes = b"") -> Swim:
         rng = random.Random(f"{self.seed}-{node_id}")
-        node = Swim(node_id, self.config, rng, self.now)
+        node = Swim(node_id, self.config, rng, self.now, address=f"{node_id}:7946", meta=meta)
         self.nodes[node_id] = node
         return node
 
@@ -292,3 +292,39 @@ def test_config_rejects_nonsense_with_a_clear_message() -> None:
     with pytest.raises(ValueError, match="self_id"):
         Swim("", SwimConfig.lan(), random.Random(0), now=0.0)
     assert SwimConfig.wan().probe_interval_s == 5.0
+
+
+def test_addresses_and_metadata_reach_members_that_never_talked_to_each_other() -> None:
+    network = converged_network(6)
+
+    for node in network.nodes.values():
+        for member_id in network.nodes:
+            assert node.address_of(member_id) == f"{member_id}:7946"
+
+    network.nodes["n4"].update_meta(network.now, b"zone=b")
+    network.run_until(network.now + 5.0)
+
+    for node in network.nodes.values():
+        member = node.member("n4")
+        assert member is not None
+        assert member.meta == b"zone=b"
+        assert member.state is MemberState.ALIVE
+    updated = {owner for owner, e in network.events if e.kind == "updated" and e.member_id == "n4"}
+    assert updated == set(network.nodes) - {"n4"}
+
+
+def test_a_restarted_node_with_new_metadata_outbids_its_old_life() -> None:
+    network = converged_network(5)
+    old_incarnation = network.nodes["n0"].members["n3"].incarnation
+    network.crashed.add("n3")
+
+    restarted = network.add("n3", meta=b"v2")
+    network.crashed.discard("n3")
+    network.route("n3", restarted.join(network.now, ["n0"]))
+    network.run_until(network.now + 5.0)
+
+    assert restarted.incarnation > old_incarnation
+    for node in network.nodes.values():
+        member = node.member("n3")
+        assert member is not None
+        assert (member.meta, member.state) == (b"v2", MemberState.ALIVE)

@@ -28,6 +28,8 @@ class Member:
     incarnation: int
     state: MemberState
     state_since_s: float
+    address: str = ""
+    meta: bytes = b""
 
     @property
     def is_gone(self) -> bool:
@@ -38,7 +40,7 @@ class Member:
 class MemberEvent:
     """A change of a member's state as seen by this node (joined = first seen alive)."""
 
-    kind: str  # "joined" | "alive" | "suspect" | "dead" | "left"
+    kind: str  # "joined" | "alive" | "suspect" | "dead" | "left" | "updated" (address or meta)
     member_id: str
     incarnation: int
     at_s: float

@@ -16,6 +16,7 @@ __all__ = [
     "Leave",
     "Message",
     "Nack",
+    "NodeSnapshot",
     "Outgoing",
     "Ping",
     "PingReq",
@@ -27,10 +28,17 @@ __all__ = [
 
 @attrs.frozen
 class Alive:
-    """`member` is alive at `incarnation` (also how a member joins or refutes a suspicion)."""
+    """`member` is alive at `incarnation` (also how a member joins or refutes a suspicion).
+
+    `address` is where its gossip listens (`host:port`); `meta` is the opaque member metadata
+    (roles, zone, labels, advertised APIs) that the shell encodes. Both ride with every `Alive`,
+    so a member learned second-hand can be reached and described.
+    """
 
     member: str
     incarnation: int
+    address: str = ""
+    meta: bytes = b""
 
 
 @attrs.frozen
@@ -104,10 +112,21 @@ class Gossip:
 
 
 @attrs.frozen
+class NodeSnapshot:
+    """One member as the sender sees it, for push-pull: state, incarnation, address and meta."""
+
+    member: str
+    incarnation: int
+    state: str  # "alive" | "suspect" | "dead" | "left" (MemberState values)
+    address: str = ""
+    meta: bytes = b""
+
+
+@attrs.frozen
 class PushPull:
     """Full membership state for joining and anti-entropy; `reply` asks for the receiver's."""
 
-    states: tuple[Update, ...]
+    states: tuple[NodeSnapshot, ...]
     reply: bool
 
 

@@ -28,6 +28,7 @@ from infermesh.agent.gossip.messages import (
     Leave,
     Message,
     Nack,
+    NodeSnapshot,
     Outgoing,
     Ping,
     PingReq,
@@ -61,13 +62,24 @@ class _Relay:
 class Swim:
     """One node's view of the cluster. Not thread-safe; drive it from one task."""
 
-    def __init__(self, self_id: str, config: SwimConfig, rng: random.Random, now: float) -> None:
+    def __init__(
+        self,
+        self_id: str,
+        config: SwimConfig,
+        rng: random.Random,
+        now: float,
+        *,
+        address: str = "",
+        meta: bytes = b"",
+    ) -> None:
         if not self_id:
             raise ValueError("Swim needs a non-empty self_id")
         self.self_id = self_id
         self.config = config
         self._rng = rng
-        self._members: dict[str, Member] = {self_id: Member(self_id, 0, MemberState.ALIVE, now)}
+        self._members: dict[str, Member] = {
+            self_id: Member(self_id, 0, MemberState.ALIVE, now, address, meta)
+        }
         self._suspicions: dict[str, Suspicion] = {}
         self._broadcasts = BroadcastQueue()
         self._events: list[MemberEvent] = []
@@ -95,6 +107,16 @@ class Swim:
     @property
     def members(self) -> dict[str, Member]:
         return {member_id: attrs.evolve(m) for member_id, m in self._members.items()}
+
+    def member(self, member_id: str) -> Member | None:
+        """A copy of what this node believes about `member_id`, or None if it never heard of it."""
+        member = self._members.get(member_id)
+        return None if member is None else attrs.evolve(member)
+
+    def address_of(self, member_id: str) -> str | None:
+        """Where `member_id`'s gossip listens, if known (empty addresses count as unknown)."""
+        member = self._members.get(member_id)
+        return member.address or None if member is not None else None
 
     def state_of(self, member_id: str) -> MemberState | None:
         member = self._members.get(member_id)
@@ -132,11 +154,24 @@ class Swim:
     # --------------------------------------------------------------- commands
     def join(self, now: float, seeds: Iterable[str]) -> list[Outgoing]:
         """Announce ourselves to `seeds` with a full-state push-pull that asks for theirs."""
-        self._queue_update(Alive(self.self_id, self.incarnation))
+        self._queue_update(self._self_alive())
         state = self._state_snapshot()
         return [
             Outgoing(seed, PushPull(state, reply=True)) for seed in seeds if seed != self.self_id
         ]
+
+    def update_meta(self, now: float, meta: bytes) -> None:
+        """Change this node's metadata: a new incarnation carries it to every member."""
+        me = self._members[self.self_id]
+        if self._left or me.meta == meta:
+            return
+        me.meta = meta
+        me.incarnation += 1
+        self._queue_update(self._self_alive())
+
+    def _self_alive(self) -> Alive:
+        me = self._members[self.self_id]
+        return Alive(self.self_id, me.incarnation, me.address, me.meta)
 
     def leave(self, now: float) -> list[Outgoing]:
         """Leave gracefully: broadcast `Leave` and stop probing; keep ticking to gossip it."""
@@ -178,11 +213,14 @@ class Swim:
 
     def receive(self, now: float, sender: str, message: Message) -> list[Outgoing]:
         if isinstance(message, PushPull):
-            for state in message.states:
-                if state.member not in self._members and isinstance(state, Suspect | Dead):
-                    # Learn of it first, then hear the accusation.
-                    self._apply(now, Alive(state.member, state.incarnation))
-                self._apply(now, _merge_view(state))
+            for snapshot in message.states:
+                alive = Alive(
+                    snapshot.member, snapshot.incarnation, snapshot.address, snapshot.meta
+                )
+                if snapshot.member not in self._members and snapshot.state != "left":
+                    # Learn of it (and where it is) first, then hear any accusation.
+                    self._apply(now, alive)
+                self._apply(now, _merge_view(snapshot, alive, sender))
             if message.reply:
                 return [Outgoing(sender, PushPull(self._state_snapshot(), reply=False))]
             return []
@@ -331,19 +369,11 @@ class Swim:
                 out.append(Outgoing(peer, Gossip(updates)))
         return out
 
-    def _state_snapshot(self) -> tuple[Update, ...]:
-        states: list[Update] = []
-        for m in self._members.values():
-            match m.state:
-                case MemberState.ALIVE:
-                    states.append(Alive(m.member_id, m.incarnation))
-                case MemberState.SUSPECT:
-                    states.append(Suspect(m.member_id, m.incarnation, self.self_id))
-                case MemberState.DEAD:
-                    states.append(Dead(m.member_id, m.incarnation, self.self_id))
-                case MemberState.LEFT:
-                    states.append(Leave(m.member_id, m.incarnation))
-        return tuple(states)
+    def _state_snapshot(self) -> tuple[NodeSnapshot, ...]:
+        return tuple(
+            NodeSnapshot(m.member_id, m.incarnation, m.state.value, m.address, m.meta)
+            for m in self._members.values()
+        )
 
     # ------------------------------------------------------- membership rules
     def _queue_update(self, update: Update) -> None:
@@ -356,7 +386,7 @@ class Swim:
     def _refute(self, incarnation: int) -> None:
         me = self._members[self.self_id]
         me.incarnation = max(me.incarnation, incarnation) + 1
-        self._queue_update(Alive(self.self_id, me.incarnation))
+        self._queue_update(self._self_alive())
         # Lifeguard: being suspected hints that our own processing is slow.
         self._adjust_awareness(1)
 
@@ -369,16 +399,22 @@ class Swim:
                 self._refute(update.incarnation)
             elif isinstance(update, Suspect | Dead):
                 # The accuser missed our refutation (it may have been lost): repeat it.
-                self._queue_update(Alive(self.self_id, self.incarnation))
-            elif isinstance(update, Alive) and update.incarnation > self.incarnation:
-                # Our own older life (before a restart) was seen at a higher incarnation.
-                self._members[self.self_id].incarnation = update.incarnation
-                self._queue_update(update)
+                self._queue_update(self._self_alive())
+            elif isinstance(update, Alive) and update.incarnation >= self.incarnation:
+                me = self._members[self.self_id]
+                if update.incarnation > me.incarnation or (update.address, update.meta) != (
+                    me.address,
+                    me.meta,
+                ):
+                    # Our older life (before a restart) is known at this incarnation, perhaps
+                    # with other metadata: outbid it so our current address and meta win.
+                    me.incarnation = update.incarnation + 1
+                    self._queue_update(self._self_alive())
             return
         match update:
-            case Alive(member=member_id, incarnation=incarnation):
+            case Alive(member=member_id, incarnation=incarnation, address=address, meta=meta):
                 if member is None:
-                    member = Member(member_id, incarnation, MemberState.ALIVE, now)
+                    member = Member(member_id, incarnation, MemberState.ALIVE, now, address, meta)
                     self._members[member_id] = member
                     # Probe the newcomer within this round, at a random position.
                     position = self._rng.randint(self._probe_index, len(self._probe_order))
@@ -387,8 +423,16 @@ class Swim:
                 elif incarnation <= member.incarnation:
                     return
                 else:
+                    changed = (address, meta) != (member.address, member.meta)
+                    member.address, member.meta = address, meta
                     self._suspicions.pop(member_id, None)
-                    self._set_state(now, member, MemberState.ALIVE, incarnation)
+                    if member.state is MemberState.ALIVE and changed:
+                        member.incarnation = incarnation
+                        self._events.append(MemberEvent("updated", member_id, incarnation, now))
+                    elif member.state is MemberState.ALIVE:
+                        member.incarnation = incarnation
+                    else:
+                        self._set_state(now, member, MemberState.ALIVE, incarnation)
                 self._queue_update(update)
             case Suspect(member=member_id, incarnation=incarnation, accuser=accuser):
                 if member is None or member.is_gone or incarnation < member.incarnation:
@@ -438,8 +482,12 @@ class Swim:
         self._apply(now, Dead(member_id, incarnation, self.self_id))
 
 
-def _merge_view(state: Update) -> Update:
-    """A remote full state says 'dead' only as a suspicion: we have not seen it die ourselves."""
-    if isinstance(state, Dead):
-        return Suspect(state.member, state.incarnation, state.accuser)
-    return state
+def _merge_view(snapshot: NodeSnapshot, alive: Alive, sender: str) -> Update:
+    """The update a pushed member state means to us. A remote 'dead' is only a suspicion: we
+    have not seen it die ourselves."""
+    match snapshot.state:
+        case "suspect" | "dead":
+            return Suspect(snapshot.member, snapshot.incarnation, sender)
+        case "left":
+            return Leave(snapshot.member, snapshot.incarnation)
+    return alive
