@@ -154,7 +154,9 @@ def test_unknown_key_is_reported_with_a_suggestion(tmp_path: Path) -> None:
 
 def test_unknown_section_lists_the_known_ones(tmp_path: Path) -> None:
     path = write(tmp_path, "[bogus]\nx = 1\n")
-    with pytest.raises(ConfigError, match=r"bogus: unknown key \(known keys: agent, gpus, logging"):
+    with pytest.raises(
+        ConfigError, match=r"bogus: unknown key \(known keys: agent, gossip, gpus, logging"
+    ):
         load_config(path, environ={})
 
 
@@ -340,3 +342,92 @@ def test_router_scoring_mode_must_be_local_or_agent(tmp_path: Path) -> None:
         load_config(path, environ={})
     assert "router.scoring" in str(info.value)
     assert "local" in str(info.value)
+
+
+# --------------------------------------------------------------------------- [gossip]
+
+
+def test_gossip_is_off_by_default_and_needs_nothing() -> None:
+    config = load_config(environ={})
+    assert config.gossip.enabled is False
+    assert config.gossip.profile == "lan"
+    assert config.gossip.profile_overrides() == {}
+
+
+def test_gossip_table_from_file_and_seeds_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "infermesh.toml"
+    path.write_text(
+        """
+        [node]
+        labels = { rack = "r7" }
+
+        [gossip]
+        enabled = true
+        bind = "10.0.0.5:7946"
+        key_file = "/etc/infermesh/gossip.key"
+        roles = ["gpu"]
+        probe_interval_s = 0.2
+        """
+    )
+    env = {"INFERMESH_GOSSIP__SEEDS": "10.0.0.1:7946, seed.example:7946"}
+    config = load_config(path, environ=env)
+    assert config.gossip.seeds == ["10.0.0.1:7946", "seed.example:7946"]
+    assert config.gossip.roles == ["gpu"]
+    assert config.node.labels == {"rack": "r7"}
+    assert config.gossip.profile_overrides() == {"probe_interval_s": 0.2}
+
+
+def test_enabled_gossip_without_a_key_tells_how_to_make_one(tmp_path: Path) -> None:
+    path = write(tmp_path, '[gossip]\nenabled = true\nbind = "127.0.0.1:7946"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    message = str(err.value)
+    assert message.startswith(f"{path}: gossip.key_file: required when gossip is enabled")
+    assert "infermesh agent gossip keygen" in message
+    assert "gossip.insecure = true" in message
+
+
+def test_insecure_gossip_needs_no_key(tmp_path: Path) -> None:
+    path = write(tmp_path, '[gossip]\nenabled = true\nbind = "127.0.0.1:0"\ninsecure = true\n')
+    assert load_config(path, environ={}).gossip.insecure is True
+
+
+def test_wildcard_bind_needs_an_advertise_address_only_when_enabled(tmp_path: Path) -> None:
+    assert load_config(environ={}).gossip.bind == "0.0.0.0:7946"  # default, disabled: fine
+    path = write(tmp_path, '[gossip]\nenabled = true\ninsecure = true\nbind = "[::]:7946"\n')
+    with pytest.raises(ConfigError, match=r"gossip\.advertise: required when gossip\.bind"):
+        load_config(path, environ={})
+    path.write_text(
+        '[gossip]\nenabled = true\ninsecure = true\nbind = "0.0.0.0:7946"\n'
+        'advertise = "10.0.0.5:7946"\n'
+    )
+    assert load_config(path, environ={}).gossip.advertise == "10.0.0.5:7946"
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[gossip]\nbind = "7946"', "gossip.bind: expected HOST:PORT"),
+        ('[gossip]\nadvertise = "10.0.0.5:0"', "gossip.advertise: needs a real port"),
+        (
+            '[gossip]\nadvertise = "0.0.0.0:7946"',
+            "gossip.advertise: must be an address others can reach",
+        ),
+        ('[gossip]\nseeds = ["a:1", "b"]', "gossip.seeds[1]: expected HOST:PORT"),
+        ('[gossip]\nseeds = ["a:70000"]', "gossip.seeds[0]: expected HOST:PORT"),
+        ('[gossip]\nprofile = "dc"', "gossip.profile: expected one of lan, wan, got 'dc'"),
+        ("[gossip]\ninject_loss = 1.0", "gossip.inject_loss: must be in [0, 1), got 1.0"),
+        ("[gossip]\ninject_loss = -0.1", "gossip.inject_loss: must be in [0, 1)"),
+        ("[gossip]\nsuspicion_mult = -1", "gossip.suspicion_mult: must be >= 0"),
+        (
+            "[gossip]\nprobe_interval_s = 0.2\nprobe_timeout_s = 0.5",
+            "gossip.probe_timeout_s: must not exceed gossip.probe_interval_s (0.2), got 0.5",
+        ),
+        ('[gossip]\nseeds = "a:1"', "gossip.seeds: expected a list of strings"),
+    ],
+)
+def test_bad_gossip_values_are_rejected(tmp_path: Path, toml: str, message: str) -> None:
+    path = write(tmp_path, toml + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert str(err.value).startswith(f"{path}: {message}")

@@ -38,6 +38,7 @@ __all__ = [
     "AgentConfig",
     "Config",
     "ConfigError",
+    "GossipConfig",
     "GpuConfig",
     "LoggingConfig",
     "NodeConfig",
@@ -88,6 +89,8 @@ class NodeConfig:
     """This node's id in target ids, logs and metrics (default: the host name)."""
     zone: str = ""
     """Free-form failure zone (rack, availability zone) used for placement."""
+    labels: dict[str, str] = attrs.field(factory=dict)
+    """Free-form `key = "value"` labels, advertised to the mesh in the member metadata."""
 
 
 @attrs.define
@@ -165,6 +168,49 @@ class RouterConfig:
 
 
 @attrs.define
+class GossipConfig:
+    """`[gossip]`: the SWIM membership mesh between agents (docs/gossip.md)."""
+
+    enabled: bool = False
+    """True turns the mesh on."""
+    bind: str = "0.0.0.0:7946"
+    """UDP and TCP `host:port` (the same port for both); port 0 picks a free one."""
+    advertise: str = ""
+    """`host:port` other nodes use to reach this one; empty: `bind` (not a wildcard then)."""
+    seeds: list[str] = attrs.field(factory=list)
+    """`host:port` or `dns-name:port` of members to join through."""
+    key_file: str = ""
+    """Base64 AES keys, one per line, the first being the primary."""
+    insecure: bool = False
+    """Plaintext gossip without a key file (a loud warning at start)."""
+    profile: str = "lan"
+    """SWIM parameters: `lan` or `wan` (memberlist's profiles)."""
+    roles: list[str] = attrs.field(factory=list)
+    """Roles advertised in the member metadata."""
+    zone: str = ""
+    """Zone advertised in the member metadata (default: `node.zone`)."""
+    inject_loss: float = 0.0
+    """Test-only fault injection: drop this fraction of inbound packets."""
+    # Advanced: override one parameter of the profile (0 keeps the profile's value).
+    probe_interval_s: float = 0.0
+    probe_timeout_s: float = 0.0
+    suspicion_mult: float = 0.0
+    gossip_interval_s: float = 0.0
+    push_pull_interval_s: float = 0.0
+
+    def profile_overrides(self) -> dict[str, float]:
+        """The SWIM parameters this table overrides: name -> value (only those set)."""
+        names = (
+            "probe_interval_s",
+            "probe_timeout_s",
+            "suspicion_mult",
+            "gossip_interval_s",
+            "push_pull_interval_s",
+        )
+        return {name: getattr(self, name) for name in names if getattr(self, name) > 0}
+
+
+@attrs.define
 class PluginsConfig:
     allow: list[str] = attrs.field(factory=list)
     """Only these entry-point names are loaded (empty: all)."""
@@ -189,6 +235,7 @@ class Config:
     runtimes: list[RuntimeConfig] = attrs.field(factory=list)
     gpus: list[GpuConfig] = attrs.field(factory=list)
     scoring: ScoringConfig = attrs.field(factory=ScoringConfig)
+    gossip: GossipConfig = attrs.field(factory=GossipConfig)
     plugins: PluginsConfig = attrs.field(factory=PluginsConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
 
@@ -444,6 +491,78 @@ def _value_problems(config: Config) -> list[tuple[str, str]]:
     one_of("logging.format", config.logging.format, LOG_FORMATS)
     one_of("router.scoring", config.router.scoring, ("local", "agent"))
     one_of("router.server", config.router.server, ("uvicorn",))
+    problems.extend(_gossip_problems(config.gossip))
+    return problems
+
+
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+_KEYGEN_HINT = (
+    "run `infermesh agent gossip keygen > gossip.key` and set gossip.key_file to that file "
+    "(the same file on every node), or set gossip.insecure = true for plaintext gossip"
+)
+
+
+def _gossip_problems(gossip: GossipConfig) -> list[tuple[str, str]]:
+    """`[gossip]` checks; those that only matter for a running mesh apply when enabled."""
+    problems: list[tuple[str, str]] = []
+
+    def host_port(key: str, value: str, *, port_zero_ok: bool) -> tuple[str, int] | None:
+        try:
+            host, port = parse_host_port(value)
+        except ValueError as exc:
+            problems.append((key, str(exc)))
+            return None
+        if port == 0 and not port_zero_ok:
+            problems.append((key, f"needs a real port (1-65535), got {value!r}"))
+            return None
+        return host, port
+
+    bind = host_port("gossip.bind", gossip.bind, port_zero_ok=True)
+    advertise = None
+    if gossip.advertise:
+        advertise = host_port("gossip.advertise", gossip.advertise, port_zero_ok=False)
+        if advertise is not None and advertise[0] in _WILDCARD_HOSTS:
+            problems.append(
+                (
+                    "gossip.advertise",
+                    f"must be an address others can reach, got {gossip.advertise!r}",
+                )
+            )
+    for index, seed in enumerate(gossip.seeds):
+        host_port(f"gossip.seeds[{index}]", seed, port_zero_ok=False)
+    if gossip.profile.lower() not in ("lan", "wan"):
+        problems.append(("gossip.profile", f"expected one of lan, wan, got {gossip.profile!r}"))
+    if not 0 <= gossip.inject_loss < 1:
+        problems.append(("gossip.inject_loss", f"must be in [0, 1), got {gossip.inject_loss}"))
+    for name, value in (
+        ("probe_interval_s", gossip.probe_interval_s),
+        ("probe_timeout_s", gossip.probe_timeout_s),
+        ("suspicion_mult", gossip.suspicion_mult),
+        ("gossip_interval_s", gossip.gossip_interval_s),
+        ("push_pull_interval_s", gossip.push_pull_interval_s),
+    ):
+        if not value >= 0:
+            problems.append((f"gossip.{name}", f"must be >= 0 (0: the profile's), got {value}"))
+    if 0 < gossip.probe_interval_s < gossip.probe_timeout_s:
+        problems.append(
+            (
+                "gossip.probe_timeout_s",
+                f"must not exceed gossip.probe_interval_s ({gossip.probe_interval_s}), "
+                f"got {gossip.probe_timeout_s}",
+            )
+        )
+    if not gossip.enabled:
+        return problems
+    if not gossip.key_file and not gossip.insecure:
+        problems.append(("gossip.key_file", f"required when gossip is enabled: {_KEYGEN_HINT}"))
+    if bind is not None and bind[0] in _WILDCARD_HOSTS and not gossip.advertise:
+        problems.append(
+            (
+                "gossip.advertise",
+                f"required when gossip.bind listens on every interface ({gossip.bind!r}): "
+                "set the host:port other nodes reach this one at, e.g. 10.0.0.5:7946",
+            )
+        )
     return problems
 
 
