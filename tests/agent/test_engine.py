@@ -83,12 +83,14 @@ def test_every_ranked_target_carries_one_reason_per_scorer_with_its_weight() -> 
     mesh.put(key("a"), running=2, waiting=1, kv_cache_usage=0.5)
     (target,) = mesh.rank().targets
     reasons = {r.scorer: r for r in target.reasons}
-    assert set(reasons) == {"queue", "kv", "prefix"}
-    assert (reasons["queue"].weight, reasons["kv"].weight, reasons["prefix"].weight) == (2, 1, 3)
+    assert set(reasons) == {"queue", "kv", "prefix", "net_penalty"}
+    weights = {name: reason.weight for name, reason in reasons.items()}
+    assert weights == {"queue": 2, "kv": 1, "prefix": 3, "net_penalty": 1}
     assert "running 2, waiting 1" in reasons["queue"].reason
     assert reasons["kv"].reason == "KV cache 50% used"
     assert reasons["prefix"].score == 0.5
-    weighted = sum(r.score * r.weight for r in target.reasons) / 6
+    assert reasons["net_penalty"].score == 1.0  # no RTT estimator: every target counts as local
+    weighted = sum(r.score * r.weight for r in target.reasons) / 7
     assert target.score == pytest.approx(weighted)
 
 
@@ -257,12 +259,18 @@ def test_weights_come_from_config_and_zero_disables_a_scorer() -> None:
     mesh = Mesh(weights={"prefix": 0.0, "kv": 4.0})
     mesh.put(key("a"))
     (target,) = mesh.rank().targets
-    assert {r.scorer: r.weight for r in target.reasons} == {"kv": 4.0, "queue": 2.0}
+    assert {r.scorer: r.weight for r in target.reasons} == {
+        "kv": 4.0,
+        "queue": 2.0,
+        "net_penalty": 1.0,
+    }
 
 
 def test_an_unknown_weight_name_is_a_clear_startup_error() -> None:
     registered = {s.name: s for s in builtin_scorers()}
-    with pytest.raises(ScoringSetupError, match=r"unknown scorer\(s\) 'qeue'.*kv, prefix, queue"):
+    with pytest.raises(
+        ScoringSetupError, match=r"unknown scorer\(s\) 'qeue'.*kv, net_penalty, prefix, queue"
+    ):
         resolve_scorers(registered, ScoringConfig(weights={"qeue": 1.0}))
 
 
@@ -270,7 +278,10 @@ def test_an_unknown_weight_name_is_a_clear_startup_error() -> None:
     ("scoring", "message"),
     [
         (ScoringConfig(weights={"kv": -1.0}), "scoring.weights.kv: weight must be"),
-        (ScoringConfig(weights={"kv": 0.0, "queue": 0.0, "prefix": 0.0}), "every scorer"),
+        (
+            ScoringConfig(weights={"kv": 0.0, "queue": 0.0, "prefix": 0.0, "net_penalty": 0.0}),
+            "every scorer",
+        ),
         (ScoringConfig(prefix_load_factor=0.5), "prefix_load_factor must be >= 1"),
         (ScoringConfig(stale_after_s=0.0), "stale_after_s must be > 0"),
     ],
@@ -295,4 +306,5 @@ def test_the_built_in_scorers_register_through_the_plugin_hook() -> None:
         "queue": 2.0,
         "kv": 1.0,
         "prefix": 3.0,
+        "net_penalty": 1.0,
     }

@@ -79,7 +79,7 @@ def infermesh_register_commands(register):
 """
 
 
-CORE_SCORERS = {"queue": "core", "kv": "core", "prefix": "core"}
+CORE_SCORERS = {"queue": "core", "kv": "core", "prefix": "core", "net_penalty": "core"}
 """The built-in scorers core's own plugin registers whenever it is loaded."""
 
 

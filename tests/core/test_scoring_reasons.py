@@ -49,12 +49,14 @@ def test_ranked_reasons_read_as_the_eagerly_formatted_text() -> None:
             "prefix": f"{prefix} placed here (rendezvous rank 1/2), "
             "load 3 < capacity 4 (minimum; bounded-load 3)",
             "queue": "work left 3750ms (running 1, waiting 1, in-flight 1); mean 1875ms",
+            "net_penalty": "rtt unknown: treated as local",
         },
         "n0": {
             "kv": "KV cache 0% used",
             "prefix": f"{prefix} rendezvous rank 2/2, not chosen: rank 1 has room "
             "(load 0, capacity 4 (minimum; bounded-load 3))",
             "queue": "work left 0ms (running 0, waiting 0, in-flight 0); mean 1875ms",
+            "net_penalty": "rtt unknown: treated as local",
         },
     }
 

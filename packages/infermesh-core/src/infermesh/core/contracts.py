@@ -120,7 +120,8 @@ class TargetView:
 
     `running`, `waiting`, `unseen`, `load` and `expected_work_left_s` apply these corrections:
     read them rather than `state.running` / `state.waiting`. `ttft_ewma_s` and `error_rate`
-    come from outcome reports.
+    come from outcome reports. `rtt_s` is the estimated network round trip from the deciding
+    node to the target's node (Vivaldi coordinates); None when unknown or local.
     """
 
     state: ModelState
@@ -131,6 +132,7 @@ class TargetView:
     now: float = 0.0
     finished_unseen: int = 0
     open_before_scrape: int = 0
+    rtt_s: float | None = None
 
     running: float = attrs.field(init=False)
     """Running requests, less those that finished since the scrape beyond the queue."""

@@ -8,14 +8,14 @@ in-flight tracker; it never awaits, logs or writes state.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import attrs
 
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import Scorer, ScoreResult, TargetView
-from infermesh.core.model import ModelState, RequestFeatures
+from infermesh.core.model import ModelState, RequestFeatures, finite_or_none
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.state import StateStore
 
@@ -24,6 +24,7 @@ __all__ = [
     "Exclusion",
     "RankedTarget",
     "Ranking",
+    "RttEstimate",
     "ScoreReason",
     "ScoringEngine",
     "ScoringSetupError",
@@ -40,6 +41,9 @@ RETRY_UNAVAILABLE_S = 5.0
 _KEY_FILTERS = frozenset({"model", "node", "endpoint"})
 # Candidate tuples whose target ids the engine keeps (one per model, as the store hands out).
 _IDS_CACHE_SIZE = 1024
+
+RttEstimate = Callable[[str], float | None]
+"""Estimated network round trip in seconds from this node to a node id; None when unknown."""
 
 
 class ScoringSetupError(Exception):
@@ -167,6 +171,9 @@ class ScoringEngine:
         engine = ScoringEngine(store, inflight, resolve_scorers(
             {s.name: s for s in builtin_scorers()}, ScoringConfig()))
         ranking = engine.rank(RequestFeatures(model="m"), now=time.time())
+
+    `rtt_estimate` (e.g. the gossip mesh's Vivaldi estimate) fills `TargetView.rtt_s` for each
+    candidate's node, asked once per node per ranking; without it every `rtt_s` is None.
     """
 
     def __init__(
@@ -176,6 +183,7 @@ class ScoringEngine:
         scorers: Sequence[WeightedScorer],
         *,
         stale_after_s: float = 5.0,
+        rtt_estimate: RttEstimate | None = None,
     ) -> None:
         if not scorers:
             raise ScoringSetupError("the scoring engine needs at least one scorer")
@@ -183,8 +191,10 @@ class ScoringEngine:
         self.inflight = inflight
         self.scorers = tuple(scorers)
         self.stale_after_s = stale_after_s
+        self.rtt_estimate = rtt_estimate
         self._total_weight = sum(ws.weight for ws in self.scorers)
         self.scorer_failures: dict[str, int] = {}
+        self.rtt_estimate_failures = 0
         # id(candidate tuple) -> (that tuple, its target ids); the tuple is kept so that the
         # id cannot be reused by another tuple while the entry lives.
         self._ids_cache: dict[int, tuple[tuple[ModelState, ...], tuple[str, ...]]] = {}
@@ -196,12 +206,15 @@ class ScoringEngine:
         inflight: InflightTracker,
         registered: Mapping[str, Scorer],
         scoring: ScoringConfig,
+        *,
+        rtt_estimate: RttEstimate | None = None,
     ) -> ScoringEngine:
         return cls(
             store,
             inflight,
             resolve_scorers(registered, scoring),
             stale_after_s=scoring.stale_after_s,
+            rtt_estimate=rtt_estimate,
         )
 
     # ------------------------------------------------------------------ filters
@@ -250,7 +263,21 @@ class ScoringEngine:
             ttft_ewma_s=stats.ttft_ewma_s if stats else None,
             error_rate=stats.error_rate if stats else 0.0,
             now=now,
+            rtt_s=self._rtt_s(state.key.node),
         )
+
+    def _rtt_s(self, node: str) -> float | None:
+        """The estimated RTT to `node`; a failing or nonsensical estimate counts as unknown."""
+        estimate = self.rtt_estimate
+        if estimate is None:
+            return None
+        try:
+            rtt_s = estimate(node)
+        except Exception:
+            # Like a broken scorer, a broken estimate must not take the hot path down.
+            self.rtt_estimate_failures += 1
+            return None
+        return finite_or_none(rtt_s)
 
     # ------------------------------------------------------------------ ranking
 
@@ -276,6 +303,9 @@ class ScoringEngine:
         in_flight = inflight.in_flight
         finished_unseen = inflight.finished_unseen
         open_before = inflight.open_before
+        # One estimate per node per ranking: replicas of a model often share a node.
+        rtt_by_node: dict[str, float | None] | None = None if self.rtt_estimate is None else {}
+        rtt_s: float | None = None
         for state, target_id in zip(candidates, target_ids, strict=True):
             seen_at = state.last_updated
             # The usual case, checked inline: loaded, warm, healthy and fresh, no filters or
@@ -293,6 +323,12 @@ class ScoringEngine:
                     excluded.append(exclusion)
                     continue
             stats = stats_of(target_id)
+            if rtt_by_node is not None:
+                node = state.key.node
+                if node in rtt_by_node:
+                    rtt_s = rtt_by_node[node]
+                else:
+                    rtt_s = rtt_by_node[node] = self._rtt_s(node)
             ids.append(target_id)
             views.append(
                 TargetView(
@@ -304,6 +340,7 @@ class ScoringEngine:
                     ttft_ewma_s=stats.ttft_ewma_s if stats else None,
                     error_rate=stats.error_rate if stats else 0.0,
                     now=now,
+                    rtt_s=rtt_s,
                 )
             )
         if not views:

@@ -1,4 +1,4 @@
-"""The built-in scorers: queue (work left), KV-cache headroom and prefix affinity.
+"""The built-in scorers: queue (work left), KV-cache headroom, prefix affinity, network RTT.
 
 Each is a plain Scorer registered through `infermesh_register_scorers`, exactly as a third-party
 scorer would be. Pure functions of (request, candidate views): no clock, no I/O, no state.
@@ -19,6 +19,7 @@ from infermesh.core.model import RequestFeatures
 
 __all__ = [
     "KvHeadroomScorer",
+    "NetPenaltyScorer",
     "PrefixAffinityScorer",
     "QueueScorer",
     "builtin_scorers",
@@ -211,6 +212,54 @@ def _prefix_reason(
     return f"{prefix} rendezvous rank {rank + 1}/{count}, {why}"
 
 
-def builtin_scorers() -> list[QueueScorer | KvHeadroomScorer | PrefixAffinityScorer]:
+# An RTT at or below this is as good as local: the score does not tell such targets apart.
+LOCAL_RTT_S = 0.001
+
+
+@attrs.frozen
+class NetPenaltyScorer(PerTargetScorer):
+    """Prefers replicas a short network round trip away (`TargetView.rtt_s`, from Vivaldi).
+
+    score = 1 at an RTT of at most 1 ms, falling linearly to 0 at `penalty_rtt_s` (default
+    50 ms) and beyond. An unknown RTT (no estimate yet, or the engine has no estimator, as on a
+    router ranking one agent's targets) scores 1, like a local target: having no estimate is
+    no evidence of distance, and a penalty would push traffic toward whichever nodes happen to
+    have been measured. Its default weight (1, against queue 2 and prefix 3) lets it decide only
+    when the other scores are close.
+    """
+
+    penalty_rtt_s: float = attrs.field(default=0.05)
+    name: str = "net_penalty"
+    default_weight: float = 1.0
+
+    @penalty_rtt_s.validator
+    def _check_penalty(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if not (value > LOCAL_RTT_S and math.isfinite(value)):
+            raise ValueError(
+                f"net_penalty penalty_rtt_s must be a finite number > {LOCAL_RTT_S}, got {value}"
+            )
+
+    def score_one(self, request: RequestFeatures, target: TargetView) -> ScoreResult:
+        rtt_s = target.rtt_s
+        if rtt_s is None or rtt_s != rtt_s:  # unknown (or NaN): treated as local
+            return _RTT_UNKNOWN
+        if rtt_s <= LOCAL_RTT_S:
+            score = 1.0
+        else:
+            span_s = self.penalty_rtt_s - LOCAL_RTT_S
+            score = max(0.0, 1.0 - (rtt_s - LOCAL_RTT_S) / span_s)
+        return ScoreResult.deferred(score, _rtt_reason, rtt_s)
+
+
+_RTT_UNKNOWN = ScoreResult(1.0, "rtt unknown: treated as local")
+
+
+def _rtt_reason(rtt_s: float) -> str:
+    return f"rtt {rtt_s * 1000.0:.1f} ms"
+
+
+def builtin_scorers() -> list[
+    QueueScorer | KvHeadroomScorer | PrefixAffinityScorer | NetPenaltyScorer
+]:
     """Fresh instances of the built-in scorers (what the agent's plugin registers)."""
-    return [QueueScorer(), KvHeadroomScorer(), PrefixAffinityScorer()]
+    return [QueueScorer(), KvHeadroomScorer(), PrefixAffinityScorer(), NetPenaltyScorer()]
