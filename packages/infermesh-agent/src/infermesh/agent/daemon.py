@@ -2,8 +2,8 @@
 
 Construction (`Agent(config, host)`) validates everything and does no I/O, so a bad config
 fails before any socket is bound. `run()` binds the servers, pumps adapter deltas into the
-store, and on SIGTERM/SIGINT (or `request_stop()`) shuts down within `agent.shutdown_grace_s`.
-No scoring or protocol logic lives here.
+store, runs the gossip service when `gossip.enabled`, and on SIGTERM/SIGINT (or `request_stop()`)
+shuts down within `agent.shutdown_grace_s`. No scoring or protocol logic lives here.
 """
 
 from __future__ import annotations
@@ -12,16 +12,18 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.abc
+import attrs
 
 from infermesh.agent.api.scoring import ScoringService
 from infermesh.agent.api.server import GrpcServer, SocketInUseError
 from infermesh.agent.api.state import StateService
 from infermesh.agent.metrics import AgentMetrics, MetricsServer
-from infermesh.core.config import Config, GpuConfig, RuntimeConfig
+from infermesh.core.config import Config, GpuConfig, RuntimeConfig, parse_host_port
 from infermesh.core.contracts import AdapterContext, GpuAdapter, RuntimeAdapter
 from infermesh.core.logging import get_logger
 from infermesh.core.plugins import PluginError, PluginHost
@@ -29,7 +31,11 @@ from infermesh.core.scoring.engine import ScoringEngine, ScoringSetupError
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.state import StateStore
 
-__all__ = ["Agent", "AgentStartupError"]
+if TYPE_CHECKING:
+    from infermesh.agent.gossip.service import GossipService, GossipSettings
+    from infermesh.agent.gossip.values import NodeMeta
+
+__all__ = ["Agent", "AgentStartupError", "gossip_settings", "node_meta"]
 
 RESTART_BACKOFF_MIN_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
@@ -90,6 +96,68 @@ def _make_adapters(
     return adapters
 
 
+def node_meta(config: Config, gossip_host: str = "") -> NodeMeta:
+    """What this node tells the mesh about itself: roles, zone, labels, APIs and runtimes.
+
+    An API bound to a wildcard address is advertised at `gossip_host` (the host others reach
+    this node at); one bound to port 0 is not advertised (its port is not known yet).
+    """
+    from infermesh.agent.gossip.values import NodeMeta
+
+    apis = []
+    for name, listen in (
+        ("scoring", config.agent.listen),
+        ("metrics", config.agent.metrics_listen),
+        ("router", config.router.listen),
+    ):
+        if not listen:
+            continue
+        host, port = parse_host_port(listen)
+        if port == 0:
+            continue
+        if host in ("0.0.0.0", "::") and gossip_host:
+            host = gossip_host
+        apis.append((name, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"))
+    return NodeMeta(
+        node=config.node.id,
+        roles=tuple(config.gossip.roles),
+        zone=config.gossip.zone or config.node.zone,
+        labels=tuple(sorted(config.node.labels.items())),
+        apis=tuple(apis),
+        runtimes=tuple(runtime.url for runtime in config.runtimes),
+    )
+
+
+def gossip_settings(config: Config) -> GossipSettings:
+    """The gossip service's settings from `[gossip]`; AgentStartupError when they conflict."""
+    from infermesh.agent.gossip.config import SwimConfig
+    from infermesh.agent.gossip.service import GossipSettings
+
+    gossip = config.gossip
+    profile = SwimConfig.wan() if gossip.profile.lower() == "wan" else SwimConfig.lan()
+    try:
+        overrides: dict[str, Any] = gossip.profile_overrides()
+        swim = attrs.evolve(profile, **overrides)
+    except ValueError as exc:
+        message = str(exc).replace("SwimConfig.", "gossip.")
+        raise AgentStartupError(f"{message} (profile {gossip.profile!r})") from None
+    advertised_host = parse_host_port(gossip.advertise or gossip.bind)[0]
+    try:
+        return GossipSettings(
+            node_id=config.node.id,
+            bind=gossip.bind,
+            advertise=gossip.advertise,
+            seeds=tuple(gossip.seeds),
+            key_file=Path(gossip.key_file) if gossip.key_file else None,
+            insecure=gossip.insecure,
+            swim=swim,
+            meta=node_meta(config, advertised_host),
+            inject_loss=gossip.inject_loss,
+        )
+    except ValueError as exc:
+        raise AgentStartupError(str(exc)) from None
+
+
 class Agent:
     """Every part of one agent process, wired together."""
 
@@ -99,6 +167,15 @@ class Agent:
         self.config = config
         self.clock = clock
         self.store = StateStore()
+        self.gossip: GossipService | None = None
+        if config.gossip.enabled:
+            from infermesh.agent.gossip.service import GossipService
+
+            settings = gossip_settings(config)
+            try:
+                self.gossip = GossipService(settings, self.store, clock=clock)
+            except (OSError, ValueError) as exc:  # the key file is read here
+                raise AgentStartupError(f"gossip.key_file: {exc}") from None
         try:
             self.inflight = InflightTracker(ewma_alpha=config.scoring.outcome_ewma_alpha)
         except ValueError as exc:
@@ -106,7 +183,12 @@ class Agent:
         try:
             registered = host.scorers()
             self.engine = ScoringEngine.from_config(
-                self.store, self.inflight, registered, config.scoring
+                self.store,
+                self.inflight,
+                registered,
+                config.scoring,
+                # Vivaldi RTT to each candidate's node, for the net_penalty scorer.
+                rtt_estimate=self.gossip.rtt_s if self.gossip is not None else None,
             )
             runtime_factories = host.runtime_adapters()
             gpu_factories = host.gpu_adapters()
@@ -117,6 +199,8 @@ class Agent:
                 f"agent.shutdown_grace_s must be >= 0, got {config.agent.shutdown_grace_s}"
             )
         self.metrics = AgentMetrics(self.store, self.inflight, self.engine, clock)
+        if self.gossip is not None:
+            self.metrics.attach_gossip(self.gossip)
         self.runtime_adapters: list[tuple[str, RuntimeAdapter]] = _make_adapters(
             "runtimes", config.runtimes, runtime_factories, config.node.id, host
         )
@@ -137,7 +221,12 @@ class Agent:
         self.metrics_server: MetricsServer | None = None
         if config.agent.metrics_listen:
             try:
-                self.metrics_server = MetricsServer(self.metrics, config.agent.metrics_listen)
+                self.metrics_server = MetricsServer(
+                    self.metrics,
+                    config.agent.metrics_listen,
+                    node_id=config.node.id,
+                    gossip=self.gossip,
+                )
             except ValueError as exc:
                 raise AgentStartupError(str(exc)) from None
         self._stop: anyio.Event | None = None
@@ -170,6 +259,7 @@ class Agent:
                 else None
             )
             await self._start_servers()
+            gossip_error: AgentStartupError | None = None
             try:
                 async with anyio.create_task_group() as tg:
                     if signals is not None:
@@ -180,14 +270,30 @@ class Agent:
                         )
                     for name, gpu in self.gpu_adapters:
                         tg.start_soon(self._pump, name, gpu.deltas, self.store.apply_gpu_delta)
-                    await self.grpc.set_serving()
-                    self._log_ready()
-                    task_status.started(self)
-                    await self._stop.wait()
+                    gossip_error = await self._start_gossip(tg)
+                    if gossip_error is None:
+                        await self.grpc.set_serving()
+                        self._log_ready()
+                        task_status.started(self)
+                        await self._stop.wait()
+                    # Cancelling also makes the gossip service say goodbye (bounded, shielded).
                     tg.cancel_scope.cancel()
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._shutdown()
+            if gossip_error is not None:
+                raise gossip_error
+
+    async def _start_gossip(self, tg: anyio.abc.TaskGroup) -> AgentStartupError | None:
+        """Bind the gossip sockets and start joining; the error (not raised, so it is not
+        wrapped in the task group's ExceptionGroup) when the port cannot be bound."""
+        if self.gossip is None:
+            return None
+        try:
+            await tg.start(self.gossip.run)
+        except OSError as exc:
+            return AgentStartupError(f"gossip.bind {self.config.gossip.bind}: {exc}")
+        return None
 
     async def _start_servers(self) -> None:
         try:
@@ -205,6 +311,7 @@ class Agent:
             socket=str(self.grpc.socket_path),
             tcp_port=self.grpc.tcp_port,
             metrics_port=self.metrics_server.port if self.metrics_server else None,
+            gossip=self.gossip.address if self.gossip else None,
             runtimes=[name for name, _ in self.runtime_adapters],
             gpus=[name for name, _ in self.gpu_adapters],
             scorers={ws.name: ws.weight for ws in self.engine.scorers},

@@ -2,12 +2,16 @@
 
 Per-target and per-GPU gauges are produced by a collector that walks the store when /metrics
 is scraped, so writes and scoring pay nothing for them; counters are incremented by the APIs.
-The aiohttp server here only serves the registry; it never touches scoring state otherwise.
+Gossip metrics are read from the gossip service's counters and members the same way. The
+aiohttp server here serves the registry and, with gossip, `GET /gossip/members` as JSON; it
+never touches scoring or gossip state otherwise.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client import (
@@ -26,7 +30,20 @@ from infermesh.core.scoring.engine import ScoringEngine
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.state import StateStore
 
-__all__ = ["GPU_GAUGES", "TARGET_GAUGES", "AgentMetrics", "MetricsServer"]
+if TYPE_CHECKING:
+    from infermesh.agent.gossip.node import GossipCounters, MemberInfo
+
+__all__ = [
+    "GOSSIP_DROP_REASONS",
+    "GOSSIP_STATES",
+    "GPU_GAUGES",
+    "TARGET_GAUGES",
+    "AgentMetrics",
+    "GossipCollector",
+    "GossipView",
+    "MetricsServer",
+    "members_document",
+]
 
 TARGET_LABELS = ("target_id", "model", "node", "endpoint")
 GPU_LABELS = ("node", "gpu_uuid", "gpu_index", "gpu_name")
@@ -152,6 +169,113 @@ class StateCollector(Collector):
         yield failures
 
 
+GOSSIP_STATES = ("alive", "suspect", "dead", "left")
+# Always exported (0 until it happens) so rate() and alerts work from the first scrape; other
+# reasons the gossip layer reports appear when they first occur.
+GOSSIP_DROP_REASONS = ("unknown_key", "bad_seal", "malformed", "too_large", "injected_loss")
+
+
+class GossipView(Protocol):
+    """What the metrics read from the gossip service (`GossipService` provides it)."""
+
+    @property
+    def counters(self) -> GossipCounters: ...
+
+    @property
+    def address(self) -> str: ...
+
+    def members(self) -> list[MemberInfo]: ...
+
+
+class GossipCollector(Collector):
+    """`infermesh_gossip_*`: members by state and the node's counters, read at scrape time."""
+
+    def __init__(self, gossip: GossipView) -> None:
+        self.gossip = gossip
+
+    def collect(self) -> Iterator[Metric]:
+        members = self.gossip.members()
+        by_state = dict.fromkeys(GOSSIP_STATES, 0)
+        for member in members:
+            by_state[member.state] = by_state.get(member.state, 0) + 1
+        family = GaugeMetricFamily(
+            "infermesh_gossip_members",
+            "Members of the gossip mesh this agent knows, by state (itself included).",
+            labels=("state",),
+        )
+        for state, count in by_state.items():
+            family.add_metric([state], count)
+        yield family
+        rtt = GaugeMetricFamily(
+            "infermesh_gossip_member_rtt_seconds",
+            "Round-trip time to a member estimated from network coordinates (Vivaldi).",
+            labels=("member",),
+        )
+        for member in members:
+            if member.rtt_s is not None:
+                rtt.add_metric([member.node], member.rtt_s)
+        yield rtt
+        counters = self.gossip.counters
+        for name, help_text, value in (
+            ("probes", "Failure-detection probes this agent sent.", counters.probes),
+            ("suspicions", "Times this agent suspected a member.", counters.suspicions),
+            (
+                "refutations",
+                "Times this agent refuted a suspicion of itself.",
+                counters.refutations,
+            ),
+        ):
+            yield CounterMetricFamily(f"infermesh_gossip_{name}", help_text, value=value)
+        traffic = CounterMetricFamily(
+            "infermesh_gossip_bytes",
+            "Gossip bytes received and sent (UDP and TCP, sealed), by direction.",
+            labels=("direction",),
+        )
+        traffic.add_metric(["in"], counters.bytes_in)
+        traffic.add_metric(["out"], counters.bytes_out)
+        yield traffic
+        packets = CounterMetricFamily(
+            "infermesh_gossip_packets",
+            "Gossip packets received and sent, by direction.",
+            labels=("direction",),
+        )
+        packets.add_metric(["in"], counters.packets_in)
+        packets.add_metric(["out"], counters.packets_out)
+        yield packets
+        dropped = CounterMetricFamily(
+            "infermesh_gossip_packets_dropped",
+            "Gossip input dropped unparsed or unanswered, by reason (unknown_key: sealed with a "
+            "key this agent does not hold).",
+            labels=("reason",),
+        )
+        reasons = {**dict.fromkeys(GOSSIP_DROP_REASONS, 0), **counters.dropped}
+        for reason, count in sorted(reasons.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
+
+
+def members_document(node_id: str, gossip: GossipView) -> dict[str, Any]:
+    """The JSON of `GET /gossip/members`: this node, its gossip address and every member."""
+    members = []
+    for member in sorted(gossip.members(), key=lambda m: m.node):
+        meta = member.meta
+        members.append(
+            {
+                "node": member.node,
+                "state": member.state,
+                "incarnation": member.incarnation,
+                "address": member.address,
+                "rtt_s": member.rtt_s,
+                "roles": list(meta.roles) if meta else [],
+                "zone": meta.zone if meta else "",
+                "labels": dict(meta.labels) if meta else {},
+                "apis": dict(meta.apis) if meta else {},
+                "runtimes": list(meta.runtimes) if meta else [],
+            }
+        )
+    return {"node": node_id, "address": gossip.address, "members": members}
+
+
 class AgentMetrics:
     """The agent's registry, its counters, and the state collector."""
 
@@ -195,15 +319,29 @@ class AgentMetrics:
         )
         self.registry.register(StateCollector(store, inflight, engine, clock))
 
+    def attach_gossip(self, gossip: GossipView) -> None:
+        """Export the `infermesh_gossip_*` metrics of this gossip service."""
+        self.registry.register(GossipCollector(gossip))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class MetricsServer:
-    """Serves `GET /metrics` in the Prometheus text format on `host:port`."""
+    """Serves `GET /metrics` in the Prometheus text format on `host:port`, and the gossip
+    members as JSON on `GET /gossip/members` (404 when this agent does not gossip)."""
 
-    def __init__(self, metrics: AgentMetrics, listen: str) -> None:
+    def __init__(
+        self,
+        metrics: AgentMetrics,
+        listen: str,
+        *,
+        node_id: str = "",
+        gossip: GossipView | None = None,
+    ) -> None:
         self.metrics = metrics
+        self.node_id = node_id
+        self.gossip = gossip
         try:
             self.host, self.port = parse_host_port(listen)
         except ValueError as exc:
@@ -213,6 +351,7 @@ class MetricsServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self._handle)
+        app.router.add_get("/gossip/members", self._handle_members)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_port=False)
@@ -230,6 +369,13 @@ class MetricsServer:
         return web.Response(
             body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+    async def _handle_members(self, request: web.Request) -> web.Response:
+        if self.gossip is None:
+            body = {"error": "gossip is not enabled on this agent (set gossip.enabled = true)"}
+            return web.json_response(body, status=404)
+        document = members_document(self.node_id, self.gossip)
+        return web.json_response(document, dumps=lambda d: json.dumps(d, indent=1))
 
     async def stop(self) -> None:
         if self._runner is not None:
