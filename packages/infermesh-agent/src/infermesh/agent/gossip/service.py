@@ -18,6 +18,7 @@ import anyio.lowlevel
 import attrs
 from anyio.abc import SocketAttribute, SocketStream, TaskGroup, TaskStatus, UDPSocket
 from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from infermesh.agent.gossip.codec import MAX_STREAM_BYTES
 from infermesh.agent.gossip.config import SwimConfig
@@ -101,10 +102,7 @@ class GossipService:
         self._node: GossipNode | None = None
         self._udp: UDPSocket | None = None
         self._task_group: TaskGroup | None = None
-        # Datagrams wait here for the one task that writes to the UDP socket.
-        self._outbox, self._outbox_reader = anyio.create_memory_object_stream[Send](
-            max_buffer_size=OUTBOX_DATAGRAMS
-        )
+        self._outbox: MemoryObjectSendStream[Send] | None = None  # to the UDP writer task
         self._wakeup = anyio.Event()
         self._listeners: list[Callable[[MemberEvent], None]] = []
         self._resolved: dict[str, tuple[str, float]] = {}
@@ -162,22 +160,28 @@ class GossipService:
         self._udp = udp
         subscriptions = self._watch_store()
         log.info("gossip listening", node=self.settings.node_id, address=self.address)
+        # Datagrams wait here for the one task that writes to the UDP socket.
+        self._outbox, outbox_reader = anyio.create_memory_object_stream[Send](OUTBOX_DATAGRAMS)
         try:
-            with tcp:
-                await self._serve(udp, tcp, task_status)
+            with tcp, self._outbox, outbox_reader:
+                await self._serve(udp, tcp, outbox_reader, task_status)
         finally:
             for subscription in subscriptions:
                 subscription.close()
 
     async def _serve(
-        self, udp: UDPSocket, tcp: socket.socket, task_status: TaskStatus[GossipService]
+        self,
+        udp: UDPSocket,
+        tcp: socket.socket,
+        outbox: MemoryObjectReceiveStream[Send],
+        task_status: TaskStatus[GossipService],
     ) -> None:
         async with udp:
             try:
                 async with anyio.create_task_group() as tg:
                     self._task_group = tg
                     tg.start_soon(self._receive_datagrams, udp)
-                    tg.start_soon(self._send_datagrams)
+                    tg.start_soon(self._send_datagrams, outbox)
                     tg.start_soon(self._accept_streams, tcp)
                     tg.start_soon(self._run_timers)
                     tg.start_soon(self._join)
@@ -328,13 +332,14 @@ class GossipService:
                 assert self._task_group is not None
                 self._task_group.start_soon(self._exchange, send)
                 continue
+            assert self._outbox is not None
             try:
                 self._outbox.send_nowait(send)
             except anyio.WouldBlock:
                 self.node.counters.drop("send_queue_full")
 
-    async def _send_datagrams(self) -> None:
-        async for send in self._outbox_reader:
+    async def _send_datagrams(self, outbox: MemoryObjectReceiveStream[Send]) -> None:
+        async for send in outbox:
             await self._send_datagram(send)
 
     async def _send_datagram(self, send: Send) -> None:
