@@ -265,3 +265,13 @@ def test_members_table_marks_this_node_and_shows_rtt_in_ms() -> None:
     lines = format_members(body).splitlines()
     assert lines[1].split() == ["a", "dead", "10.0.0.1:7946", "3", "-", "-", "-"]
     assert lines[2].split() == ["b*", "alive", "1.25", "z", "gpu"]
+
+
+def test_members_command_finds_the_agent_from_the_config(workdir: Path) -> None:
+    config = workdir / "agent.toml"
+    config.write_text('[agent]\nmetrics_listen = "0.0.0.0:9"\n')
+    result = CliRunner().invoke(
+        agent_group, ["gossip", "members", "--config", str(config), "--timeout", "1"]
+    )
+    assert result.exit_code == 1
+    assert "cannot reach the agent at http://127.0.0.1:9/gossip/members" in result.output
