@@ -16,6 +16,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from infermesh.agent.gossip.codec import Packet, encode_packet
 from infermesh.agent.gossip.config import SwimConfig
 from infermesh.agent.gossip.keyring import Keyring, generate_key
+from infermesh.agent.gossip.members import MemberEvent
 from infermesh.agent.gossip.messages import Gossip
 from infermesh.agent.gossip.service import GossipService, GossipSettings
 from infermesh.agent.gossip.values import NodeMeta
@@ -118,7 +119,7 @@ async def test_services_join_through_one_seed_and_a_cancelled_one_leaves(
             mesh.scopes["c"].cancel()
             await wait_for(lambda: mesh.all_see(("a", "b"), {"c": "left"}))
 
-            assert mesh.all_see(("a", "b"), {"a": "alive", "b": "alive"})
+            await wait_for(lambda: mesh.all_see(("a", "b"), {"a": "alive", "b": "alive"}))
             await wait_for(lambda: mesh.services["a"].counters.probes > 0)
             assert not mesh.services["a"].counters.dropped
 
@@ -143,6 +144,9 @@ async def test_a_local_state_change_reaches_the_other_nodes_stores(tmp_path: Pat
 async def test_keys_rotate_through_the_key_file_without_losing_members(tmp_path: Path) -> None:
     async with cluster(tmp_path, key_reload_s=0.05) as mesh:
         services = mesh.services.values()
+        losses: list[MemberEvent] = []
+        for service in services:
+            service.subscribe(lambda e: losses.append(e) if e.kind in ("dead", "left") else None)
         old = base64.b64decode(mesh.key_file.read_text())
         new = generate_key()
 
@@ -160,16 +164,19 @@ async def test_keys_rotate_through_the_key_file_without_losing_members(tmp_path:
             lambda: all(s.counters.packets_in >= received[s.settings.node_id] + 2 for s in services)
         )
 
-        names = ("a", "b", "c")
-        assert mesh.all_see(names, dict.fromkeys(names, "alive"))
+        # Not one packet failed to open, so no member was ever lost (a load spike may still
+        # make a probe late: a passing suspicion is no loss).
         assert [s.counters.dropped for s in services] == [{}, {}, {}]
+        assert losses == []
 
         # A bad key file keeps the keys in use.
         with structlog.testing.capture_logs() as logs:
             mesh.key_file.write_text("not base64 at all\n")
             await wait_for(lambda: sum(e["log_level"] == "error" for e in logs) >= len(services))
         assert all(s.keyring is not None and s.keyring.keys == (new_key,) for s in services)
-        assert mesh.all_see(names, dict.fromkeys(names, "alive"))
+        names = ("a", "b", "c")
+        await wait_for(lambda: mesh.all_see(names, dict.fromkeys(names, "alive")))
+        assert losses == []
 
 
 async def test_a_datagram_sealed_under_an_unknown_key_is_dropped_and_counted(
@@ -205,5 +212,6 @@ async def test_bad_tcp_messages_are_dropped_and_the_service_keeps_serving(
             lambda: {"too_large", "truncated", "bad_seal"} <= set(a.counters.dropped),
         )
 
-        await anyio.lowlevel.checkpoint()
-        assert mesh.all_see(("a", "b"), {"a": "alive", "b": "alive"})
+        # A newcomer still joins through a's TCP port.
+        await mesh.start("c", seeds=(a.address,))
+        await wait_for(lambda: mesh.all_see(("a", "b", "c"), dict.fromkeys("abc", "alive")))
