@@ -2,18 +2,17 @@
 
 Pure functions, no I/O. Encoding trims piggyback to fit a datagram; decoding trusts nothing from
 the network: any bytes at all become a fully validated `Packet` or raise `DecodeError`, never
-anything else.
+anything else (the limits and field checks live in `wirecheck`).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
-from typing import TypeVar
 
 import attrs
 
+from infermesh.agent.gossip import wirecheck as check
 from infermesh.agent.gossip.keyring import SEAL_OVERHEAD
 from infermesh.agent.gossip.messages import (
     Ack,
@@ -31,13 +30,14 @@ from infermesh.agent.gossip.messages import (
     Update,
 )
 from infermesh.agent.gossip.values import Coordinate, NodeMeta, StateEntry
+from infermesh.agent.gossip.wirecheck import MAX_META_BYTES, DecodeError
 from infermesh.core.convert import (
     gpu_state_from_pb,
     gpu_state_to_pb,
     model_state_from_pb,
     model_state_to_pb,
 )
-from infermesh.core.model import GpuState, Labels, ModelState
+from infermesh.core.model import GpuState, ModelState
 from infermesh.core.proto import gossip_pb2 as pb
 
 __all__ = [
@@ -59,21 +59,7 @@ __all__ = [
 MAX_PACKET_BYTES = 1400  # one sealed UDP datagram (memberlist's safe size under a 1500 MTU)
 MAX_PLAINTEXT_BYTES = MAX_PACKET_BYTES - SEAL_OVERHEAD
 MAX_STREAM_BYTES = 8 * 1024 * 1024  # one TCP message (push-pull, large messages)
-MAX_META_BYTES = 512  # encoded NodeMeta, as memberlist's MetaMaxSize: must ride in any datagram
-
-# Bounds on what a peer may send; each is far above what a healthy cluster produces.
-MAX_ID_CHARS = 256
-MAX_TEXT_CHARS = 1024
-MAX_MESSAGES = 64  # per packet
-MAX_UPDATES = 256  # per message
-MAX_SNAPSHOTS = 65_536  # per push-pull: members of the cluster
-MAX_STATE_ENTRIES = 65_536  # per packet or stream: targets and GPUs of the cluster
-MAX_ITEMS = 256  # roles, labels, adapters, ... of one node or state
-MAX_DIMENSIONS = 16  # Vivaldi coordinate vector length
 _MAX_AGE_MS = 2**32 - 1
-
-# host:port with a DNS name, IPv4 or bracketed IPv6 host (e.g. "[fe80::1%eth0]:7946").
-_ADDRESS = re.compile(r"(?:\[[0-9A-Za-z:.%_-]+\]|[0-9A-Za-z._-]+):([0-9]{1,5})", re.ASCII)
 
 _STATUS_TO_PB = {
     "alive": pb.MEMBER_STATUS_ALIVE,
@@ -82,22 +68,6 @@ _STATUS_TO_PB = {
     "left": pb.MEMBER_STATUS_LEFT,
 }
 _STATUS_FROM_PB = {value: name for name, value in _STATUS_TO_PB.items()}
-
-# Numeric fields a peer must send finite and >= 0 (None allowed where the model allows it).
-# fmt: off
-_MODEL_NON_NEGATIVE = (
-    "running", "waiting", "kv_cache_usage", "prefix_cache_hit_rate", "ttft_s", "itl_s", "e2e_s",
-    "prompt_tokens_per_s", "generation_tokens_per_s", "max_num_seqs", "last_updated",
-)
-_GPU_NON_NEGATIVE = (
-    "index", "utilization", "memory_used_bytes", "memory_total_bytes", "power_w", "power_limit_w",
-    "ecc_dbe_volatile", "xid_last", "last_updated",
-)
-# fmt: on
-
-
-class DecodeError(ValueError):
-    """Bytes from the network are not a valid packet; the message names what was wrong."""
 
 
 class PacketTooLarge(ValueError):
@@ -303,12 +273,12 @@ def decode_meta(data: bytes) -> NodeMeta:
             raise DecodeError(f"node metadata of {len(data)} bytes exceeds {MAX_META_BYTES}")
         msg = pb.NodeMeta.FromString(bytes(data))
         return NodeMeta(
-            node=_id(msg.node, "meta.node"),
-            roles=_texts(msg.roles, "meta.roles", MAX_ID_CHARS),
-            zone=_text(msg.zone, "meta.zone", MAX_ID_CHARS),
-            labels=_pairs(msg.labels, "meta.labels"),
-            apis=_pairs(msg.apis, "meta.apis"),
-            runtimes=_texts(msg.runtimes, "meta.runtimes", MAX_TEXT_CHARS),
+            node=check.identifier(msg.node, "meta.node"),
+            roles=check.texts(msg.roles, "meta.roles", check.MAX_ID_CHARS),
+            zone=check.text(msg.zone, "meta.zone", check.MAX_ID_CHARS),
+            labels=check.pairs(msg.labels, "meta.labels"),
+            apis=check.pairs(msg.apis, "meta.apis"),
+            runtimes=check.texts(msg.runtimes, "meta.runtimes", check.MAX_TEXT_CHARS),
         )
     except DecodeError:
         raise
@@ -332,10 +302,10 @@ def _packet_from_pb(msg: pb.GossipPacket) -> Packet:
         raise DecodeError("packet has no sender")
     if not msg.messages and not msg.states:
         raise DecodeError("packet carries neither messages nor state entries")
-    sender = _id(msg.sender, "sender")
-    address = _address(msg.sender_address, "sender_address")
-    _count(msg.messages, MAX_MESSAGES, "messages")
-    _count(msg.states, MAX_STATE_ENTRIES, "states")
+    sender = check.identifier(msg.sender, "sender")
+    address = check.address(msg.sender_address, "sender_address")
+    check.count(msg.messages, check.MAX_MESSAGES, "messages")
+    check.count(msg.states, check.MAX_STATE_ENTRIES, "states")
     messages = tuple(_message_from_pb(m, f"messages[{i}]") for i, m in enumerate(msg.messages))
     states = tuple(_state_entry_from_pb(e, f"states[{i}]") for i, e in enumerate(msg.states))
     coordinate = (
@@ -349,7 +319,7 @@ def _message_from_pb(msg: pb.SwimMessage, where: str) -> Message:
     if kind == "ping":
         return Ping(
             msg.ping.seq,
-            _id(msg.ping.target, f"{where}.ping.target"),
+            check.identifier(msg.ping.target, f"{where}.ping.target"),
             _updates(msg.ping.updates, f"{where}.ping.updates"),
         )
     if kind == "ack":
@@ -357,7 +327,7 @@ def _message_from_pb(msg: pb.SwimMessage, where: str) -> Message:
     if kind == "ping_req":
         return PingReq(
             msg.ping_req.seq,
-            _id(msg.ping_req.target, f"{where}.ping_req.target"),
+            check.identifier(msg.ping_req.target, f"{where}.ping_req.target"),
             _updates(msg.ping_req.updates, f"{where}.ping_req.updates"),
         )
     if kind == "nack":
@@ -366,7 +336,7 @@ def _message_from_pb(msg: pb.SwimMessage, where: str) -> Message:
         return Gossip(_updates(msg.gossip.updates, f"{where}.gossip.updates"))
     if kind == "push_pull":
         snapshots = msg.push_pull.states
-        _count(snapshots, MAX_SNAPSHOTS, f"{where}.push_pull.states")
+        check.count(snapshots, check.MAX_SNAPSHOTS, f"{where}.push_pull.states")
         return PushPull(
             tuple(
                 _snapshot_from_pb(s, f"{where}.push_pull.states[{i}]")
@@ -378,7 +348,7 @@ def _message_from_pb(msg: pb.SwimMessage, where: str) -> Message:
 
 
 def _updates(updates: Sequence[pb.MemberUpdate], where: str) -> tuple[Update, ...]:
-    _count(updates, MAX_UPDATES, where)
+    check.count(updates, check.MAX_UPDATES, where)
     return tuple(_update_from_pb(u, f"{where}[{i}]") for i, u in enumerate(updates))
 
 
@@ -387,27 +357,29 @@ def _update_from_pb(msg: pb.MemberUpdate, where: str) -> Update:
     if kind == "alive":
         a = msg.alive
         return Alive(
-            _id(a.member, f"{where}.alive.member"),
+            check.identifier(a.member, f"{where}.alive.member"),
             a.incarnation,
-            _optional_address(a.address, f"{where}.alive.address"),
-            _meta_bytes(a.meta, f"{where}.alive.meta"),
+            check.optional_address(a.address, f"{where}.alive.address"),
+            check.meta_bytes(a.meta, f"{where}.alive.meta"),
         )
     if kind == "suspect":
         s = msg.suspect
         return Suspect(
-            _id(s.member, f"{where}.suspect.member"),
+            check.identifier(s.member, f"{where}.suspect.member"),
             s.incarnation,
-            _id(s.accuser, f"{where}.suspect.accuser"),
+            check.identifier(s.accuser, f"{where}.suspect.accuser"),
         )
     if kind == "dead":
         d = msg.dead
         return Dead(
-            _id(d.member, f"{where}.dead.member"),
+            check.identifier(d.member, f"{where}.dead.member"),
             d.incarnation,
-            _id(d.accuser, f"{where}.dead.accuser"),
+            check.identifier(d.accuser, f"{where}.dead.accuser"),
         )
     if kind == "leave":
-        return Leave(_id(msg.leave.member, f"{where}.leave.member"), msg.leave.incarnation)
+        return Leave(
+            check.identifier(msg.leave.member, f"{where}.leave.member"), msg.leave.incarnation
+        )
     raise DecodeError(f"{where}: no update kind set (unknown or missing)")
 
 
@@ -416,16 +388,16 @@ def _snapshot_from_pb(msg: pb.NodeSnapshot, where: str) -> NodeSnapshot:
     if state is None:
         raise DecodeError(f"{where}.status: unknown member status {msg.status}")
     return NodeSnapshot(
-        _id(msg.member, f"{where}.member"),
+        check.identifier(msg.member, f"{where}.member"),
         msg.incarnation,
         state,
-        _optional_address(msg.address, f"{where}.address"),
-        _meta_bytes(msg.meta, f"{where}.meta"),
+        check.optional_address(msg.address, f"{where}.address"),
+        check.meta_bytes(msg.meta, f"{where}.meta"),
     )
 
 
 def _state_entry_from_pb(msg: pb.GossipStateEntry, where: str) -> StateEntry:
-    origin = _id(msg.origin, f"{where}.origin")
+    origin = check.identifier(msg.origin, f"{where}.origin")
     state: ModelState | GpuState
     kind = msg.WhichOneof("state")
     try:
@@ -437,122 +409,10 @@ def _state_entry_from_pb(msg: pb.GossipStateEntry, where: str) -> StateEntry:
             raise DecodeError(f"{where}: carries neither a model nor a GPU state")
     except ValueError as exc:  # the converters' messages name the field
         raise DecodeError(f"{where}.{kind}: {exc}") from exc
-    _check_state(state, f"{where}.{kind}")
-    if state.key.node != origin:
-        raise DecodeError(
-            f"{where}: state of node {state.key.node!r} sent with origin {origin!r}: "
-            "they must match"
-        )
-    return StateEntry(origin=origin, state=state, version=msg.version, age_s=msg.age_ms / 1000)
-
-
-def _check_state(state: ModelState | GpuState, where: str) -> None:
-    _id(state.key.node, f"{where}.key.node")
-    _check_labels(state.labels, f"{where}.labels")
-    if isinstance(state, ModelState):
-        _text(state.key.model, f"{where}.key.model", MAX_TEXT_CHARS)
-        _text(state.key.endpoint, f"{where}.key.endpoint", MAX_TEXT_CHARS)
-        _text(state.health_reason, f"{where}.health_reason", MAX_TEXT_CHARS)
-        _texts(state.adapters, f"{where}.adapters", MAX_TEXT_CHARS)
-        names: tuple[str, ...] = _MODEL_NON_NEGATIVE
-    else:
-        _text(state.key.gpu_uuid, f"{where}.key.gpu_uuid", MAX_ID_CHARS)
-        _text(state.name, f"{where}.name", MAX_TEXT_CHARS)
-        _text(state.mig_profile, f"{where}.mig_profile", MAX_ID_CHARS)
-        _texts(tuple(state.clock_event_reasons), f"{where}.clock_event_reasons", MAX_ID_CHARS)
-        _finite(state.temperature_c, f"{where}.temperature_c")
-        names = _GPU_NON_NEGATIVE
-    for name in names:
-        value = getattr(state, name)
-        if value is not None:
-            _non_negative(value, f"{where}.{name}")
-
-
-def _check_labels(labels: Labels, where: str) -> None:
-    for field in attrs.fields(Labels):
-        if field.name != "custom":
-            _text(getattr(labels, field.name), f"{where}.{field.name}", MAX_TEXT_CHARS)
-    _count(labels.custom, MAX_ITEMS, f"{where}.custom")
-    for name, value in labels.custom:
-        _text(name, f"{where}.custom key", MAX_ID_CHARS)
-        _text(value, f"{where}.custom[{name!r}]", MAX_TEXT_CHARS)
+    entry = StateEntry(origin=origin, state=state, version=msg.version, age_s=msg.age_ms / 1000)
+    return check.state_entry(entry, where)
 
 
 def _coordinate_from_pb(msg: pb.VivaldiCoordinate, where: str) -> Coordinate:
-    if not 1 <= len(msg.vec) <= MAX_DIMENSIONS:
-        raise DecodeError(f"{where}.vec: {len(msg.vec)} dimensions, expected 1..{MAX_DIMENSIONS}")
-    return Coordinate(
-        vec=tuple(_finite(x, f"{where}.vec[{i}]") for i, x in enumerate(msg.vec)),
-        error=_non_negative(msg.error, f"{where}.error"),
-        adjustment=_finite(msg.adjustment, f"{where}.adjustment"),
-        height=_non_negative(msg.height, f"{where}.height"),
-    )
-
-
-# --------------------------------------------------------------------------- field checks
-
-_T = TypeVar("_T")
-
-
-def _count(items: Sequence[_T], limit: int, where: str) -> None:
-    if len(items) > limit:
-        raise DecodeError(f"{where}: {len(items)} items, more than the limit of {limit}")
-
-
-def _text(value: str, where: str, limit: int) -> str:
-    if len(value) > limit:
-        raise DecodeError(f"{where}: {len(value)} characters, more than the limit of {limit}")
-    return value
-
-
-def _texts(values: Sequence[str], where: str, limit: int) -> tuple[str, ...]:
-    _count(values, MAX_ITEMS, where)
-    return tuple(_text(v, f"{where}[{i}]", limit) for i, v in enumerate(values))
-
-
-def _pairs(pairs: Sequence[pb.NameValue], where: str) -> tuple[tuple[str, str], ...]:
-    _count(pairs, MAX_ITEMS, where)
-    return tuple(
-        (_id(p.name, f"{where}[{i}].name"), _text(p.value, f"{where}[{i}].value", MAX_TEXT_CHARS))
-        for i, p in enumerate(pairs)
-    )
-
-
-def _id(value: str, where: str) -> str:
-    """A member/node id or name: non-empty, printable, at most MAX_ID_CHARS characters."""
-    if not value:
-        raise DecodeError(f"{where}: empty")
-    _text(value, where, MAX_ID_CHARS)
-    if not value.isprintable():
-        raise DecodeError(f"{where}: {value!r} contains control or separator characters")
-    return value
-
-
-def _address(value: str, where: str) -> str:
-    """`host:port` with port 1..65535 (IPv6 hosts in brackets)."""
-    match = _ADDRESS.fullmatch(value) if len(value) <= 300 else None
-    if match is None or not 1 <= int(match.group(1)) <= 65535:
-        raise DecodeError(f"{where}: {value[:300]!r} is not host:port with a port in 1..65535")
-    return value
-
-
-def _optional_address(value: str, where: str) -> str:
-    return _address(value, where) if value else ""
-
-
-def _meta_bytes(value: bytes, where: str) -> bytes:
-    if len(value) > MAX_META_BYTES:
-        raise DecodeError(f"{where}: {len(value)} bytes, more than the limit of {MAX_META_BYTES}")
-    return value
-
-
-def _finite(value: float, where: str) -> float:
-    if not math.isfinite(value):
-        raise DecodeError(f"{where}: {value} is not a finite number")
-    return value
-
-
-def _non_negative(value: float, where: str) -> float:
-    if not (math.isfinite(value) and value >= 0):
-        raise DecodeError(f"{where}: {value} is not a finite number >= 0")
-    return value
+    coordinate = Coordinate(tuple(msg.vec), msg.error, msg.adjustment, msg.height)
+    return check.coordinate(coordinate, where)
