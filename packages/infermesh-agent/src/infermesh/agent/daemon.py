@@ -21,7 +21,7 @@ import attrs
 
 from infermesh.agent.api.scoring import ScoringService
 from infermesh.agent.api.server import GrpcServer, SocketInUseError
-from infermesh.agent.api.state import StateService
+from infermesh.agent.api.state import RttSource, StateService
 from infermesh.agent.metrics import AgentMetrics, MetricsServer
 from infermesh.core.config import Config, GpuConfig, RuntimeConfig, parse_host_port
 from infermesh.core.contracts import AdapterContext, GpuAdapter, RuntimeAdapter
@@ -55,6 +55,17 @@ def _plugin_hint(host: PluginHost) -> str:
     if host.failures:
         notes.append("failed to load: " + "; ".join(f"{f.name} ({f.error})" for f in host.failures))
     return f" [{'; '.join(notes)}]" if notes else ""
+
+
+def _rtt_source(gossip: GossipService | None) -> RttSource | None:
+    """The mesh's Vivaldi RTT estimates by node, for the State service's ListNodeRtts."""
+    if gossip is None:
+        return None
+
+    def rtts() -> dict[str, float]:
+        return {m.node: m.rtt_s for m in gossip.members() if m.rtt_s is not None}
+
+    return rtts
 
 
 def _make_adapters(
@@ -214,7 +225,7 @@ class Agent:
         )
         self.grpc = GrpcServer(
             self.scoring_service,
-            StateService(self.store),
+            StateService(self.store, rtt_source=_rtt_source(self.gossip)),
             socket_path=config.agent.socket,
             listen=config.agent.listen,
         )

@@ -3,7 +3,8 @@
 The same `ScoringEngine` and scorers as the agent (loaded through the plugin host, weighted by
 the same `[scoring]` config) rank a `StateReplica` that the `StateWatcher` keeps in step with the
 agent's watch streams. The router holds its own in-flight reservations and outcome EWMAs; the
-outcomes still go to the agent (by the forwarder), so its EWMAs and metrics learn too.
+outcomes still go to the agent (by the forwarder), so its EWMAs and metrics learn too. The
+agent's gossip RTT estimates to other nodes (polled by an `RttWatcher`) feed net_penalty.
 Never does I/O on the request path: `score` is a synchronous computation behind an async API.
 """
 
@@ -23,7 +24,8 @@ from infermesh.core.scoring.state import StateStore
 from infermesh.router.agent_client import AgentClient, AgentUnavailable
 from infermesh.router.decision import DEFAULT_TRANSPORT, Admission, Choice, Decision
 from infermesh.router.metrics import RouterMetrics
-from infermesh.router.replica import StateReplica
+from infermesh.router.replica import NodeRtts, StateReplica
+from infermesh.router.rtt_watch import RttWatcher
 from infermesh.router.state_watch import StateWatcher
 
 __all__ = ["LocalScoring"]
@@ -34,7 +36,8 @@ class LocalScoring:
 
     `registered` are the scorers by name (`PluginHost.scorers()`), `scoring` the `[scoring]`
     config; `transports` maps a runtime base URL to its transport plugin name (from the
-    `[[runtimes]]` tables; others use `openai-http`). Raises `ScoringSetupError` for a scoring
+    `[[runtimes]]` tables; others use `openai-http`). `rtt_poll_s` is (interval, backoff
+    maximum) of polling the agent's RTT estimates. Raises `ScoringSetupError` for a scoring
     config the engine refuses, `ValueError` for a bad `scoring.outcome_ewma_alpha`.
     """
 
@@ -51,6 +54,7 @@ class LocalScoring:
         *,
         transports: Mapping[str, str] | None = None,
         watcher_backoff_s: tuple[float, float] = (0.1, 2.0),
+        rtt_poll_s: tuple[float, float] = (2.0, 30.0),
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -64,27 +68,41 @@ class LocalScoring:
         self.inflight = InflightTracker(
             ewma_alpha=scoring.outcome_ewma_alpha, id_prefix=f"router-{secrets.token_hex(4)}"
         )
+        self.rtts = NodeRtts()
+        """The agent's RTT estimates by node: the engine's `rtt_estimate`, for net_penalty."""
         # Built now so that a bad scoring config fails at start-up, not on the first request.
         self.engine = ScoringEngine.from_config(
-            StateStore(), self.inflight, self._registered, scoring
+            StateStore(), self.inflight, self._registered, scoring, rtt_estimate=self.rtts.get
         )
         self.replica = StateReplica(on_swap=self._use_store)
         initial_s, max_s = watcher_backoff_s
         self.watcher = StateWatcher(
             agent, self.replica, backoff_initial_s=initial_s, backoff_max_s=max_s, clock=monotonic
         )
+        interval_s, rtt_backoff_max_s = rtt_poll_s
+        self.rtt_watcher = RttWatcher(
+            agent.target,
+            self.rtts,
+            interval_s=interval_s,
+            backoff_max_s=rtt_backoff_max_s,
+            timeout_s=agent.timeout_s,
+        )
 
     def _use_store(self, store: StateStore) -> None:
         # A resync brings a whole new store; reservations and EWMAs carry over by target id.
-        self.engine = ScoringEngine.from_config(store, self.inflight, self._registered, self.config)
+        self.engine = ScoringEngine.from_config(
+            store, self.inflight, self._registered, self.config, rtt_estimate=self.rtts.get
+        )
 
     def attach_metrics(self, metrics: RouterMetrics) -> None:
         metrics.watch_replica(self.replica, self.inflight)
 
     async def start(self) -> None:
         self.watcher.start()
+        self.rtt_watcher.start()
 
     async def aclose(self) -> None:
+        await self.rtt_watcher.aclose()
         await self.watcher.aclose()
 
     def _live(self) -> StateStore:

@@ -1,4 +1,5 @@
-"""The router's replica of its agent's model and GPU state, rebuilt on every connection.
+"""The router's replica of its agent's model and GPU state, rebuilt on every connection, and of
+the agent's network RTT estimates to other nodes (`NodeRtts`).
 
 Each connection to the agent fills a fresh `StateStore` from the watch streams' snapshots; it
 replaces the live store only once it holds every target and GPU the agent listed when the
@@ -10,12 +11,16 @@ Sans-I/O: the caller passes `now`; never awaits, reads a clock or logs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 
 from infermesh.core.model import GpuKey, GpuStateDelta, ModelStateDelta
 from infermesh.core.scoring.state import StateStore
 
-__all__ = ["ReplicaStatus", "StateReplica"]
+__all__ = ["MAX_NODE_ID_CHARS", "NodeRtts", "ReplicaStatus", "StateReplica"]
+
+MAX_NODE_ID_CHARS = 256
+"""Longer node ids in an RTT listing are skipped (the gossip codec refuses them too)."""
 
 
 class ReplicaStatus:
@@ -147,3 +152,43 @@ class StateReplica:
             f"lost the state stream of the InferMesh agent at {agent} {down_s:.1f}s ago "
             f"(its last state is stale after {stale_after_s:g}s); reconnecting",
         )
+
+
+class NodeRtts:
+    """The agent's estimated RTT (seconds) from its node to each other node, by node id.
+
+    `get` is the local engine's `rtt_estimate`: None for a node without an estimate, which the
+    net_penalty scorer treats as local. `replace` swaps in a whole listing at once.
+    """
+
+    def __init__(self) -> None:
+        self._rtt_s: dict[str, float] = {}
+        self.updates = 0
+        """Listings taken (`replace` calls)."""
+
+    def get(self, node: str) -> float | None:
+        return self._rtt_s.get(node)
+
+    def __len__(self) -> int:
+        return len(self._rtt_s)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self._rtt_s)
+
+    def replace(self, rtts: Iterable[tuple[str, float]]) -> int:
+        """Make `rtts` (node id, RTT in seconds) the whole listing; returns how many entries
+        were skipped as malformed: an empty or over-long node id, or an RTT that is not a
+        finite number >= 0 (the agent's answer is network input)."""
+        kept: dict[str, float] = {}
+        skipped = 0
+        for node, rtt_s in rtts:
+            if 0 < len(node) <= MAX_NODE_ID_CHARS and math.isfinite(rtt_s) and rtt_s >= 0.0:
+                kept[node] = rtt_s
+            else:
+                skipped += 1
+        self._rtt_s = kept
+        self.updates += 1
+        return skipped
+
+    def clear(self) -> None:
+        self._rtt_s = {}

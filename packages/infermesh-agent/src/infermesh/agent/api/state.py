@@ -1,14 +1,17 @@
-"""gRPC servicer of `infermesh.v1.State`: push deltas into the store, watch, list and get.
+"""gRPC servicer of `infermesh.v1.State`: push deltas into the store, watch, list and get, and
+list the gossip mesh's RTT estimates to other nodes.
 
-A thin shell over StateStore and infermesh.core.convert. Watchers get a bounded buffer: one that
-falls behind is ended with RESOURCE_EXHAUSTED (it reconnects with a snapshot) rather than
-holding memory for ever. Never blocks the loop and never mutates state except through the store.
+A thin shell over StateStore, an RTT source and infermesh.core.convert. Watchers get a bounded
+buffer: one that falls behind is ended with RESOURCE_EXHAUSTED (it reconnects with a snapshot)
+rather than holding memory for ever. Never blocks the loop and never mutates state except
+through the store.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -30,12 +33,15 @@ from infermesh.core.model import GpuStateDelta, ModelStateDelta
 from infermesh.core.proto import state_pb2, state_pb2_grpc, types_pb2
 from infermesh.core.scoring.state import StateStore
 
-__all__ = ["WATCH_BUFFER", "StateService"]
+__all__ = ["WATCH_BUFFER", "RttSource", "StateService"]
 
 WATCH_BUFFER = 10_000
 """Deltas a watcher may fall behind by before it is disconnected."""
 
 _D = TypeVar("_D")
+
+RttSource = Callable[[], Mapping[str, float]]
+"""Node id -> estimated RTT in seconds from this agent's node, for the nodes with an estimate."""
 
 
 class _Overflow:
@@ -46,8 +52,12 @@ _OVERFLOW = _Overflow()
 
 
 class StateService(state_pb2_grpc.StateServicer):
-    def __init__(self, store: StateStore) -> None:
+    """`rtt_source` gives the gossip mesh's RTT estimates (ListNodeRtts); None when gossip is
+    off, and ListNodeRtts then answers an empty list."""
+
+    def __init__(self, store: StateStore, *, rtt_source: RttSource | None = None) -> None:
         self.store = store
+        self.rtt_source = rtt_source
 
     # ------------------------------------------------------------------ push
 
@@ -169,6 +179,25 @@ class StateService(state_pb2_grpc.StateServicer):
                 f"({len(self.store.gpu_states())} GPUs known; see ListGpuStates)",
             )
         return gpu_state_to_pb(state)
+
+    # ------------------------------------------------------------------ network
+
+    async def ListNodeRtts(
+        self, request: state_pb2.ListRequest, context: Any
+    ) -> state_pb2.NodeRttList:
+        """The estimated RTT to each node (or to `request.node` only), sorted by node id."""
+        rtts = self.rtt_source() if self.rtt_source is not None else {}
+        return state_pb2.NodeRttList(
+            rtts=[
+                state_pb2.NodeRtt(node=node, rtt_s=rtt_s)
+                for node, rtt_s in sorted(rtts.items())
+                # A nonsensical estimate is left out, as if there were none.
+                if node
+                and (not request.node or node == request.node)
+                and math.isfinite(rtt_s)
+                and rtt_s >= 0.0
+            ]
+        )
 
 
 def _enqueue(

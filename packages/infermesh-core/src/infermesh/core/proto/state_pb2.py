@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from infermesh.core.proto import types_pb2 as infermesh_dot_core_dot_proto_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n infermesh/core/proto/state.proto\x12\x0cinfermesh.v1\x1a infermesh/core/proto/types.proto\")\n\x07PushAck\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\x12\r\n\x05stale\x18\x02 \x01(\r\"7\n\x0cWatchRequest\x12\x18\n\x10initial_snapshot\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\"*\n\x0bListRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\":\n\x0eModelStateList\x12(\n\x06states\x18\x01 \x03(\x0b\x32\x18.infermesh.v1.ModelState\"6\n\x0cGpuStateList\x12&\n\x06states\x18\x01 \x03(\x0b\x32\x16.infermesh.v1.GpuState2\xcc\x04\n\x05State\x12I\n\x0fPushModelDeltas\x12\x1d.infermesh.v1.ModelStateDelta\x1a\x15.infermesh.v1.PushAck(\x01\x12\x45\n\rPushGpuDeltas\x12\x1b.infermesh.v1.GpuStateDelta\x1a\x15.infermesh.v1.PushAck(\x01\x12O\n\x10WatchModelDeltas\x12\x1a.infermesh.v1.WatchRequest\x1a\x1d.infermesh.v1.ModelStateDelta0\x01\x12K\n\x0eWatchGpuDeltas\x12\x1a.infermesh.v1.WatchRequest\x1a\x1b.infermesh.v1.GpuStateDelta0\x01\x12J\n\x0fListModelStates\x12\x19.infermesh.v1.ListRequest\x1a\x1c.infermesh.v1.ModelStateList\x12\x42\n\rGetModelState\x12\x17.infermesh.v1.TargetKey\x1a\x18.infermesh.v1.ModelState\x12\x46\n\rListGpuStates\x12\x19.infermesh.v1.ListRequest\x1a\x1a.infermesh.v1.GpuStateList\x12;\n\x0bGetGpuState\x12\x14.infermesh.v1.GpuKey\x1a\x16.infermesh.v1.GpuStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n infermesh/core/proto/state.proto\x12\x0cinfermesh.v1\x1a infermesh/core/proto/types.proto\")\n\x07PushAck\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\x12\r\n\x05stale\x18\x02 \x01(\r\"7\n\x0cWatchRequest\x12\x18\n\x10initial_snapshot\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\"*\n\x0bListRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\":\n\x0eModelStateList\x12(\n\x06states\x18\x01 \x03(\x0b\x32\x18.infermesh.v1.ModelState\"6\n\x0cGpuStateList\x12&\n\x06states\x18\x01 \x03(\x0b\x32\x16.infermesh.v1.GpuState\"&\n\x07NodeRtt\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05rtt_s\x18\x02 \x01(\x01\"2\n\x0bNodeRttList\x12#\n\x04rtts\x18\x01 \x03(\x0b\x32\x15.infermesh.v1.NodeRtt2\x92\x05\n\x05State\x12I\n\x0fPushModelDeltas\x12\x1d.infermesh.v1.ModelStateDelta\x1a\x15.infermesh.v1.PushAck(\x01\x12\x45\n\rPushGpuDeltas\x12\x1b.infermesh.v1.GpuStateDelta\x1a\x15.infermesh.v1.PushAck(\x01\x12O\n\x10WatchModelDeltas\x12\x1a.infermesh.v1.WatchRequest\x1a\x1d.infermesh.v1.ModelStateDelta0\x01\x12K\n\x0eWatchGpuDeltas\x12\x1a.infermesh.v1.WatchRequest\x1a\x1b.infermesh.v1.GpuStateDelta0\x01\x12J\n\x0fListModelStates\x12\x19.infermesh.v1.ListRequest\x1a\x1c.infermesh.v1.ModelStateList\x12\x42\n\rGetModelState\x12\x17.infermesh.v1.TargetKey\x1a\x18.infermesh.v1.ModelState\x12\x46\n\rListGpuStates\x12\x19.infermesh.v1.ListRequest\x1a\x1a.infermesh.v1.GpuStateList\x12;\n\x0bGetGpuState\x12\x14.infermesh.v1.GpuKey\x1a\x16.infermesh.v1.GpuState\x12\x44\n\x0cListNodeRtts\x12\x19.infermesh.v1.ListRequest\x1a\x19.infermesh.v1.NodeRttListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSTATELIST']._serialized_end=286
   _globals['_GPUSTATELIST']._serialized_start=288
   _globals['_GPUSTATELIST']._serialized_end=342
-  _globals['_STATE']._serialized_start=345
-  _globals['_STATE']._serialized_end=933
+  _globals['_NODERTT']._serialized_start=344
+  _globals['_NODERTT']._serialized_end=382
+  _globals['_NODERTTLIST']._serialized_start=384
+  _globals['_NODERTTLIST']._serialized_end=434
+  _globals['_STATE']._serialized_start=437
+  _globals['_STATE']._serialized_end=1095
 # @@protoc_insertion_point(module_scope)

@@ -132,3 +132,49 @@ class GpuStateList(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GpuStateList: _TypeAlias = GpuStateList  # noqa: Y015
+
+@_typing.final
+class NodeRtt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    RTT_S_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """node id"""
+    rtt_s: _builtins.float
+    """estimated round-trip time from the agent's node, seconds (finite, >= 0)"""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        rtt_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "rtt_s", b"rtt_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeRtt: _TypeAlias = NodeRtt  # noqa: Y015
+
+@_typing.final
+class NodeRttList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RTTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rtts(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeRtt]:
+        """only nodes with an estimate, sorted by node id"""
+
+    def __init__(
+        self,
+        *,
+        rtts: _abc.Iterable[Global___NodeRtt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rtts", b"rtts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeRttList: _TypeAlias = NodeRttList  # noqa: Y015

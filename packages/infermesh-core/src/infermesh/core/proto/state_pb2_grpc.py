@@ -75,6 +75,11 @@ class StateStub:
                 request_serializer=infermesh_dot_core_dot_proto_dot_types__pb2.GpuKey.SerializeToString,
                 response_deserializer=infermesh_dot_core_dot_proto_dot_types__pb2.GpuState.FromString,
                 _registered_method=True)
+        self.ListNodeRtts = channel.unary_unary(
+                '/infermesh.v1.State/ListNodeRtts',
+                request_serializer=infermesh_dot_core_dot_proto_dot_state__pb2.ListRequest.SerializeToString,
+                response_deserializer=infermesh_dot_core_dot_proto_dot_state__pb2.NodeRttList.FromString,
+                _registered_method=True)
 
 
 class StateServicer:
@@ -128,6 +133,15 @@ class StateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNodeRtts(self, request, context):
+        """The gossip mesh's estimated round-trip times from this agent's node to other nodes
+        (Vivaldi coordinates), for a router ranking locally; `ListRequest.node` filters, `model`
+        is ignored. Empty when gossip is off or nothing is estimated yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +184,11 @@ def add_StateServicer_to_server(servicer, server):
                     servicer.GetGpuState,
                     request_deserializer=infermesh_dot_core_dot_proto_dot_types__pb2.GpuKey.FromString,
                     response_serializer=infermesh_dot_core_dot_proto_dot_types__pb2.GpuState.SerializeToString,
+            ),
+            'ListNodeRtts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodeRtts,
+                    request_deserializer=infermesh_dot_core_dot_proto_dot_state__pb2.ListRequest.FromString,
+                    response_serializer=infermesh_dot_core_dot_proto_dot_state__pb2.NodeRttList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +407,33 @@ class State:
             '/infermesh.v1.State/GetGpuState',
             infermesh_dot_core_dot_proto_dot_types__pb2.GpuKey.SerializeToString,
             infermesh_dot_core_dot_proto_dot_types__pb2.GpuState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodeRtts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.v1.State/ListNodeRtts',
+            infermesh_dot_core_dot_proto_dot_state__pb2.ListRequest.SerializeToString,
+            infermesh_dot_core_dot_proto_dot_state__pb2.NodeRttList.FromString,
             options,
             channel_credentials,
             insecure,

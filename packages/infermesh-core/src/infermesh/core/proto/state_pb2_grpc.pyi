@@ -42,6 +42,11 @@ class StateStub:
     GetModelState: _grpc.UnaryUnaryMultiCallable[_types_pb2.TargetKey, _types_pb2.ModelState]
     ListGpuStates: _grpc.UnaryUnaryMultiCallable[_state_pb2.ListRequest, _state_pb2.GpuStateList]
     GetGpuState: _grpc.UnaryUnaryMultiCallable[_types_pb2.GpuKey, _types_pb2.GpuState]
+    ListNodeRtts: _grpc.UnaryUnaryMultiCallable[_state_pb2.ListRequest, _state_pb2.NodeRttList]
+    """The gossip mesh's estimated round-trip times from this agent's node to other nodes
+    (Vivaldi coordinates), for a router ranking locally; `ListRequest.node` filters, `model`
+    is ignored. Empty when gossip is off or nothing is estimated yet.
+    """
 
 @_typing.type_check_only
 class StateAsyncStub(StateStub):
@@ -54,6 +59,11 @@ class StateAsyncStub(StateStub):
     GetModelState: _aio.UnaryUnaryMultiCallable[_types_pb2.TargetKey, _types_pb2.ModelState]  # type: ignore[assignment]
     ListGpuStates: _aio.UnaryUnaryMultiCallable[_state_pb2.ListRequest, _state_pb2.GpuStateList]  # type: ignore[assignment]
     GetGpuState: _aio.UnaryUnaryMultiCallable[_types_pb2.GpuKey, _types_pb2.GpuState]  # type: ignore[assignment]
+    ListNodeRtts: _aio.UnaryUnaryMultiCallable[_state_pb2.ListRequest, _state_pb2.NodeRttList]  # type: ignore[assignment]
+    """The gossip mesh's estimated round-trip times from this agent's node to other nodes
+    (Vivaldi coordinates), for a router ranking locally; `ListRequest.node` filters, `model`
+    is ignored. Empty when gossip is off or nothing is estimated yet.
+    """
 
 class StateServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -111,5 +121,16 @@ class StateServicer(metaclass=_abc_1.ABCMeta):
         request: _types_pb2.GpuKey,
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.GpuState, _abc.Awaitable[_types_pb2.GpuState]]: ...
+
+    @_abc_1.abstractmethod
+    def ListNodeRtts(
+        self,
+        request: _state_pb2.ListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_pb2.NodeRttList, _abc.Awaitable[_state_pb2.NodeRttList]]:
+        """The gossip mesh's estimated round-trip times from this agent's node to other nodes
+        (Vivaldi coordinates), for a router ranking locally; `ListRequest.node` filters, `model`
+        is ignored. Empty when gossip is off or nothing is estimated yet.
+        """
 
 def add_StateServicer_to_server(servicer: StateServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
