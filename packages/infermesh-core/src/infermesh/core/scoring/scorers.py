@@ -221,8 +221,8 @@ class NetPenaltyScorer(PerTargetScorer):
     """Prefers replicas a short network round trip away (`TargetView.rtt_s`, from Vivaldi).
 
     score = 1 at an RTT of at most 1 ms, falling linearly to 0 at `penalty_rtt_s` (default
-    50 ms) and beyond. An unknown RTT (no estimate yet, or the engine has no estimator, as on a
-    router ranking one agent's targets) scores 1, like a local target: having no estimate is
+    50 ms) and beyond. An unknown RTT (no estimate yet, or the engine has no estimator, as with
+    gossip off) scores 1, like a local target: having no estimate is
     no evidence of distance, and a penalty would push traffic toward whichever nodes happen to
     have been measured. Its default weight (1, against queue 2 and prefix 3) lets it decide only
     when the other scores are close.
