@@ -400,13 +400,10 @@ def _state_entry_from_pb(msg: pb.GossipStateEntry, where: str) -> StateEntry:
     origin = check.identifier(msg.origin, f"{where}.origin")
     state: ModelState | GpuState
     kind = msg.WhichOneof("state")
+    if kind not in ("model", "gpu"):
+        raise DecodeError(f"{where}: carries neither a model nor a GPU state")
     try:
-        if kind == "model":
-            state = model_state_from_pb(msg.model)
-        elif kind == "gpu":
-            state = gpu_state_from_pb(msg.gpu)
-        else:
-            raise DecodeError(f"{where}: carries neither a model nor a GPU state")
+        state = model_state_from_pb(msg.model) if kind == "model" else gpu_state_from_pb(msg.gpu)
     except ValueError as exc:  # the converters' messages name the field
         raise DecodeError(f"{where}.{kind}: {exc}") from exc
     entry = StateEntry(origin=origin, state=state, version=msg.version, age_s=msg.age_ms / 1000)
