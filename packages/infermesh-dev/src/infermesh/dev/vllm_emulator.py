@@ -438,7 +438,10 @@ async def start_emulator(
     config: EmulatorConfig, host: str = "127.0.0.1", port: int = 0
 ) -> EmulatorServer:
     """Serve `config` on `host:port` (0 picks a free port) inside the running event loop."""
-    runner = web.AppRunner(build_app(config), access_log=None, handle_signals=False)
+    # Like vLLM (`with_cancellation`), a client that disconnects aborts its request.
+    runner = web.AppRunner(
+        build_app(config), access_log=None, handle_signals=False, handler_cancellation=True
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
@@ -464,4 +467,5 @@ def run_emulator(config: EmulatorConfig, host: str, port: int) -> None:
         loop=loop,
         shutdown_timeout=2.0,
         reuse_address=True,
+        handler_cancellation=True,  # a client that disconnects aborts its request, as in vLLM
     )
