@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import math
@@ -14,7 +15,9 @@ import pytest
 from infermesh.agent.gossip import (
     Ack,
     Alive,
+    Dead,
     Gossip,
+    Member,
     MemberEvent,
     MemberState,
     Message,
@@ -26,7 +29,13 @@ from infermesh.agent.gossip import (
     SwimConfig,
 )
 from infermesh.agent.gossip.broadcasts import BroadcastQueue, retransmit_limit
-from infermesh.agent.gossip.members import Suspicion, suspicion_min_timeout_s
+from infermesh.agent.gossip.members import (
+    MemberBaseline,
+    MemberTable,
+    ProbeRound,
+    Suspicion,
+    suspicion_min_timeout_s,
+)
 
 DropRule = Callable[[str, str, Message], bool]
 
@@ -328,3 +337,96 @@ def test_a_restarted_node_with_new_metadata_outbids_its_old_life() -> None:
         member = node.member("n3")
         assert member is not None
         assert (member.meta, member.state) == (b"v2", MemberState.ALIVE)
+
+
+def test_nodes_started_from_one_baseline_share_records_but_not_their_changes() -> None:
+    baseline = MemberBaseline.of(
+        Member(f"n{i}", 0, MemberState.ALIVE, 0.0, f"n{i}:7946") for i in range(5)
+    )
+    config = SwimConfig.lan()
+    a = Swim.from_baseline("n0", config, random.Random(1), 10.0, baseline)
+    b = Swim.from_baseline("n1", config, random.Random(2), 10.0, baseline)
+    assert a.live_count == b.live_count == 5
+    assert a.address_of("n1") == "n1:7946"
+    # Timers start somewhere within their period, as memberlist staggers them.
+    assert 10.0 <= a.next_deadline_s <= 10.0 + config.gossip_interval_s
+
+    a.receive(11.0, "n2", Gossip((Suspect("n3", 0, "n2"), Dead("n4", 0, "n2"))))
+
+    assert (a.state_of("n3"), a.state_of("n4"), a.live_count) == (
+        MemberState.SUSPECT,
+        MemberState.DEAD,
+        4,
+    )
+    assert (b.state_of("n3"), b.state_of("n4"), b.live_count) == (
+        MemberState.ALIVE,
+        MemberState.ALIVE,
+        5,
+    )
+    assert baseline.records["n3"].state is MemberState.ALIVE
+    with pytest.raises(ValueError, match="not a live member"):
+        Swim.from_baseline("stranger", config, random.Random(3), 0.0, baseline)
+
+
+def test_member_table_counts_live_members_as_records_are_replaced() -> None:
+    table = MemberTable(Member(f"m{i}", 0, MemberState.ALIVE, 0.0) for i in range(4))
+    table.put(table["m1"].with_state(MemberState.DEAD, 0, 1.0))
+    table.put(table["m2"].with_state(MemberState.SUSPECT, 0, 1.0))  # suspects still count
+    table.put(Member("m9", 3, MemberState.LEFT, 2.0))
+    assert (table.live_count, len(table)) == (3, 5)
+    table.put(table["m1"].with_state(MemberState.ALIVE, 1, 3.0))
+    assert table.live_count == 4
+    assert [table.at(i).member_id for i in range(5)] == ["m0", "m1", "m2", "m3", "m9"]
+
+
+def test_member_table_samples_uniformly_and_finds_the_few_live_among_many_dead() -> None:
+    rng = random.Random(5)
+    table = MemberTable(Member(f"m{i}", 0, MemberState.ALIVE, 0.0) for i in range(50))
+    picks = [table.sample(rng, 3, lambda m: m.member_id != "m0") for _ in range(5000)]
+    assert all(len(set(p)) == 3 and "m0" not in p for p in picks)
+    counts = collections.Counter(member for p in picks for member in p)
+    assert set(counts) == {f"m{i}" for i in range(1, 50)}
+    assert max(counts.values()) < 1.3 * min(counts.values())
+
+    mostly_dead = MemberTable(
+        Member(f"d{i}", 0, MemberState.DEAD if i >= 4 else MemberState.ALIVE, 0.0)
+        for i in range(2000)
+    )
+    alive = sorted(mostly_dead.sample(rng, 10, lambda m: not m.is_gone))
+    assert alive == ["d0", "d1", "d2", "d3"]
+
+
+def test_probe_round_draws_every_index_once_including_ones_added_mid_round() -> None:
+    rng = random.Random(9)
+    probe_round = ProbeRound()
+    drawn = [probe_round.draw(rng, 10) for _ in range(6)]
+    drawn += [probe_round.draw(rng, 12) for _ in range(6)]  # two members learned meanwhile
+    assert sorted(i for i in drawn if i is not None) == list(range(12))
+    assert probe_round.draw(rng, 12) is None
+    probe_round.restart()
+    second = [probe_round.draw(rng, 12) for _ in range(12)]
+    assert sorted(i for i in second if i is not None) == list(range(12))
+    assert second != drawn  # a fresh order each round
+
+
+def test_broadcast_queue_sends_least_sent_then_newest_first() -> None:
+    rng = random.Random(4)
+    queue = BroadcastQueue()
+    reference: dict[str, list[int]] = {}  # member -> [transmits, order]
+    order = 0
+    for step in range(2000):
+        if rng.random() < 0.4:
+            member = f"m{rng.randrange(30)}"
+            order += 1
+            queue.push(Alive(member, step))
+            reference[member] = [0, order, step]
+        else:
+            limit = rng.randrange(2, 6)
+            chosen = sorted(reference.items(), key=lambda item: (item[1][0], -item[1][1]))[:4]
+            expected = tuple(Alive(member, state[2]) for member, state in chosen)
+            for member, state in chosen:
+                state[0] += 1
+                if state[0] >= limit:
+                    del reference[member]
+            assert queue.take(4, limit) == expected
+    assert len(queue) == len(reference)

@@ -5,6 +5,7 @@ Pure bookkeeping: it decides which updates ride on the next message; it never se
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import attrs
@@ -19,7 +20,7 @@ def retransmit_limit(retransmit_mult: int, cluster_size: int) -> int:
     return retransmit_mult * math.ceil(math.log10(cluster_size + 1))
 
 
-@attrs.define
+@attrs.define(eq=False)
 class _Queued:
     update: Update
     transmits: int
@@ -28,14 +29,25 @@ class _Queued:
 
 @attrs.define
 class BroadcastQueue:
-    """At most one pending update per member; a newer update replaces the older one."""
+    """At most one pending update per member; a newer update replaces the older one.
+
+    A heap ordered by (transmits, newest first) makes `take` O(k log n); entries of replaced
+    updates stay in the heap until they surface and are skipped.
+    """
 
     _by_member: dict[str, _Queued] = attrs.field(factory=dict)
+    _heap: list[tuple[int, int, _Queued]] = attrs.field(factory=list)
     _order: int = 0
 
     def push(self, update: Update) -> None:
         self._order += 1
-        self._by_member[update.member] = _Queued(update, 0, self._order)
+        queued = _Queued(update, 0, self._order)
+        self._by_member[update.member] = queued
+        if len(self._heap) > 2 * len(self._by_member) + 64:
+            self._heap = [(q.transmits, -q.order, q) for q in self._by_member.values()]
+            heapq.heapify(self._heap)
+        else:
+            heapq.heappush(self._heap, (0, -queued.order, queued))
 
     def __len__(self) -> int:
         return len(self._by_member)
@@ -44,11 +56,17 @@ class BroadcastQueue:
         return tuple(queued.update for queued in self._by_member.values())
 
     def take(self, max_updates: int, limit: int) -> tuple[Update, ...]:
-        """The least-sent updates, counted as sent once more; spent ones leave the queue."""
-        chosen = sorted(self._by_member.values(), key=lambda q: (q.transmits, -q.order))
-        chosen = chosen[:max_updates]
+        """The least-sent updates, newest first, counted as sent once more; spent ones leave."""
+        heap, by_member = self._heap, self._by_member
+        chosen: list[_Queued] = []
+        while heap and len(chosen) < max_updates:
+            queued = heapq.heappop(heap)[2]
+            if by_member.get(queued.update.member) is queued:
+                chosen.append(queued)
         for queued in chosen:
             queued.transmits += 1
             if queued.transmits >= limit:
-                del self._by_member[queued.update.member]
+                del by_member[queued.update.member]
+            else:
+                heapq.heappush(heap, (queued.transmits, -queued.order, queued))
         return tuple(queued.update for queued in chosen)

@@ -15,8 +15,11 @@ from infermesh.agent.gossip.broadcasts import BroadcastQueue, retransmit_limit
 from infermesh.agent.gossip.config import SwimConfig
 from infermesh.agent.gossip.members import (
     Member,
+    MemberBaseline,
     MemberEvent,
     MemberState,
+    MemberTable,
+    ProbeRound,
     Suspicion,
     suspicion_min_timeout_s,
 )
@@ -77,14 +80,12 @@ class Swim:
         self.self_id = self_id
         self.config = config
         self._rng = rng
-        self._members: dict[str, Member] = {
-            self_id: Member(self_id, 0, MemberState.ALIVE, now, address, meta)
-        }
+        self._members = MemberTable([Member(self_id, 0, MemberState.ALIVE, now, address, meta)])
+        self._records = self._members.records  # read-only lookups on hot paths
         self._suspicions: dict[str, Suspicion] = {}
         self._broadcasts = BroadcastQueue()
         self._events: list[MemberEvent] = []
-        self._probe_order: list[str] = []
-        self._probe_index = 0
+        self._probe_round = ProbeRound()
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
         self._seq = 0
@@ -93,6 +94,35 @@ class Swim:
         self._next_probe_s = now + config.probe_interval_s
         self._next_gossip_s = now + config.gossip_interval_s
         self._next_push_pull_s = now + config.push_pull_interval_s
+        self._limit_cache = (0, retransmit_limit(config.retransmit_mult, 0))
+
+    @classmethod
+    def from_baseline(
+        cls,
+        self_id: str,
+        config: SwimConfig,
+        rng: random.Random,
+        now: float,
+        baseline: MemberBaseline,
+    ) -> Swim:
+        """A node that has been part of a converged cluster for a while: it knows `baseline`.
+
+        For simulators: thousands of nodes share the baseline's immutable records (each copies
+        only the id -> record dict) instead of replaying thousands of joins. Like memberlist at
+        start-up, its probe, gossip and push-pull timers start at random points of their period.
+        """
+        me = baseline.records.get(self_id)
+        if me is None or me.is_gone:
+            raise ValueError(
+                f"Swim.from_baseline: {self_id!r} is not a live member of the baseline"
+            )
+        swim = cls(self_id, config, rng, now, address=me.address, meta=me.meta)
+        swim._members = MemberTable.from_baseline(baseline)
+        swim._records = swim._members.records
+        swim._next_probe_s = now + rng.uniform(0.0, config.probe_interval_s)
+        swim._next_gossip_s = now + rng.uniform(0.0, config.gossip_interval_s)
+        swim._next_push_pull_s = now + rng.uniform(0.0, config.push_pull_interval_s)
+        return swim
 
     # ----------------------------------------------------------------- read side
     @property
@@ -106,12 +136,12 @@ class Swim:
 
     @property
     def members(self) -> dict[str, Member]:
-        return {member_id: attrs.evolve(m) for member_id, m in self._members.items()}
+        """Every member this node knows: a new dict of immutable records (O(N): not per message)."""
+        return self._members.as_dict()
 
     def member(self, member_id: str) -> Member | None:
-        """A copy of what this node believes about `member_id`, or None if it never heard of it."""
-        member = self._members.get(member_id)
-        return None if member is None else attrs.evolve(member)
+        """What this node believes about `member_id` (immutable), or None if never heard of."""
+        return self._members.get(member_id)
 
     def address_of(self, member_id: str) -> str | None:
         """Where `member_id`'s gossip listens, if known (empty addresses count as unknown)."""
@@ -125,7 +155,7 @@ class Swim:
     @property
     def live_count(self) -> int:
         """Members not dead or left, self included: the N in every log formula."""
-        return sum(1 for m in self._members.values() if not m.is_gone)
+        return self._members.live_count
 
     @property
     def pending_broadcasts(self) -> tuple[Update, ...]:
@@ -137,16 +167,19 @@ class Swim:
 
     @property
     def next_deadline_s(self) -> float:
-        deadlines = [self._next_gossip_s]
+        deadline = self._next_gossip_s
         if not self._left:
-            deadlines += [self._next_probe_s, self._next_push_pull_s]
-        if self._probe is not None:
-            deadlines.append(self._probe.ends_at_s)
-            if not self._probe.indirect_sent and not self._probe.acked:
-                deadlines.append(self._probe.timeout_at_s)
-        deadlines += [relay.deadline_s for relay in self._relays.values()]
-        deadlines += [s.deadline_s for s in self._suspicions.values()]
-        return min(deadlines)
+            deadline = min(deadline, self._next_probe_s, self._next_push_pull_s)
+        probe = self._probe
+        if probe is not None:
+            deadline = min(deadline, probe.ends_at_s)
+            if not probe.indirect_sent and not probe.acked:
+                deadline = min(deadline, probe.timeout_at_s)
+        for relay in self._relays.values():
+            deadline = min(deadline, relay.deadline_s)
+        for suspicion in self._suspicions.values():
+            deadline = min(deadline, suspicion.deadline_s)
+        return deadline
 
     def _scaled(self, seconds: float) -> float:
         return seconds * (self._awareness + 1)
@@ -165,8 +198,7 @@ class Swim:
         me = self._members[self.self_id]
         if self._left or me.meta == meta:
             return
-        me.meta = meta
-        me.incarnation += 1
+        self._members.put(me.with_alive(me.incarnation + 1, me.address, meta))
         self._queue_update(self._self_alive())
 
     def _self_alive(self) -> Alive:
@@ -181,7 +213,7 @@ class Swim:
         self._probe = None
         self._suspicions.clear()
         me = self._members[self.self_id]
-        me.state, me.state_since_s = MemberState.LEFT, now
+        self._members.put(me.with_state(MemberState.LEFT, me.incarnation, now))
         self._queue_update(Leave(self.self_id, me.incarnation))
         return self._gossip(now)
 
@@ -214,6 +246,14 @@ class Swim:
     def receive(self, now: float, sender: str, message: Message) -> list[Outgoing]:
         if isinstance(message, PushPull):
             for snapshot in message.states:
+                known = self._records.get(snapshot.member)
+                if (
+                    known is not None
+                    and snapshot.state == "alive"
+                    and snapshot.incarnation <= known.incarnation
+                    and snapshot.member != self.self_id
+                ):
+                    continue  # what _apply does with an Alive that is not news, without building it
                 alive = Alive(
                     snapshot.member, snapshot.incarnation, snapshot.address, snapshot.meta
                 )
@@ -258,7 +298,7 @@ class Swim:
     def _send(self, to: str, message: Ping | Ack | PingReq | Nack) -> Outgoing:
         """Attach piggybacked updates to a probe message."""
         updates = self._broadcasts.take(self.config.max_piggyback_updates, self._limit())
-        target = self._members.get(to)
+        target = self._records.get(to)
         if isinstance(message, Ping) and target is not None and target.state is MemberState.SUSPECT:
             # Lifeguard's buddy system: tell a suspect it is suspected, so it can refute in time.
             buddy = Suspect(to, target.incarnation, self.self_id)
@@ -266,24 +306,19 @@ class Swim:
         return Outgoing(to, attrs.evolve(message, updates=message.updates + updates))
 
     def _limit(self) -> int:
-        return retransmit_limit(self.config.retransmit_mult, self.live_count)
+        live = self._members.live_count
+        if self._limit_cache[0] != live:
+            self._limit_cache = (live, retransmit_limit(self.config.retransmit_mult, live))
+        return self._limit_cache[1]
 
     def _next_probe_target(self) -> str | None:
+        """Round-robin over live members, each round in a fresh random order (drawn lazily)."""
         for _ in range(2):
-            while self._probe_index < len(self._probe_order):
-                member_id = self._probe_order[self._probe_index]
-                self._probe_index += 1
-                member = self._members.get(member_id)
-                if member is not None and not member.is_gone:
-                    return member_id
-            # A new round: every live member once, in a fresh random order.
-            self._probe_order = [
-                m.member_id
-                for m in self._members.values()
-                if m.member_id != self.self_id and not m.is_gone
-            ]
-            self._rng.shuffle(self._probe_order)
-            self._probe_index = 0
+            while (index := self._probe_round.draw(self._rng, len(self._members))) is not None:
+                member = self._members.at(index)
+                if member.member_id != self.self_id and not member.is_gone:
+                    return member.member_id
+            self._probe_round.restart()
         return None
 
     def _start_probe(self, now: float) -> list[Outgoing]:
@@ -303,12 +338,12 @@ class Swim:
 
     def _send_indirect_probes(self, probe: _Probe) -> list[Outgoing]:
         probe.indirect_sent = True
-        candidates = [
-            m.member_id
-            for m in self._members.values()
-            if m.state is MemberState.ALIVE and m.member_id not in (self.self_id, probe.target)
-        ]
-        relays = self._rng.sample(candidates, min(self.config.indirect_checks, len(candidates)))
+        excluded = (self.self_id, probe.target)
+        relays = self._members.sample(
+            self._rng,
+            self.config.indirect_checks,
+            lambda m: m.state is MemberState.ALIVE and m.member_id not in excluded,
+        )
         probe.expected_nacks = len(relays)
         return [self._send(relay, PingReq(probe.seq, probe.target)) for relay in relays]
 
@@ -344,18 +379,20 @@ class Swim:
     def _pick_peers(
         self, count: int, include_recently_dead_s: float | None, now: float
     ) -> list[str]:
-        candidates = []
-        for m in self._members.values():
-            if m.member_id == self.self_id:
-                continue
-            recently_gone = (
+        self_id = self.self_id
+
+        def accept(m: Member) -> bool:
+            if m.member_id == self_id:
+                return False
+            if not m.is_gone:
+                return True
+            return (
                 include_recently_dead_s is not None
                 and m.state is MemberState.DEAD
                 and now - m.state_since_s < include_recently_dead_s
             )
-            if not m.is_gone or recently_gone:
-                candidates.append(m.member_id)
-        return self._rng.sample(candidates, min(count, len(candidates)))
+
+        return self._members.sample(self._rng, count, accept)
 
     def _gossip(self, now: float) -> list[Outgoing]:
         self._next_gossip_s = now + self.config.gossip_interval_s
@@ -370,95 +407,103 @@ class Swim:
         return out
 
     def _state_snapshot(self) -> tuple[NodeSnapshot, ...]:
-        return tuple(
-            NodeSnapshot(m.member_id, m.incarnation, m.state.value, m.address, m.meta)
-            for m in self._members.values()
-        )
+        return tuple(member.snapshot() for member in self._members.values())
 
     # ------------------------------------------------------- membership rules
     def _queue_update(self, update: Update) -> None:
         self._broadcasts.push(update)
 
     def _set_state(self, now: float, member: Member, state: MemberState, incarnation: int) -> None:
-        member.state, member.incarnation, member.state_since_s = state, incarnation, now
+        self._members.put(member.with_state(state, incarnation, now))
         self._events.append(MemberEvent(state.value, member.member_id, incarnation, now))
 
     def _refute(self, incarnation: int) -> None:
         me = self._members[self.self_id]
-        me.incarnation = max(me.incarnation, incarnation) + 1
+        self._members.put(me.with_alive(max(me.incarnation, incarnation) + 1, me.address, me.meta))
         self._queue_update(self._self_alive())
         # Lifeguard: being suspected hints that our own processing is slow.
         self._adjust_awareness(1)
 
     def _apply(self, now: float, update: Update) -> None:
-        member = self._members.get(update.member)
         if update.member == self.self_id:
-            if self._left:
-                return
-            if isinstance(update, Suspect | Dead) and update.incarnation >= self.incarnation:
-                self._refute(update.incarnation)
-            elif isinstance(update, Suspect | Dead):
-                # The accuser missed our refutation (it may have been lost): repeat it.
-                self._queue_update(self._self_alive())
-            elif isinstance(update, Alive) and update.incarnation >= self.incarnation:
-                me = self._members[self.self_id]
-                if update.incarnation > me.incarnation or (update.address, update.meta) != (
-                    me.address,
-                    me.meta,
-                ):
-                    # Our older life (before a restart) is known at this incarnation, perhaps
-                    # with other metadata: outbid it so our current address and meta win.
-                    me.incarnation = update.incarnation + 1
-                    self._queue_update(self._self_alive())
+            self._apply_to_self(update)
             return
-        match update:
-            case Alive(member=member_id, incarnation=incarnation, address=address, meta=meta):
-                if member is None:
-                    member = Member(member_id, incarnation, MemberState.ALIVE, now, address, meta)
-                    self._members[member_id] = member
-                    # Probe the newcomer within this round, at a random position.
-                    position = self._rng.randint(self._probe_index, len(self._probe_order))
-                    self._probe_order.insert(position, member_id)
-                    self._events.append(MemberEvent("joined", member_id, incarnation, now))
-                elif incarnation <= member.incarnation:
-                    return
-                else:
-                    changed = (address, meta) != (member.address, member.meta)
-                    member.address, member.meta = address, meta
-                    self._suspicions.pop(member_id, None)
-                    if member.state is MemberState.ALIVE and changed:
-                        member.incarnation = incarnation
-                        self._events.append(MemberEvent("updated", member_id, incarnation, now))
-                    elif member.state is MemberState.ALIVE:
-                        member.incarnation = incarnation
-                    else:
-                        self._set_state(now, member, MemberState.ALIVE, incarnation)
+        # Most updates arrive many times over (epidemic spread): each handler returns early on
+        # news it already has.
+        member = self._records.get(update.member)
+        if isinstance(update, Alive):
+            self._apply_alive(now, member, update)
+        elif isinstance(update, Suspect):
+            self._apply_suspect(now, member, update)
+        elif isinstance(update, Dead):
+            if member is None or member.is_gone or update.incarnation < member.incarnation:
+                return
+            self._suspicions.pop(update.member, None)
+            self._set_state(now, member, MemberState.DEAD, update.incarnation)
+            self._queue_update(update)
+        else:
+            if member is None or member.state is MemberState.LEFT:
+                return
+            if update.incarnation < member.incarnation:
+                return
+            self._suspicions.pop(update.member, None)
+            self._set_state(now, member, MemberState.LEFT, update.incarnation)
+            self._queue_update(update)
+
+    def _apply_to_self(self, update: Update) -> None:
+        if self._left:
+            return
+        if isinstance(update, Suspect | Dead) and update.incarnation >= self.incarnation:
+            self._refute(update.incarnation)
+        elif isinstance(update, Suspect | Dead):
+            # The accuser missed our refutation (it may have been lost): repeat it.
+            self._queue_update(self._self_alive())
+        elif isinstance(update, Alive) and update.incarnation >= self.incarnation:
+            me = self._members[self.self_id]
+            if update.incarnation > me.incarnation or (update.address, update.meta) != (
+                me.address,
+                me.meta,
+            ):
+                # Our older life (before a restart) is known at this incarnation, perhaps
+                # with other metadata: outbid it so our current address and meta win.
+                self._members.put(me.with_alive(update.incarnation + 1, me.address, me.meta))
+                self._queue_update(self._self_alive())
+
+    def _apply_alive(self, now: float, member: Member | None, update: Alive) -> None:
+        member_id, incarnation = update.member, update.incarnation
+        if member is None:
+            # Added last, it joins this probe round's draws at a random position.
+            self._members.put(
+                Member(member_id, incarnation, MemberState.ALIVE, now, update.address, update.meta)
+            )
+            self._events.append(MemberEvent("joined", member_id, incarnation, now))
+        elif incarnation <= member.incarnation:
+            return
+        else:
+            changed = (update.address, update.meta) != (member.address, member.meta)
+            self._suspicions.pop(member_id, None)
+            if member.state is MemberState.ALIVE:
+                self._members.put(member.with_alive(incarnation, update.address, update.meta))
+                if changed:
+                    self._events.append(MemberEvent("updated", member_id, incarnation, now))
+            else:
+                member = member.with_alive(member.incarnation, update.address, update.meta)
+                self._set_state(now, member, MemberState.ALIVE, incarnation)
+        self._queue_update(update)
+
+    def _apply_suspect(self, now: float, member: Member | None, update: Suspect) -> None:
+        if member is None or member.is_gone or update.incarnation < member.incarnation:
+            return
+        suspicion = self._suspicions.get(update.member)
+        if member.state is MemberState.SUSPECT and suspicion is not None:
+            if update.incarnation == suspicion.incarnation and suspicion.confirm(update.accuser):
                 self._queue_update(update)
-            case Suspect(member=member_id, incarnation=incarnation, accuser=accuser):
-                if member is None or member.is_gone or incarnation < member.incarnation:
-                    return
-                suspicion = self._suspicions.get(member_id)
-                if member.state is MemberState.SUSPECT and suspicion is not None:
-                    if incarnation == suspicion.incarnation and suspicion.confirm(accuser):
-                        self._queue_update(update)
-                    return
-                self._set_state(now, member, MemberState.SUSPECT, incarnation)
-                self._suspicions[member_id] = self._new_suspicion(now, incarnation, accuser)
-                self._queue_update(update)
-            case Dead(member=member_id, incarnation=incarnation):
-                if member is None or member.is_gone or incarnation < member.incarnation:
-                    return
-                self._suspicions.pop(member_id, None)
-                self._set_state(now, member, MemberState.DEAD, incarnation)
-                self._queue_update(update)
-            case Leave(member=member_id, incarnation=incarnation):
-                if member is None or member.state is MemberState.LEFT:
-                    return
-                if incarnation < member.incarnation:
-                    return
-                self._suspicions.pop(member_id, None)
-                self._set_state(now, member, MemberState.LEFT, incarnation)
-                self._queue_update(update)
+            return
+        self._set_state(now, member, MemberState.SUSPECT, update.incarnation)
+        self._suspicions[update.member] = self._new_suspicion(
+            now, update.incarnation, update.accuser
+        )
+        self._queue_update(update)
 
     def _new_suspicion(self, now: float, incarnation: int, accuser: str) -> Suspicion:
         cluster_size = self.live_count
