@@ -23,6 +23,7 @@ from infermesh.agent.gossip import (
     Message,
     Nack,
     Outgoing,
+    Ping,
     PingReq,
     Suspect,
     Swim,
@@ -430,3 +431,25 @@ def test_broadcast_queue_sends_least_sent_then_newest_first() -> None:
                     del reference[member]
             assert queue.take(4, limit) == expected
     assert len(queue) == len(reference)
+
+
+def test_a_failed_probe_of_a_suspect_confirms_the_suspicion_and_shortens_it() -> None:
+    config = SwimConfig.lan()
+    node = Swim("me", config, random.Random(3), now=0.0)
+    node.receive(0.0, "b", Gossip(tuple(Alive(peer, 0) for peer in ("b", "c", "d", "x"))))
+    node.receive(0.5, "b", Gossip((Suspect("x", 0, "b"),)))
+    min_s = suspicion_min_timeout_s(config.suspicion_mult, 5, config.probe_interval_s)
+    unconfirmed_deadline_s = 0.5 + min_s * config.suspicion_max_timeout_mult
+
+    # Everyone but x answers; x never does, and no relay answers for it either.
+    now = 0.5
+    while node.state_of("x") is MemberState.SUSPECT and now < unconfirmed_deadline_s + 1.0:
+        now = node.next_deadline_s
+        for out in node.tick(now):
+            if isinstance(out.message, Ping) and out.message.target != "x":
+                node.receive(now, out.to, Ack(out.message.seq))
+    dead = [e for e in node.drain_events() if e.kind == "dead" and e.member_id == "x"]
+
+    assert dead, "x must be declared dead"
+    # Our own failed probe was a second, independent accusation: the timeout shrank.
+    assert dead[0].at_s < unconfirmed_deadline_s - 1.0

@@ -368,7 +368,9 @@ class Swim:
         else:
             self._adjust_awareness(1)
         target = self._members.get(probe.target)
-        if target is not None and target.state is MemberState.ALIVE:
+        # As memberlist: a failed probe of a member already suspected is one more independent
+        # confirmation (unless we were its first accuser), shrinking Lifeguard's timeout.
+        if target is not None and target.state in (MemberState.ALIVE, MemberState.SUSPECT):
             self._apply(now, Suspect(target.member_id, target.incarnation, self.self_id))
 
     def _adjust_awareness(self, delta: int) -> None:
