@@ -95,6 +95,10 @@ def test_loss_loses_probes_but_every_number_stays_finite() -> None:
     json.dumps(report, allow_nan=False)  # no NaN or infinity anywhere
     assert report["traffic"]["by_type"]["Ping"]["lost"] > 0
     assert report["traffic"]["lost"] > 0.05 * report["traffic"]["messages"]
+    # TCP fallback pings and their acks travel on streams, which the network never loses.
+    by_type = report["traffic"]["by_type"]
+    assert by_type["Ping/tcp"]["messages"] > 0
+    assert by_type["Ping/tcp"]["lost"] == by_type["Ack/tcp"]["lost"] == 0
     assert report["failure"]["marked_dead"] == report["failure"]["observers"]
     assert report["join"]["knowing"] == report["join"]["observers"]
 
@@ -157,6 +161,7 @@ def test_network_model_loses_datagrams_at_the_given_rate_and_never_streams() -> 
     assert lost / len(delays) == pytest.approx(0.2, abs=0.01)
     assert all(0.008 <= delay <= 0.012 for delay in delays if delay is not None)
     assert all(network.stream_delay_s(rng) >= 0.024 for _ in range(1000))
+    assert all(network.stream_reply_delay_s(rng) >= 0.008 for _ in range(1000))
 
 
 def test_push_pull_interval_scales_with_the_cluster_like_memberlist() -> None:

@@ -15,7 +15,7 @@ from infermesh.agent.gossip import node as node_module
 from infermesh.agent.gossip.codec import Packet, decode_packet, decode_stream, encode_packet
 from infermesh.agent.gossip.config import SwimConfig
 from infermesh.agent.gossip.keyring import Keyring
-from infermesh.agent.gossip.messages import Gossip, PushPull, Suspect
+from infermesh.agent.gossip.messages import Ack, Gossip, Ping, PushPull, Suspect
 from infermesh.agent.gossip.node import GossipNode, NodeSettings, Send
 from infermesh.agent.gossip.statesync import StateBook
 from infermesh.agent.gossip.values import NodeMeta, StateEntry
@@ -51,7 +51,9 @@ class Mesh:
     nodes: dict[str, GossipNode] = attrs.field(factory=dict)  # by address
     stores: dict[str, StateStore] = attrs.field(factory=dict)  # by node id
     crashed: set[str] = attrs.field(factory=set)  # addresses
+    udp_lost_to: set[str] = attrs.field(factory=set)  # addresses whose inbound datagrams are lost
     sent: list[tuple[str, Send]] = attrs.field(factory=list)  # (source address, send)
+    replies: list[tuple[str, Send]] = attrs.field(factory=list)  # (replier, reply on a stream)
     _queue: list[tuple[float, int, str, Send]] = attrs.field(factory=list)
     _order: itertools.count[int] = attrs.field(factory=itertools.count)
 
@@ -85,11 +87,13 @@ class Mesh:
         if node is None or send.address in self.crashed or source in self.crashed:
             return
         if not send.stream:
-            self.send(send.address, node.on_datagram(self.now, send.data, source))
+            if send.address not in self.udp_lost_to:
+                self.send(send.address, node.on_datagram(self.now, send.data, source))
             return
         reply, sends = node.on_stream(self.now, send.data, source)
         self.send(send.address, sends)
         if reply is not None:
+            self.replies.append((send.address, Send(source, reply, True)))
             # The reply travels back on the same connection and is fed to the requester.
             heapq.heappush(
                 self._queue,
@@ -384,3 +388,40 @@ def test_injected_loss_drops_that_share_of_inbound_datagrams() -> None:
 
     assert 150 < a.counters.dropped["injected_loss"] < 250
     assert set(a.counters.dropped) == {"injected_loss"}
+
+
+@pytest.mark.parametrize("tcp_fallback_ping", [True, False])
+def test_a_tcp_fallback_ping_travels_as_a_stream_and_its_ack_comes_back_in_the_reply(
+    tcp_fallback_ping: bool,
+) -> None:
+    config = attrs.evolve(FAST, tcp_fallback_ping=tcp_fallback_ping)
+    mesh = joined_mesh(config=config)
+    a, b = node(mesh, "a"), node(mesh, "b")
+    keyring = Keyring([KEY])
+
+    mesh.udp_lost_to.add(b.address)  # b's inbound UDP is firewalled; TCP still works
+    mesh.run_until(mesh.now + 10 * config.probe_interval_s)
+
+    tcp_pings = {
+        message.seq
+        for source, send in mesh.sent
+        if source == a.address and send.address == b.address and send.stream
+        for message in decode_stream(keyring.open(send.data)).messages
+        if isinstance(message, Ping)
+    }
+    acks_in_replies = {
+        message.seq
+        for replier, reply in mesh.replies
+        if replier == b.address and reply.address == a.address
+        for message in decode_stream(keyring.open(reply.data)).messages
+        if isinstance(message, Ack)
+    }
+    if tcp_fallback_ping:
+        assert tcp_pings
+        assert acks_in_replies
+        assert acks_in_replies <= tcp_pings  # (the last ones may still be on their way)
+        assert states(a)["b"] == states(node(mesh, "c"))["b"] == "alive"
+        assert a.counters.suspicions == 0
+    else:
+        assert not tcp_pings
+        assert a.counters.suspicions + node(mesh, "c").counters.suspicions > 0

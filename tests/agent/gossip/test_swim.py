@@ -51,7 +51,8 @@ class Network:
     now: float = 0.0
     nodes: dict[str, Swim] = attrs.field(factory=dict)
     crashed: set[str] = attrs.field(factory=set)
-    drop: DropRule | None = None
+    drop: DropRule | None = None  # datagrams it loses
+    drop_streams: DropRule | None = None  # TCP messages (reliable Outgoings) it loses
     events: list[tuple[str, MemberEvent]] = attrs.field(factory=list)
     sent: list[tuple[float, str, Outgoing]] = attrs.field(factory=list)
     _queue: list[tuple[float, int, str, Outgoing]] = attrs.field(factory=list)
@@ -66,11 +67,12 @@ class Network:
     def route(self, sender: str, outgoing: list[Outgoing]) -> None:
         for out in outgoing:
             self.sent.append((self.now, sender, out))
-            if self.drop is not None and self.drop(sender, out.to, out.message):
+            drop = self.drop_streams if out.reliable else self.drop
+            if drop is not None and drop(sender, out.to, out.message):
                 continue
-            heapq.heappush(
-                self._queue, (self.now + self.latency_s, next(self._counter), sender, out)
-            )
+            # A TCP message waits for the connection's handshake first.
+            delay_s = 3 * self.latency_s if out.reliable else self.latency_s
+            heapq.heappush(self._queue, (self.now + delay_s, next(self._counter), sender, out))
         self.events += [(sender, event) for event in self.nodes[sender].drain_events()]
 
     def run_until(self, end_s: float) -> None:
@@ -86,7 +88,16 @@ class Network:
             if next_message_s <= next_tick_s:
                 _, _, sender, out = heapq.heappop(self._queue)
                 if out.to in self.nodes and out.to not in self.crashed:
-                    self.route(out.to, self.nodes[out.to].receive(self.now, sender, out.message))
+                    replies = self.nodes[out.to].receive(self.now, sender, out.message)
+                    if out.reliable and isinstance(out.message, Ping):
+                        # The ack of a TCP ping goes back on the same connection.
+                        replies = [
+                            attrs.evolve(r, reliable=True)
+                            if r.to == sender and isinstance(r.message, Ack)
+                            else r
+                            for r in replies
+                        ]
+                    self.route(out.to, replies)
                 continue
             for node in live:
                 if node.next_deadline_s <= self.now:
@@ -159,9 +170,9 @@ def test_a_slow_but_alive_node_refutes_and_is_never_declared_dead(seed: int) -> 
     def drop_n3_answers(sender: str, to: str, message: Message) -> bool:
         return sender == "n3" and isinstance(message, Ack | Nack)
 
-    network.drop = drop_n3_answers
+    network.drop = network.drop_streams = drop_n3_answers
     network.run_until(network.now + 30.0)
-    network.drop = None
+    network.drop = network.drop_streams = None
     network.run_until(network.now + 20.0)
 
     assert network.first_event("suspect", "n3") is not None
@@ -198,7 +209,7 @@ def test_indirect_probes_save_a_member_behind_a_broken_direct_link() -> None:
     def cut_n1_n2(sender: str, to: str, message: Message) -> bool:
         return {sender, to} == {"n1", "n2"}
 
-    network.drop = cut_n1_n2
+    network.drop = network.drop_streams = cut_n1_n2  # TCP too: only the relays can help
     network.run_until(network.now + 40.0)
 
     assert [e for _, e in network.events if e.kind in ("suspect", "dead")] == []
@@ -228,7 +239,7 @@ def test_awareness_rises_when_acks_are_lost_and_recovers_after() -> None:
     def drop_answers_to_n0(sender: str, to: str, message: Message) -> bool:
         return to == "n0" and isinstance(message, Ack | Nack)
 
-    network.drop = drop_answers_to_n0
+    network.drop = network.drop_streams = drop_answers_to_n0
     window_start_s = network.now
     network.run_until(window_start_s + 20.0)
 
@@ -244,7 +255,7 @@ def test_awareness_rises_when_acks_are_lost_and_recovers_after() -> None:
     )
     assert indirect_rounds < 20.0 / config.probe_interval_s / 2
 
-    network.drop = None
+    network.drop = network.drop_streams = None
     network.run_until(network.now + 60.0)
     assert n0.awareness == 0
 
@@ -453,3 +464,58 @@ def test_a_failed_probe_of_a_suspect_confirms_the_suspicion_and_shortens_it() ->
     assert dead, "x must be declared dead"
     # Our own failed probe was a second, independent accusation: the timeout shrank.
     assert dead[0].at_s < unconfirmed_deadline_s - 1.0
+
+
+@pytest.mark.parametrize("tcp_fallback_ping", [True, False])
+def test_a_member_that_only_loses_udp_is_not_suspected_thanks_to_the_tcp_fallback_ping(
+    tcp_fallback_ping: bool,
+) -> None:
+    config = attrs.evolve(SwimConfig.lan(), tcp_fallback_ping=tcp_fallback_ping)
+    network = converged_network(6, config=config)
+
+    # Every datagram to n2 is lost (a firewall dropping its inbound UDP); TCP still works.
+    def udp_to_n2(sender: str, to: str, message: Message) -> bool:
+        return to == "n2"
+
+    network.drop = udp_to_n2
+    network.run_until(network.now + 30.0)
+
+    fallback_pings = [
+        out
+        for _, _, out in network.sent
+        if out.reliable and isinstance(out.message, Ping) and out.to == "n2"
+    ]
+    if tcp_fallback_ping:
+        assert fallback_pings
+        assert network.first_event("suspect", "n2") is None
+        assert set(network.states_of("n2").values()) == {MemberState.ALIVE}
+    else:
+        assert not fallback_pings
+        assert network.first_event("suspect", "n2") is not None
+
+
+def test_a_fallback_ack_completes_the_probe_like_an_indirect_ack() -> None:
+    node = Swim("me", SwimConfig.lan(), random.Random(5), now=0.0)
+    node.receive(0.0, "b", Gossip((Alive("b", 0), Suspect("me", 0, "b"))))
+    assert node.awareness == 1  # refuting a suspicion hints that we are the slow one
+
+    pings: list[Outgoing] = []
+    while not pings:
+        now = node.next_deadline_s
+        pings = [o for o in node.tick(now) if isinstance(o.message, Ping)]
+    [ping] = pings
+    assert isinstance(ping.message, Ping)
+    assert not ping.reliable
+    sent_s = now
+    fallback: list[Outgoing] = []
+    while not fallback:  # no UDP ack comes
+        now = node.next_deadline_s
+        fallback = [o for o in node.tick(now) if o.reliable]
+    assert fallback == [Outgoing("b", Ping(ping.message.seq, "b"), reliable=True)]
+    assert now - sent_s == pytest.approx(2 * SwimConfig.lan().probe_timeout_s)  # scaled x2
+
+    node.receive(now + 0.01, "b", Ack(ping.message.seq))
+    node.tick(now + 2.0)  # past the end of the probe interval
+
+    assert node.state_of("b") is MemberState.ALIVE
+    assert node.awareness == 1  # neither a failure nor a direct success

@@ -33,6 +33,9 @@ class SwimConfig:
     push_pull_interval_s: float = attrs.field(default=30.0, validator=_positive)
     awareness_max_multiplier: int = attrs.field(default=8, validator=_positive)
     max_piggyback_updates: int = attrs.field(default=8, validator=_positive)
+    # memberlist's TCP fallback ping: when the direct probe times out, also ping over TCP (a
+    # member whose UDP is lost but whose TCP works is then not suspected).
+    tcp_fallback_ping: bool = True
 
     def __attrs_post_init__(self) -> None:
         if self.probe_timeout_s > self.probe_interval_s:

@@ -135,7 +135,12 @@ Message = Ping | Ack | PingReq | Nack | Gossip | PushPull
 
 @attrs.frozen
 class Outgoing:
-    """A message the shell must send to member (or seed) `to`."""
+    """A message the shell must send to member (or seed) `to`.
+
+    `reliable`: send it over TCP, not as a datagram (the TCP fallback ping); the answer comes
+    back on the same connection.
+    """
 
     to: str
     message: Message
+    reliable: bool = False

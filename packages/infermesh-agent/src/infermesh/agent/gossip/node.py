@@ -277,14 +277,9 @@ class GossipNode:
             if self._swim.incarnation > incarnation and self._accuses_me(message):
                 self.counters.refutations += 1
             for out in outgoing:
-                is_reply = (
-                    reply_to_stream
-                    and out.to == sender
-                    and isinstance(out.message, PushPull)
-                    and not out.message.reply
-                )
-                if is_reply:  # goes back on the same connection: no address needed
-                    replies += self._encode(now, packet.sender_address, out.message)
+                if reply_to_stream and _answers(message, out, sender):
+                    # Goes back on the same connection: no address needed.
+                    replies += self._encode(now, packet.sender_address, out.message, stream=True)
                 else:
                     sends += self._after(now, [out])
         sends += self._after(now, [])
@@ -329,11 +324,12 @@ class GossipNode:
             if address is None:
                 self.counters.drop("no_address")
                 continue
-            if isinstance(out.message, Ping):
+            if isinstance(out.message, Ping) and not out.reliable:
+                # A TCP fallback ping shares its probe's seq and measures no datagram RTT.
                 self._pings[out.message.seq] = (out.message.target, now)
                 if counting_probes:
                     self.counters.probes += 1
-            sends += self._encode(now, address, out.message)
+            sends += self._encode(now, address, out.message, stream=out.reliable)
         self._translate_events(now)
         return sends
 
@@ -346,10 +342,17 @@ class GossipNode:
             del self._addresses[next(iter(self._addresses))]
         self._addresses[member] = address
 
-    def _encode(self, now: float, address: str, message: Message) -> list[Send]:
+    def _encode(
+        self, now: float, address: str, message: Message, *, stream: bool = False
+    ) -> list[Send]:
+        """`message` as sealed bytes: push-pull (with every known node state) and anything
+        `stream` (TCP fallback pings and their acks) as one TCP message, the rest by UDP."""
         if isinstance(message, PushPull):
             packet = Packet(self.node_id, self.address, (message,), states=self.book.snapshot(now))
             return self._stream_send(address, packet)
+        if stream:
+            # No coordinate: a TCP round trip (handshake, late fallback) is no RTT sample.
+            return self._stream_send(address, Packet(self.node_id, self.address, (message,)))
         coordinate = self._vivaldi.coordinate if isinstance(message, Ack) else None
         packet = Packet(self.node_id, self.address, (message,), coordinate=coordinate)
         return self._datagram_sends(now, address, packet)
@@ -441,3 +444,13 @@ class GossipNode:
         stale = [seq for seq, (_, sent_s) in self._pings.items() if now - sent_s > _PING_MEMORY_S]
         for seq in stale:
             del self._pings[seq]
+
+
+def _answers(request: Message, out: Outgoing, sender: str) -> bool:
+    """Whether `out` answers `request` from `sender` on its own TCP connection: the push-pull
+    reply, or the ack of a TCP fallback ping."""
+    if out.to != sender:
+        return False
+    if isinstance(out.message, PushPull):
+        return isinstance(request, PushPull) and request.reply and not out.message.reply
+    return isinstance(out.message, Ack) and isinstance(request, Ping)

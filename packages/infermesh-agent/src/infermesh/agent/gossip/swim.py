@@ -345,7 +345,12 @@ class Swim:
             lambda m: m.state is MemberState.ALIVE and m.member_id not in excluded,
         )
         probe.expected_nacks = len(relays)
-        return [self._send(relay, PingReq(probe.seq, probe.target)) for relay in relays]
+        out = [self._send(relay, PingReq(probe.seq, probe.target)) for relay in relays]
+        if self.config.tcp_fallback_ping:
+            # As memberlist: also ping the target over TCP (same seq, so its ack completes this
+            # probe; it counts like an indirect ack). UDP loss alone then rarely suspects anyone.
+            out.append(Outgoing(probe.target, Ping(probe.seq, probe.target), reliable=True))
+        return out
 
     def _on_ack(self, sender: str, seq: int) -> list[Outgoing]:
         relay = self._relays.pop(seq, None)

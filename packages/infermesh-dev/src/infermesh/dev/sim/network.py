@@ -45,9 +45,10 @@ def _non_negative(instance: object, attribute: attrs.Attribute[float], value: fl
 class NetworkModel:
     """Every datagram is lost with probability `loss`, else arrives after latency +/- jitter.
 
-    Stream messages (push-pull over TCP) are never lost: they arrive after a connection
-    handshake (one round trip) plus the one-way trip, and each lost segment adds one minimum
-    retransmission timeout.
+    Stream messages (push-pull and TCP fallback pings) are never lost: they arrive after a
+    connection handshake (one round trip) plus the one-way trip, and each lost segment adds one
+    minimum retransmission timeout. A reply on the same connection (the ack of a TCP ping) takes
+    the one-way trip, plus the same retransmission timeouts.
     """
 
     latency_s: float = attrs.field(validator=_non_negative)
@@ -61,8 +62,12 @@ class NetworkModel:
         return self._one_way_s(rng)
 
     def stream_delay_s(self, rng: random.Random) -> float:
-        """When a stream message sent now is delivered in full, relative to now."""
-        delay_s = 2 * self._one_way_s(rng) + self._one_way_s(rng)
+        """When a stream message sent now on a new connection is delivered in full."""
+        return 2 * self._one_way_s(rng) + self.stream_reply_delay_s(rng)
+
+    def stream_reply_delay_s(self, rng: random.Random) -> float:
+        """When a reply sent now on an open connection is delivered in full."""
+        delay_s = self._one_way_s(rng)
         while self.loss and rng.random() < self.loss:
             delay_s += TCP_MIN_RTO_S
         return delay_s

@@ -1,8 +1,9 @@
 """The gossip simulation: N real `Swim` state machines on a `NetworkModel`, in virtual time.
 
-One event loop over a heap of (time, seq, node, sender, message): message deliveries and each
-node's next tick deadline (`Swim.next_deadline_s`), so a node is ticked only when something of
-its own is due. It never reads a clock: wall time and memory are the caller's to measure.
+One event loop over a heap of (time, seq, node, sender, message, by_stream): message deliveries
+and each node's next tick deadline (`Swim.next_deadline_s`), so a node is ticked only when
+something of its own is due. It never reads a clock: wall time and memory are the caller's to
+measure.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import attrs
 
 from infermesh.agent.gossip.config import SwimConfig
 from infermesh.agent.gossip.members import Member, MemberBaseline, MemberState
-from infermesh.agent.gossip.messages import Message, Outgoing, PushPull
+from infermesh.agent.gossip.messages import Ack, Message, Outgoing, Ping, PushPull
 from infermesh.agent.gossip.swim import Swim
 from infermesh.dev.sim.network import PROFILES, NetworkModel
 from infermesh.dev.sim.sizes import MessageSizer
@@ -41,7 +42,8 @@ BOOTSTRAP_LIMIT_S = 300.0
 BOOTSTRAPS = ("baseline", "join")
 MAX_JOIN_BOOTSTRAP_NODES = 1000
 
-_Event = tuple[float, int, int, str | None, Message | None]
+# (at_s, seq, node index, sender, message, by_stream); a tick has no sender nor message.
+_Event = tuple[float, int, int, str | None, Message | None, bool]
 
 
 def push_pull_interval_s(base_s: float, cluster_size: int) -> float:
@@ -258,7 +260,7 @@ class GossipSimulation:
         down = self._down
         scheduled = self._scheduled
         while heap and heap[0][0] <= end_s:
-            at_s, _, index, sender, message = heapq.heappop(heap)
+            at_s, _, index, sender, message, by_stream = heapq.heappop(heap)
             if down[index]:
                 continue
             node = nodes[index]
@@ -273,34 +275,52 @@ class GossipSimulation:
             else:
                 assert sender is not None
                 self.now = at_s
-                self._route(index, node, node.receive(at_s, sender, message))
+                out = node.receive(at_s, sender, message)
+                # The ack of a TCP ping goes back on the ping's connection, as the agent does.
+                answer_by_stream = sender if by_stream and isinstance(message, Ping) else None
+                self._route(index, node, out, answer_by_stream)
         self.now = max(self.now, end_s)
 
-    def _route(self, index: int, node: Swim, out: list[Outgoing]) -> None:
+    def _route(
+        self, index: int, node: Swim, out: list[Outgoing], answer_by_stream: str | None = None
+    ) -> None:
+        """Deliver `out` through the network model. Stream messages (push-pull, TCP pings and
+        acks on their connections) are never lost; datagrams are lost at the loss rate."""
         now = self.now
         if out:
             heap = self._heap
             sender = node.self_id
             sizer = self._sizer
+            network, rng = self.network, self._rng
             for outgoing in out:
                 message = outgoing.message
+                reply = (
+                    answer_by_stream is not None
+                    and outgoing.to == answer_by_stream
+                    and isinstance(message, Ack)
+                )
+                by_stream = outgoing.reliable or reply
                 if sizer is not None:
-                    kind = type(message).__name__
+                    kind = _kind(message, by_stream)
                     self._sent_by_type[kind] = self._sent_by_type.get(kind, 0) + 1
-                    sizer.observe(sender, self._addresses[index], message)
+                    sizer.observe(sender, self._addresses[index], message, kind=kind)
                 target = self._index.get(outgoing.to)
                 if target is None:
                     continue
-                if isinstance(message, PushPull):
-                    delay_s: float | None = self.network.stream_delay_s(self._rng)
+                if reply:
+                    delay_s: float | None = network.stream_reply_delay_s(rng)
+                elif by_stream or isinstance(message, PushPull):
+                    delay_s = network.stream_delay_s(rng)
                 else:
-                    delay_s = self.network.datagram_delay_s(self._rng)
+                    delay_s = network.datagram_delay_s(rng)
                 if delay_s is None:
                     if sizer is not None:
-                        kind = type(message).__name__
+                        kind = _kind(message, by_stream)
                         self._lost_by_type[kind] = self._lost_by_type.get(kind, 0) + 1
                     continue
-                heapq.heappush(heap, (now + delay_s, next(self._seq), target, sender, message))
+                heapq.heappush(
+                    heap, (now + delay_s, next(self._seq), target, sender, message, by_stream)
+                )
         events = node.drain_events()
         if events:
             self.watch.observe(index, events)
@@ -310,7 +330,13 @@ class GossipSimulation:
         deadline_s = max(node.next_deadline_s, self.now)
         if deadline_s != self._scheduled[index]:
             self._scheduled[index] = deadline_s
-            heapq.heappush(self._heap, (deadline_s, next(self._seq), index, None, None))
+            heapq.heappush(self._heap, (deadline_s, next(self._seq), index, None, None, False))
+
+
+def _kind(message: Message, by_stream: bool) -> str:
+    """The traffic key of a message: its type, with "/tcp" for a ping or ack sent by TCP."""
+    name = type(message).__name__
+    return f"{name}/tcp" if by_stream and not isinstance(message, PushPull) else name
 
 
 def _bootstrap_by_joins(sim: GossipSimulation, members: list[int]) -> tuple[float, bool]:

@@ -99,8 +99,12 @@ class MessageSizer:
         self._sampled: dict[str, int] = {}
         self._sampled_bytes: dict[str, int] = {}
 
-    def observe(self, sender: str, sender_address: str, message: Message) -> None:
-        kind = type(message).__name__
+    def observe(
+        self, sender: str, sender_address: str, message: Message, *, kind: str | None = None
+    ) -> None:
+        """Count `message` under `kind` (default: its type name), sampling its size."""
+        if kind is None:
+            kind = type(message).__name__
         count = self._counts.get(kind, 0)
         self._counts[kind] = count + 1
         if count % self._sample_every == 0:
