@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 from typing import Any
 
@@ -14,7 +13,7 @@ from infermesh.agent.gossip.members import suspicion_min_timeout_s
 from infermesh.dev.sim.cli import sim_group
 from infermesh.dev.sim.network import NetworkModel
 from infermesh.dev.sim.report import RunCost, report_dict
-from infermesh.dev.sim.runner import GossipSimSettings, push_pull_interval_s, run_gossip_sim
+from infermesh.dev.sim.runner import GossipSimSettings, run_gossip_sim
 
 COST = RunCost(wall_s=0.0, cpu_s=0.0, peak_rss_mb=0.0)
 
@@ -162,10 +161,3 @@ def test_network_model_loses_datagrams_at_the_given_rate_and_never_streams() -> 
     assert all(0.008 <= delay <= 0.012 for delay in delays if delay is not None)
     assert all(network.stream_delay_s(rng) >= 0.024 for _ in range(1000))
     assert all(network.stream_reply_delay_s(rng) >= 0.008 for _ in range(1000))
-
-
-def test_push_pull_interval_scales_with_the_cluster_like_memberlist() -> None:
-    assert push_pull_interval_s(30.0, 32) == 30.0
-    assert push_pull_interval_s(30.0, 1000) == 180.0
-    assert push_pull_interval_s(30.0, 10_000) == 300.0
-    assert math.isclose(push_pull_interval_s(30.0, 33), 60.0)

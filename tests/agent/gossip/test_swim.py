@@ -25,11 +25,13 @@ from infermesh.agent.gossip import (
     Outgoing,
     Ping,
     PingReq,
+    PushPull,
     Suspect,
     Swim,
     SwimConfig,
 )
 from infermesh.agent.gossip.broadcasts import BroadcastQueue, retransmit_limit
+from infermesh.agent.gossip.config import scaled_push_pull_interval_s
 from infermesh.agent.gossip.members import (
     MemberBaseline,
     MemberTable,
@@ -519,3 +521,33 @@ def test_a_fallback_ack_completes_the_probe_like_an_indirect_ack() -> None:
 
     assert node.state_of("b") is MemberState.ALIVE
     assert node.awareness == 1  # neither a failure nor a direct success
+
+
+def test_push_pull_interval_scales_with_the_cluster_like_memberlist() -> None:
+    assert scaled_push_pull_interval_s(30.0, 32) == 30.0
+    assert math.isclose(scaled_push_pull_interval_s(30.0, 33), 60.0)
+    assert scaled_push_pull_interval_s(30.0, 1000) == 180.0
+    assert scaled_push_pull_interval_s(30.0, 10_000) == 300.0
+
+
+@pytest.mark.parametrize(("members", "interval_s"), [(20, 10.0), (100, 30.0)])
+def test_a_node_pushes_and_pulls_less_often_in_a_larger_cluster(
+    members: int, interval_s: float
+) -> None:
+    config = attrs.evolve(SwimConfig.lan(), push_pull_interval_s=10.0)
+    baseline = MemberBaseline.of(
+        Member(f"n{i}", 0, MemberState.ALIVE, 0.0, f"n{i}:7946") for i in range(members)
+    )
+    node = Swim.from_baseline("n0", config, random.Random(2), 0.0, baseline)
+
+    push_pulls: list[float] = []
+    while (now := node.next_deadline_s) < 3.5 * interval_s:
+        for out in node.tick(now):
+            if isinstance(out.message, PushPull):
+                push_pulls.append(now)
+            elif isinstance(out.message, Ping) and not out.reliable:
+                node.receive(now, out.to, Ack(out.message.seq))  # everyone is well
+
+    assert push_pulls[0] <= interval_s  # the first one somewhere within the period
+    gaps = [later - earlier for earlier, later in itertools.pairwise(push_pulls)]
+    assert gaps == pytest.approx([interval_s] * 3)

@@ -5,11 +5,15 @@ A frozen value checked when built; it never reads files or the environment (the 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
 
-__all__ = ["SwimConfig"]
+__all__ = ["PUSH_PULL_SCALE_THRESHOLD", "SwimConfig", "scaled_push_pull_interval_s"]
+
+# memberlist scales the push-pull interval with the cluster size above this many members.
+PUSH_PULL_SCALE_THRESHOLD = 32
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -59,3 +63,12 @@ class SwimConfig:
             gossip_interval_s=0.5,
             push_pull_interval_s=60.0,
         )
+
+
+def scaled_push_pull_interval_s(base_s: float, cluster_size: int) -> float:
+    """memberlist's pushPullScale: `base_s` x (ceil(log2 N - log2 32) + 1) above 32 members, so
+    full-state exchanges (whose size grows with N) cost each node about the same bytes/s."""
+    if cluster_size <= PUSH_PULL_SCALE_THRESHOLD:
+        return base_s
+    steps = math.ceil(math.log2(cluster_size) - math.log2(PUSH_PULL_SCALE_THRESHOLD))
+    return base_s * (steps + 1)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import attrs
 
 from infermesh.agent.gossip.broadcasts import BroadcastQueue, retransmit_limit
-from infermesh.agent.gossip.config import SwimConfig
+from infermesh.agent.gossip.config import SwimConfig, scaled_push_pull_interval_s
 from infermesh.agent.gossip.members import (
     Member,
     MemberBaseline,
@@ -93,7 +93,7 @@ class Swim:
         self._left = False
         self._next_probe_s = now + config.probe_interval_s
         self._next_gossip_s = now + config.gossip_interval_s
-        self._next_push_pull_s = now + config.push_pull_interval_s
+        self._next_push_pull_s = now + self._push_pull_interval_s()
         self._limit_cache = (0, retransmit_limit(config.retransmit_mult, 0))
 
     @classmethod
@@ -121,7 +121,7 @@ class Swim:
         swim._records = swim._members.records
         swim._next_probe_s = now + rng.uniform(0.0, config.probe_interval_s)
         swim._next_gossip_s = now + rng.uniform(0.0, config.gossip_interval_s)
-        swim._next_push_pull_s = now + rng.uniform(0.0, config.push_pull_interval_s)
+        swim._next_push_pull_s = now + rng.uniform(0.0, swim._push_pull_interval_s())
         return swim
 
     # ----------------------------------------------------------------- read side
@@ -181,6 +181,10 @@ class Swim:
             deadline = min(deadline, suspicion.deadline_s)
         return deadline
 
+    def _push_pull_interval_s(self) -> float:
+        """The configured interval, scaled with the live cluster size as memberlist does."""
+        return scaled_push_pull_interval_s(self.config.push_pull_interval_s, self.live_count)
+
     def _scaled(self, seconds: float) -> float:
         return seconds * (self._awareness + 1)
 
@@ -236,7 +240,7 @@ class Swim:
         if not self._left and now >= self._next_probe_s:
             out += self._start_probe(now)
         if not self._left and now >= self._next_push_pull_s:
-            self._next_push_pull_s = now + self.config.push_pull_interval_s
+            self._next_push_pull_s = now + self._push_pull_interval_s()
             peers = self._pick_peers(1, include_recently_dead_s=None, now=now)
             out += [Outgoing(peer, PushPull(self._state_snapshot(), reply=True)) for peer in peers]
         if now >= self._next_gossip_s:

@@ -29,12 +29,9 @@ __all__ = [
     "GossipSimResult",
     "GossipSimSettings",
     "Traffic",
-    "push_pull_interval_s",
     "run_gossip_sim",
 ]
 
-# memberlist scales the push-pull interval with the cluster size above this many members.
-PUSH_PULL_SCALE_THRESHOLD = 32
 # Probe intervals of quiet running before the join and the crash happen.
 WARMUP_PROBE_INTERVALS = 5
 # A from-scratch bootstrap gives up converging after this long (virtual time).
@@ -44,14 +41,6 @@ MAX_JOIN_BOOTSTRAP_NODES = 1000
 
 # (at_s, seq, node index, sender, message, by_stream); a tick has no sender nor message.
 _Event = tuple[float, int, int, str | None, Message | None, bool]
-
-
-def push_pull_interval_s(base_s: float, cluster_size: int) -> float:
-    """memberlist's pushPullScale: x(ceil(log2 N - log2 32) + 1) above 32 members."""
-    if cluster_size <= PUSH_PULL_SCALE_THRESHOLD:
-        return base_s
-    steps = math.ceil(math.log2(cluster_size) - math.log2(PUSH_PULL_SCALE_THRESHOLD))
-    return base_s * (steps + 1)
 
 
 @attrs.frozen
@@ -94,11 +83,8 @@ class GossipSimSettings:
         )
 
     def swim_config(self) -> SwimConfig:
-        """The profile's memberlist defaults, push-pull scaled with N as memberlist does."""
-        base = SwimConfig.wan() if self.profile == "wan" else SwimConfig.lan()
-        return attrs.evolve(
-            base, push_pull_interval_s=push_pull_interval_s(base.push_pull_interval_s, self.nodes)
-        )
+        """The profile's memberlist defaults (`Swim` scales push-pull with N by itself)."""
+        return SwimConfig.wan() if self.profile == "wan" else SwimConfig.lan()
 
 
 @attrs.frozen
