@@ -551,3 +551,19 @@ def test_a_node_pushes_and_pulls_less_often_in_a_larger_cluster(
     assert push_pulls[0] <= interval_s  # the first one somewhere within the period
     gaps = [later - earlier for earlier, later in itertools.pairwise(push_pulls)]
     assert gaps == pytest.approx([interval_s] * 3)
+
+
+def test_random_live_peers_are_distinct_live_members_other_than_self() -> None:
+    baseline = MemberBaseline.of(
+        Member(f"n{i}", 0, MemberState.ALIVE, 0.0, f"n{i}:7946") for i in range(40)
+    )
+    node = Swim.from_baseline("n0", SwimConfig.lan(), random.Random(6), 0.0, baseline)
+    gone = tuple(Dead(f"n{i}", 0, "n1") for i in range(10, 40))
+    node.receive(1.0, "n1", Gossip((Suspect("n2", 0, "n1"), *gone)))
+
+    picks = [node.random_live_peers(3) for _ in range(300)]
+
+    assert all(len(set(p)) == 3 for p in picks)
+    assert {m for p in picks for m in p} == {f"n{i}" for i in range(1, 10)}  # suspects count
+    assert sorted(node.random_live_peers(50)) == sorted(f"n{i}" for i in range(1, 10))
+    assert node.random_live_peers(0) == []

@@ -409,14 +409,8 @@ class GossipNode:
 
     def _gossip_states(self, now: float) -> list[Send]:
         """Node-state entries on their own, to a few random live peers, while any are pending."""
-        peers = [
-            m.member_id
-            for m in self._swim.members.values()
-            if m.member_id != self.node_id and not m.is_gone
-        ]
-        count = min(self.settings.swim.gossip_nodes, len(peers))
         sends = []
-        for peer in self._rng.sample(peers, count):
+        for peer in self._swim.random_live_peers(self.settings.swim.gossip_nodes):
             address = self._address_of(peer)
             if address is None:
                 continue

@@ -161,6 +161,14 @@ class Swim:
     def pending_broadcasts(self) -> tuple[Update, ...]:
         return self._broadcasts.pending()
 
+    def random_live_peers(self, count: int) -> list[str]:
+        """Up to `count` distinct random members that are alive or suspect, never this node:
+        O(count) draws, for choosing who to send something to (no copy of the member list)."""
+        self_id = self.self_id
+        return self._members.sample(
+            self._rng, count, lambda m: m.member_id != self_id and not m.is_gone
+        )
+
     def drain_events(self) -> list[MemberEvent]:
         events, self._events = self._events, []
         return events
@@ -241,7 +249,7 @@ class Swim:
             out += self._start_probe(now)
         if not self._left and now >= self._next_push_pull_s:
             self._next_push_pull_s = now + self._push_pull_interval_s()
-            peers = self._pick_peers(1, include_recently_dead_s=None, now=now)
+            peers = self.random_live_peers(1)
             out += [Outgoing(peer, PushPull(self._state_snapshot(), reply=True)) for peer in peers]
         if now >= self._next_gossip_s:
             out += self._gossip(now)
@@ -387,30 +395,27 @@ class Swim:
         self._awareness = min(ceiling, max(0, self._awareness + delta))
 
     # ----------------------------------------------------------------- gossip
-    def _pick_peers(
-        self, count: int, include_recently_dead_s: float | None, now: float
-    ) -> list[str]:
+    def _gossip_peers(self, now: float) -> list[str]:
+        """Random live members, and members dead for less than `gossip_to_the_dead_s` (so a
+        member wrongly declared dead hears it and can refute), as memberlist gossips."""
         self_id = self.self_id
+        to_the_dead_s = self.config.gossip_to_the_dead_s
 
         def accept(m: Member) -> bool:
             if m.member_id == self_id:
                 return False
             if not m.is_gone:
                 return True
-            return (
-                include_recently_dead_s is not None
-                and m.state is MemberState.DEAD
-                and now - m.state_since_s < include_recently_dead_s
-            )
+            return m.state is MemberState.DEAD and now - m.state_since_s < to_the_dead_s
 
-        return self._members.sample(self._rng, count, accept)
+        return self._members.sample(self._rng, self.config.gossip_nodes, accept)
 
     def _gossip(self, now: float) -> list[Outgoing]:
         self._next_gossip_s = now + self.config.gossip_interval_s
         if not self._broadcasts:
             return []
         out = []
-        peers = self._pick_peers(self.config.gossip_nodes, self.config.gossip_to_the_dead_s, now)
+        peers = self._gossip_peers(now)
         for peer in peers:
             updates = self._broadcasts.take(self.config.max_piggyback_updates, self._limit())
             if updates:
