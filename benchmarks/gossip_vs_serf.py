@@ -42,7 +42,6 @@ from benchmarks.gossip.cluster import ClusterError, System
 from benchmarks.gossip.infermesh import (
     InfermeshSystem,
     find_infermesh,
-    git_commit,
     infermesh_version,
 )
 from benchmarks.gossip.measure import Timing, detect, false_positives
@@ -88,7 +87,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--members", type=positive_int, default=16, help="processes per cluster")
     parser.add_argument(
-        "--repeats", type=positive_int, default=3, help="kills (fresh cluster, another victim)"
+        "--repeats",
+        type=int,
+        default=3,
+        help="kills, each on a fresh cluster with another victim (0 skips the detection runs)",
     )
     parser.add_argument(
         "--loss", type=loss_fraction, default=0.10, help="inbound UDP drop fraction, lossy member"
@@ -139,6 +141,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.skip = skip
     if args.members < 3:
         parser.error("--members must be >= 3 (a victim, and at least two members to notice)")
+    if args.repeats < 0:
+        parser.error("--repeats must be >= 0")
     if args.loss_duration < 0 or args.settle < 0 or args.loss_settle < 0:
         parser.error("--loss-duration, --settle and --loss-settle must be >= 0")
     return args
@@ -182,8 +186,7 @@ def build_systems(
                 key_file.write_text(key + "\n")
                 key_file.chmod(0o600)
             systems["infermesh"] = InfermeshSystem(prefix, key_file)
-            commit = git_commit(REPO_ROOT)
-            versions["infermesh"] = infermesh_version() + (f" @ {commit}" if commit else "")
+            versions["infermesh"] = infermesh_version(REPO_ROOT)
     return systems, versions, skipped
 
 
@@ -306,13 +309,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, error in errors.items():
         print(f"WARNING: {name}: {error}", file=sys.stderr)
     print(render_table(results))
-    print(
-        f"\ndetection: delay from SIGKILL to each survivor's failed/dead line, pooled over "
-        f"{args.repeats} kills; all know: median over kills of the last survivor's delay.\n"
-        f"false positives: lines about live members during {args.loss:.0%} inbound UDP loss to "
-        f"one member for {args.loss_duration:g} s (+{args.loss_settle:g} s); Serf logs suspect "
-        f"lines at the prober only, InferMesh at every member, so compare episodes."
-    )
+    notes = []
+    if args.repeats:
+        notes.append(
+            f"detection: delay from SIGKILL to each survivor's failed/dead line, pooled over "
+            f"{args.repeats} kills; all know: median over kills of the last survivor's delay."
+        )
+    if args.loss_duration:
+        notes.append(
+            f"false positives: lines about live members during {args.loss:.0%} inbound UDP loss "
+            f"to one member for {args.loss_duration:g} s (+{args.loss_settle:g} s); Serf logs "
+            f"suspect lines at the prober only, InferMesh at every member, so compare episodes."
+        )
+    print("\n" + "\n".join(notes))
     print(render_goals(results))
     print(render_json(results, settings=settings, skipped=skipped))
     return 0

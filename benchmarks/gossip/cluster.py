@@ -98,17 +98,25 @@ class System(Protocol):
         ...
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A port free for both TCP and UDP a moment ago (gossip uses both on one port)."""
+    """A port free for both TCP and UDP a moment ago (gossip uses both on one port), never one
+    this process handed out before. Another program may still take it before the member binds
+    it: `measure` starts a cluster again on fresh ports when a member cannot bind."""
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind((host, 0))
             port: int = tcp.getsockname()[1]
+            if port in _GIVEN_PORTS:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 try:
                     udp.bind((host, port))
                 except OSError:
                     continue
+                _GIVEN_PORTS.add(port)
                 return port
     raise ClusterError("no port free for both TCP and UDP after 100 tries")
 

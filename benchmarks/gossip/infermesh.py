@@ -56,13 +56,22 @@ def find_infermesh() -> list[str] | None:
     return [found] if found else None
 
 
-def infermesh_version() -> str:
+def infermesh_version(repo: Path) -> str:
+    """`infermesh-agent X @ commit` when the agent code comes from `repo`'s packages/, else
+    the version and the directory it is imported from (e.g. a PYTHONPATH export of a commit)."""
     try:
         from importlib.metadata import version
 
-        return f"infermesh-agent {version('infermesh-agent')}"
+        import infermesh.agent
+
+        label = f"infermesh-agent {version('infermesh-agent')}"
+        source = Path(infermesh.agent.__file__).resolve().parents[2]
     except Exception as exc:  # a benchmark label only
         return f"unknown ({exc})"
+    if source.is_relative_to(repo / "packages"):
+        commit = git_commit(repo)
+        return f"{label} @ {commit}" if commit else label
+    return f"{label} from {source}"
 
 
 def git_commit(repo: Path) -> str:
@@ -113,12 +122,12 @@ class InfermeshSystem:
     name: str = "infermesh"
 
     def __post_init__(self) -> None:
-        self._metrics_ports: dict[str, int] = {}
+        self._metrics_ports: dict[MemberPlan, int] = {}
 
     def metrics_port(self, plan: MemberPlan) -> int:
-        if plan.name not in self._metrics_ports:
-            self._metrics_ports[plan.name] = free_port()
-        return self._metrics_ports[plan.name]
+        if plan not in self._metrics_ports:
+            self._metrics_ports[plan] = free_port()
+        return self._metrics_ports[plan]
 
     def render_config(self, plan: MemberPlan) -> str:
         host, port = plan.bind

@@ -15,10 +15,10 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from benchmarks.gossip.cluster import (
     LOOPBACK,
@@ -35,7 +35,17 @@ from benchmarks.gossip.report import (
     detection_run,
 )
 
-__all__ = ["ProxyChild", "Timing", "detect", "false_positives", "member_name", "plan_members"]
+__all__ = [
+    "ProxyChild",
+    "StartFailed",
+    "Timing",
+    "detect",
+    "false_positives",
+    "member_name",
+    "plan_members",
+]
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,39 +124,70 @@ def _wait_tcp(cluster: Cluster, address: tuple[str, int], timeout_s: float) -> N
         cluster.pump(0.1)
 
 
+class StartFailed(ClusterError):
+    """The cluster did not form (a member could not bind its port, say): worth another try."""
+
+
+START_ATTEMPTS = 3
+
+
 def start_cluster(cluster: Cluster, plans: list[MemberPlan], timing: Timing) -> float:
     """Start the seed, then the others; wait for convergence. Returns seconds it took."""
     started = time.monotonic()
-    cluster.start(plans[0])
-    _wait_tcp(cluster, plans[0].bind, timing.start_timeout_s)
-    for plan in plans[1:]:
-        cluster.start(plan)
-    left = timing.start_timeout_s - (time.monotonic() - started)
-    cluster.wait_for(cluster.converged, max(left, 1.0), f"convergence of {len(plans)} members")
+    try:
+        cluster.start(plans[0])
+        _wait_tcp(cluster, plans[0].bind, timing.start_timeout_s)
+        for plan in plans[1:]:
+            cluster.start(plan)
+        left = timing.start_timeout_s - (time.monotonic() - started)
+        cluster.wait_for(cluster.converged, max(left, 1.0), f"convergence of {len(plans)} members")
+    except ClusterError as exc:
+        raise StartFailed(str(exc)) from exc
     return time.monotonic() - started
+
+
+def _retrying(base_dir: Path, run: Callable[[Path], T]) -> T:
+    """`run(run_dir)` on fresh ports until its cluster forms, at most START_ATTEMPTS times.
+
+    Ports are picked free but another program (or an outgoing connection's ephemeral port) can
+    take one before a member binds it; that only costs a new cluster, not the measurement.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        run_dir = base_dir if attempt == 1 else base_dir.with_name(f"{base_dir.name}-{attempt}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return run(run_dir)
+        except StartFailed as exc:
+            if attempt == START_ATTEMPTS:
+                raise
+            first_line = str(exc).splitlines()[0]
+            print(f"  cluster did not form ({first_line}); again on fresh ports", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 def detect(
     system: System, members: int, victim_index: int, work_dir: Path, timing: Timing
 ) -> tuple[DetectionRun, float]:
     """One kill on a fresh cluster; returns the run and the seconds the cluster took to form."""
-    run_dir = work_dir / f"{system.name}-detect-{victim_index}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    plans = plan_members(members, run_dir)
-    with Cluster(system, run_dir) as cluster:
-        formed_s = start_cluster(cluster, plans, timing)
-        cluster.idle(timing.settle_s)
-        victim = plans[victim_index].name
-        killed_at = cluster.kill(victim)
-        observers = cluster.live()
 
-        def everyone_knows() -> bool:
-            run = detection_run(victim, observers, killed_at, cluster.observations)
-            return run.missing == 0
+    def once(run_dir: Path) -> tuple[DetectionRun, float]:
+        plans = plan_members(members, run_dir)
+        with Cluster(system, run_dir) as cluster:
+            formed_s = start_cluster(cluster, plans, timing)
+            cluster.idle(timing.settle_s)
+            victim = plans[victim_index].name
+            killed_at = cluster.kill(victim)
+            observers = cluster.live()
 
-        with contextlib.suppress(ClusterError):  # reported as observers that missed it
-            cluster.wait_for(everyone_knows, timing.detect_timeout_s, f"detection of {victim}")
-        return detection_run(victim, observers, killed_at, cluster.observations), formed_s
+            def everyone_knows() -> bool:
+                run = detection_run(victim, observers, killed_at, cluster.observations)
+                return run.missing == 0
+
+            with contextlib.suppress(ClusterError):  # reported as observers that missed it
+                cluster.wait_for(everyone_knows, timing.detect_timeout_s, f"detection of {victim}")
+            return detection_run(victim, observers, killed_at, cluster.observations), formed_s
+
+    return _retrying(work_dir / f"{system.name}-detect-{victim_index}", once)
 
 
 class ProxyChild:
@@ -225,41 +266,46 @@ def false_positives(
     seed: int = 1,
 ) -> FalsePositives:
     """One loss period on a fresh cluster, with the lossy member behind a proxy."""
-    run_dir = work_dir / f"{system.name}-loss"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    proxy_port = free_port()
-    plans = plan_members(members, run_dir, proxied={lossy_index: proxy_port})
-    lossy = plans[lossy_index]
-    with (
-        ProxyChild((LOOPBACK, proxy_port), lossy.bind, seed) as proxy,
-        Cluster(system, run_dir) as cluster,
-    ):
-        start_cluster(cluster, plans, timing)
-        cluster.idle(timing.settle_s)
-        counters_before = _counters(system, plans)
-        proxy.set_loss(loss)
-        start = time.monotonic()
-        cluster.idle(timing.loss_duration_s)
-        proxy.set_loss(0.0)
-        cluster.idle(timing.loss_settle_s)
-        end = time.monotonic()
-        cluster.check_running()
-        counters_after = _counters(system, plans)
-        extra = {key: counters_after[key] - counters_before.get(key, 0.0) for key in counters_after}
-        stats = proxy.stats()
-        refuted = extra.get("infermesh_gossip_refutations_total")
-        return count_false_positives(
-            cluster.observations,
-            start=start,
-            end=end,
-            live=cluster.live(),
-            lossy=lossy.name,
-            loss=loss,
-            duration_s=timing.loss_duration_s,
-            proxy={k: v for k, v in stats.items() if k != "loss"},
-            extra=extra,
-            refutations=None if refuted is None else int(refuted),
-        )
+
+    def once(run_dir: Path) -> FalsePositives:
+        proxy_port = free_port()
+        plans = plan_members(members, run_dir, proxied={lossy_index: proxy_port})
+        lossy = plans[lossy_index]
+        try:
+            proxy = ProxyChild((LOOPBACK, proxy_port), lossy.bind, seed)
+        except ClusterError as exc:
+            raise StartFailed(str(exc)) from exc
+        with proxy, Cluster(system, run_dir) as cluster:
+            start_cluster(cluster, plans, timing)
+            cluster.idle(timing.settle_s)
+            counters_before = _counters(system, plans)
+            proxy.set_loss(loss)
+            start = time.monotonic()
+            cluster.idle(timing.loss_duration_s)
+            proxy.set_loss(0.0)
+            cluster.idle(timing.loss_settle_s)
+            end = time.monotonic()
+            cluster.check_running()
+            counters_after = _counters(system, plans)
+            extra = {
+                key: counters_after[key] - counters_before.get(key, 0.0) for key in counters_after
+            }
+            stats = proxy.stats()
+            refuted = extra.get("infermesh_gossip_refutations_total")
+            return count_false_positives(
+                cluster.observations,
+                start=start,
+                end=end,
+                live=cluster.live(),
+                lossy=lossy.name,
+                loss=loss,
+                duration_s=timing.loss_duration_s,
+                proxy={k: v for k, v in stats.items() if k != "loss"},
+                extra=extra,
+                refutations=None if refuted is None else int(refuted),
+            )
+
+    return _retrying(work_dir / f"{system.name}-loss", once)
 
 
 def _counters(system: System, plans: list[MemberPlan]) -> dict[str, float]:

@@ -65,12 +65,12 @@ class SerfSystem:
     name: str = "serf"
 
     def __post_init__(self) -> None:
-        self._rpc_ports: dict[str, int] = {}
+        self._rpc_ports: dict[MemberPlan, int] = {}
 
     def rpc_port(self, plan: MemberPlan) -> int:
-        if plan.name not in self._rpc_ports:
-            self._rpc_ports[plan.name] = free_port()
-        return self._rpc_ports[plan.name]
+        if plan not in self._rpc_ports:
+            self._rpc_ports[plan] = free_port()
+        return self._rpc_ports[plan]
 
     def command(self, plan: MemberPlan) -> Command:
         host, port = plan.bind

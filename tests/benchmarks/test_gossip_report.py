@@ -440,3 +440,30 @@ def test_proxy_child_is_steered_over_stdin(monkeypatch: pytest.MonkeyPatch) -> N
         with pytest.raises(ClusterError, match=r"0\.\.1"):
             child.set_loss(2.0)
     assert child.popen.returncode == 0
+
+
+def test_a_cluster_that_does_not_form_is_started_again_in_a_fresh_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    from benchmarks.gossip.measure import START_ATTEMPTS, StartFailed, _retrying
+
+    tried: list[Path] = []
+
+    def flaky(run_dir: Path) -> str:
+        tried.append(run_dir)
+        if len(tried) < START_ATTEMPTS:
+            raise StartFailed("member n03 exited with status 1\nbind: address already in use")
+        return "measured"
+
+    assert _retrying(tmp_path / "serf-detect-1", flaky) == "measured"
+    assert [p.name for p in tried] == ["serf-detect-1", "serf-detect-1-2", "serf-detect-1-3"][
+        :START_ATTEMPTS
+    ]
+    assert "again on fresh ports" in capsys.readouterr().err
+
+    def broken(run_dir: Path) -> str:
+        raise StartFailed("never forms")
+
+    with pytest.raises(StartFailed, match="never forms"):
+        _retrying(tmp_path / "infermesh-loss", broken)
