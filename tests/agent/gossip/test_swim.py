@@ -55,6 +55,8 @@ class Network:
     crashed: set[str] = attrs.field(factory=set)
     drop: DropRule | None = None  # datagrams it loses
     drop_streams: DropRule | None = None  # TCP messages (reliable Outgoings) it loses
+    late: set[str] = attrs.field(factory=set)  # nodes whose own loop handles messages late
+    late_by_s: float = 0.0
     events: list[tuple[str, MemberEvent]] = attrs.field(factory=list)
     sent: list[tuple[float, str, Outgoing]] = attrs.field(factory=list)
     _queue: list[tuple[float, int, str, Outgoing]] = attrs.field(factory=list)
@@ -74,6 +76,8 @@ class Network:
                 continue
             # A TCP message waits for the connection's handshake first.
             delay_s = 3 * self.latency_s if out.reliable else self.latency_s
+            if out.to in self.late:
+                delay_s += self.late_by_s
             heapq.heappush(self._queue, (self.now + delay_s, next(self._counter), sender, out))
         self.events += [(sender, event) for event in self.nodes[sender].drain_events()]
 
@@ -567,3 +571,35 @@ def test_random_live_peers_are_distinct_live_members_other_than_self() -> None:
     assert {m for p in picks for m in p} == {f"n{i}" for i in range(1, 10)}  # suspects count
     assert sorted(node.random_live_peers(50)) == sorted(f"n{i}" for i in range(1, 10))
     assert node.random_live_peers(0) == []
+
+
+def test_lifeguard_slows_a_node_whose_own_loop_is_late_and_spares_the_others() -> None:
+    network = converged_network(8)
+    config = network.config
+    n0 = network.nodes["n0"]
+    # n0's event loop is overloaded: it handles every message 1.2 s late, longer than a whole
+    # probe interval, so every answer it waits for looks missing although nobody is at fault.
+    network.late = {"n0"}
+    network.late_by_s = 1.2
+    window_start_s = network.now
+    highest_awareness = 0
+    for second in range(1, 31):
+        network.run_until(window_start_s + second)
+        highest_awareness = max(highest_awareness, n0.awareness)
+
+    # The missing nacks tell n0 that the fault is its own: it raises its awareness ...
+    assert highest_awareness >= 3
+    direct_probes = sum(
+        1
+        for at_s, sender, out in network.sent
+        if sender == "n0"
+        and at_s >= window_start_s
+        and isinstance(out.message, Ping)
+        and not out.reliable
+        and out.to == out.message.target
+    )
+    # ... and probes far less often than the 30 times a healthy node would in 30 s ...
+    assert direct_probes < 30.0 / config.probe_interval_s / 2
+    # ... so its accusations stay few, each is refuted, and nobody is declared dead.
+    assert not [e for _, e in network.events if e.kind == "dead"]
+    assert {m.state for m in n0.members.values()} == {MemberState.ALIVE}
