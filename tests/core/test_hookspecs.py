@@ -24,6 +24,7 @@ def test_the_hook_families_of_the_architecture_are_all_declared() -> None:
     assert HOOKS == [
         "infermesh_register_commands",
         "infermesh_register_gpu_adapters",
+        "infermesh_register_policy_stores",
         "infermesh_register_runtime_adapters",
         "infermesh_register_scorers",
         "infermesh_register_transports",

@@ -132,6 +132,7 @@ def test_every_register_hook_reaches_its_typed_accessor(plugin_dists: PluginDist
         "GPU adapters": {"fake-gpu": "every"},
         "scorers": {},
         "transports": {"fake-http": "every"},
+        "policy stores": {},
         "commands": {"hello": "every", "plugins": "core"},
     }
 

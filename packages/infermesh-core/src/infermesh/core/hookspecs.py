@@ -30,11 +30,13 @@ from infermesh.core.contracts import (
     Scorer,
     TransportFactory,
 )
+from infermesh.core.policy import PolicyStoreFactory
 
 __all__ = [
     "PROJECT",
     "RegisterCommand",
     "RegisterGpuAdapter",
+    "RegisterPolicyStore",
     "RegisterRuntimeAdapter",
     "RegisterScorer",
     "RegisterTransport",
@@ -52,6 +54,7 @@ RegisterGpuAdapter = Callable[[str, GpuAdapterFactory], None]
 RegisterScorer = Callable[[Scorer], None]
 RegisterTransport = Callable[[str, TransportFactory], None]
 RegisterCommand = Callable[[click.Command], None]
+RegisterPolicyStore = Callable[[str, PolicyStoreFactory], None]
 
 
 @hookspec
@@ -95,6 +98,18 @@ def infermesh_register_transports(register: RegisterTransport) -> None:
     factory receives a :class:`~infermesh.core.contracts.TransportContext` and returns a
     :class:`~infermesh.core.contracts.Transport`; the router creates one per process and closes it
     on shutdown.
+    """
+
+
+@hookspec
+def infermesh_register_policy_stores(register: RegisterPolicyStore) -> None:
+    """Register policy-store backends: `register(name, factory)`.
+
+    `name` is what the agent selects (`local` for a one-node store, `raft` for the replicated
+    default). `factory` receives a :class:`~infermesh.core.policy.PolicyStoreContext` (node name,
+    a data directory the store owns, its options) and returns a
+    :class:`~infermesh.core.policy.PolicyStore`. The factory must not do I/O or start threads;
+    the agent awaits `store.start()` before the first read and `aclose()` on shutdown.
     """
 
 

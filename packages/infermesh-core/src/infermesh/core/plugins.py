@@ -28,6 +28,7 @@ from infermesh.core.contracts import (
     Scorer,
     TransportFactory,
 )
+from infermesh.core.policy import PolicyStoreFactory
 
 __all__ = [
     "ALWAYS_ALLOWED",
@@ -141,6 +142,13 @@ _KINDS = (
         "infermesh_register_transports",
         True,
         _check_factory("transport"),
+    ),
+    _Kind(
+        "policy stores",
+        "policy store",
+        "infermesh_register_policy_stores",
+        True,
+        _check_factory("policy store"),
     ),
     _Kind("commands", "command", "infermesh_register_commands", False, _check_command),
 )
@@ -381,6 +389,10 @@ class PluginHost:
     def transports(self) -> dict[str, TransportFactory]:
         """Transport name (`openai-http`, ...) -> transport factory."""
         return self._plain("transports")
+
+    def policy_stores(self) -> dict[str, PolicyStoreFactory]:
+        """Policy-store backend name (`local`, `raft`, ...) -> store factory."""
+        return self._plain("policy stores")
 
     def commands(self) -> dict[str, click.Command]:
         """Command name -> click command for `infermesh <name>`."""

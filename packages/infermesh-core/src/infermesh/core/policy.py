@@ -467,7 +467,14 @@ class PolicyStoreStatus:
 
 @runtime_checkable
 class PolicyStore(Protocol):
-    """Where the policy lives: linearizable writes, local reads, change notifications."""
+    """Where the policy lives: linearizable writes, local reads, change notifications.
+
+    The factory builds the store without I/O; `start()` opens files, sockets and threads.
+    """
+
+    async def start(self) -> None:
+        """Load persisted state and join the cluster; returns without waiting for a leader."""
+        ...
 
     async def get(self) -> PolicySet:
         """The policy this node has applied (may trail the leader by a heartbeat)."""
