@@ -4,6 +4,7 @@ refused quickly with a clear gRPC status."""
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,10 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from infermesh.agent.certs import Identity, init_ca_dir, issue_to_dir
 from infermesh.agent.tls import (
@@ -119,7 +124,11 @@ async def test_server_only_tls_call_gets_unauthenticated(pki: Path) -> None:
     server.add_generic_rpc_handlers(
         [
             grpc.method_handlers_generic_handler(
-                "infermesh.test.Probe", {"Who": grpc.unary_unary_rpc_method_handler(_who)}
+                "infermesh.test.Probe",
+                {
+                    "Who": grpc.unary_unary_rpc_method_handler(_who),
+                    "Watch": grpc.unary_stream_rpc_method_handler(_watch),
+                },
             )
         ]
     )
@@ -128,13 +137,92 @@ async def test_server_only_tls_call_gets_unauthenticated(pki: Path) -> None:
     )
     port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
+    address = f"127.0.0.1:{port}"
     try:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await _call_who(f"127.0.0.1:{port}", channel_credentials(pki / "ca.pem"))
+            await _call_who(address, channel_credentials(pki / "ca.pem"))
+        async with grpc.aio.secure_channel(address, channel_credentials(pki / "ca.pem")) as channel:
+            stream = channel.unary_stream(WATCH)(b"", timeout=DEADLINE_S)
+            with pytest.raises(grpc.aio.AioRpcError) as stream_refused:
+                [message async for message in stream]
     finally:
         await server.stop(grace=None)
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "no client certificate" in (refused.value.details() or "")
+    for error in (refused.value, stream_refused.value):
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "no client certificate" in (error.details() or "")
+
+
+def _external_ca_client(directory: Path) -> tuple[Path, Path]:
+    """A client certificate made the way another PKI would: an RSA CA and only the URI SAN."""
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Corp Root")])
+    now = datetime.datetime.now(datetime.UTC)
+    validity = (now - datetime.timedelta(minutes=1), now + datetime.timedelta(days=1))
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whoever")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier("spiffe://infermesh/viewer/grafana")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    bundle = directory / "bundle.pem"
+    bundle.write_bytes(
+        (directory / "ca.pem").read_bytes() + ca_cert.public_bytes(serialization.Encoding.PEM)
+    )
+    cert_path, key_path = directory / "grafana.pem", directory / "grafana-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_certificate_from_your_own_ca_is_accepted_when_the_bundle_trusts_it(
+    pki: Path,
+) -> None:
+    """docs/certificates.md: any CA works when ca.pem holds its root and the SAN is ours."""
+    cert_path, key_path = _external_ca_client(pki)
+    server = grpc.aio.server(interceptors=[ClientIdentityInterceptor()])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "infermesh.test.Probe", {"Who": grpc.unary_unary_rpc_method_handler(_who)}
+            )
+        ]
+    )
+    credentials = server_credentials(pki / "node-1.pem", pki / "node-1-key.pem", pki / "bundle.pem")
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    try:
+        client = channel_credentials(pki / "ca.pem", cert_path, key_path)
+        assert await _call_who(f"127.0.0.1:{port}", client) == b"grafana viewer"
+    finally:
+        await server.stop(grace=None)
 
 
 def test_missing_files_are_named(tmp_path: Path) -> None:
