@@ -57,8 +57,8 @@ def pki(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-async def server_address(pki: Path) -> AsyncIterator[str]:
+async def _start_probe_server(credentials: grpc.ServerCredentials) -> tuple[Any, str]:
+    """A grpc.aio server with the identity interceptor and the Probe service on loopback."""
     server = grpc.aio.server(interceptors=[ClientIdentityInterceptor()])
     server.add_generic_rpc_handlers(
         [
@@ -71,11 +71,17 @@ async def server_address(pki: Path) -> AsyncIterator[str]:
             )
         ]
     )
-    credentials = server_credentials(pki / "node-1.pem", pki / "node-1-key.pem", pki / "ca.pem")
     port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def server_address(pki: Path) -> AsyncIterator[str]:
+    credentials = server_credentials(pki / "node-1.pem", pki / "node-1-key.pem", pki / "ca.pem")
+    server, address = await _start_probe_server(credentials)
     try:
-        yield f"127.0.0.1:{port}"
+        yield address
     finally:
         await server.stop(grace=None)
 
@@ -120,24 +126,10 @@ async def test_client_without_a_trusted_certificate_is_refused_quickly(
 
 async def test_server_only_tls_call_gets_unauthenticated(pki: Path) -> None:
     """Without require_client_auth the handshake passes; the interceptor still refuses."""
-    server = grpc.aio.server(interceptors=[ClientIdentityInterceptor()])
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "infermesh.test.Probe",
-                {
-                    "Who": grpc.unary_unary_rpc_method_handler(_who),
-                    "Watch": grpc.unary_stream_rpc_method_handler(_watch),
-                },
-            )
-        ]
-    )
     credentials = grpc.ssl_server_credentials(
         [((pki / "node-1-key.pem").read_bytes(), (pki / "node-1.pem").read_bytes())]
     )
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    await server.start()
-    address = f"127.0.0.1:{port}"
+    server, address = await _start_probe_server(credentials)
     try:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await _call_who(address, channel_credentials(pki / "ca.pem"))
@@ -207,20 +199,11 @@ async def test_certificate_from_your_own_ca_is_accepted_when_the_bundle_trusts_i
 ) -> None:
     """docs/certificates.md: any CA works when ca.pem holds its root and the SAN is ours."""
     cert_path, key_path = _external_ca_client(pki)
-    server = grpc.aio.server(interceptors=[ClientIdentityInterceptor()])
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "infermesh.test.Probe", {"Who": grpc.unary_unary_rpc_method_handler(_who)}
-            )
-        ]
-    )
     credentials = server_credentials(pki / "node-1.pem", pki / "node-1-key.pem", pki / "bundle.pem")
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    await server.start()
+    server, address = await _start_probe_server(credentials)
     try:
         client = channel_credentials(pki / "ca.pem", cert_path, key_path)
-        assert await _call_who(f"127.0.0.1:{port}", client) == b"grafana viewer"
+        assert await _call_who(address, client) == b"grafana viewer"
     finally:
         await server.stop(grace=None)
 
