@@ -1,13 +1,15 @@
-"""The agent's plugin: the `infermesh agent` command.
+"""The agent's plugin: the `infermesh agent` command and the `local` and `raft` policy stores.
 
 The built-in scorers live in infermesh-core (`infermesh.core.scoring`) and are registered by
 core's plugin, so a router scoring locally has them without installing the agent. Nothing here
-does I/O; the command's heavy imports (gRPC, aiohttp) happen only when `agent run` starts.
+does I/O; the command's heavy imports (gRPC, aiohttp) happen only when `agent run` starts, and
+PySyncObj only when a raft store is built.
 """
 
 from __future__ import annotations
 
-from infermesh.core.hookspecs import RegisterCommand, hookimpl
+from infermesh.core.hookspecs import RegisterCommand, RegisterPolicyStore, hookimpl
+from infermesh.core.policy import PolicyStore, PolicyStoreContext
 
 
 @hookimpl
@@ -15,3 +17,23 @@ def infermesh_register_commands(register: RegisterCommand) -> None:
     from infermesh.agent.cli import agent_group
 
     register(agent_group)
+
+
+def local_policy_store(context: PolicyStoreContext) -> PolicyStore:
+    """A one-node store (an agent with no `[raft]` section)."""
+    from infermesh.agent.policy.local import LocalPolicyStore
+
+    return LocalPolicyStore(context)
+
+
+def raft_policy_store(context: PolicyStoreContext) -> PolicyStore:
+    """A PySyncObj Raft voter; `context.options` is the `[raft]` table."""
+    from infermesh.agent.policy.raft import RaftPolicyStore
+
+    return RaftPolicyStore(context)
+
+
+@hookimpl
+def infermesh_register_policy_stores(register: RegisterPolicyStore) -> None:
+    register("local", local_policy_store)
+    register("raft", raft_policy_store)
