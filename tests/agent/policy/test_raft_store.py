@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from infermesh.agent.policy.raft import JOURNAL_NAME, RaftPolicyStore
+from infermesh.agent.policy.raft import JOURNAL_NAME, SNAPSHOT_NAME, RaftPolicyStore
 from infermesh.core.policy import (
     DrainNode,
     NotLeaderError,
@@ -57,14 +57,15 @@ def voter(data_dir: Path, listen: str, voters: list[str], **extra: Any) -> RaftP
 
 
 class Cluster:
-    def __init__(self, root: Path, size: int = 3) -> None:
+    def __init__(self, root: Path, size: int = 3, **extra: Any) -> None:
         self.root = root
         self.addresses = [f"127.0.0.1:{port}" for port in free_ports(size)]
         self.stores: dict[str, RaftPolicyStore] = {}
+        self.extra = extra
 
     async def start(self, address: str | None = None) -> None:
         for each in [address] if address else self.addresses:
-            store = voter(self.root / each.replace(":", "_"), each, self.addresses)
+            store = voter(self.root / each.replace(":", "_"), each, self.addresses, **self.extra)
             await store.start()
             self.stores[each] = store
 
@@ -197,6 +198,33 @@ async def test_every_voter_restarted_at_once_keeps_the_committed_policy(tmp_path
 
         await eventually(restored)
         await cluster.leader()
+    finally:
+        await cluster.aclose()
+
+
+async def test_a_restart_from_a_snapshot_and_a_truncated_journal_keeps_the_policy(
+    tmp_path: Path,
+) -> None:
+    cluster = Cluster(tmp_path, snapshot_after_entries=2)
+    await cluster.start()
+    try:
+        store = cluster.stores[cluster.addresses[0]]
+        for index in range(6):
+            last = await submit_eventually(store, DrainNode(f"gpu-{index}"))
+        snapshots = [tmp_path / a.replace(":", "_") / SNAPSHOT_NAME for a in cluster.addresses]
+
+        async def snapshotted() -> bool:
+            return all(snapshot.exists() for snapshot in snapshots)
+
+        await eventually(snapshotted)
+        await cluster.aclose()
+        await cluster.start()
+
+        async def restored() -> bool:
+            policies = [await s.get() for s in cluster.stores.values()]
+            return all(p == last for p in policies)
+
+        await eventually(restored)
     finally:
         await cluster.aclose()
 

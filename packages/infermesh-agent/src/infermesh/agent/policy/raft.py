@@ -68,6 +68,10 @@ class RaftOptions:
     heartbeat_s: float = 0.1
     commit_timeout_s: float = 5.0
     """How long `submit` waits for a commit before raising NotLeaderError."""
+    snapshot_after_entries: int = 1000
+    """Write a full snapshot (`raft.dump`) and truncate the journal past this many entries."""
+    snapshot_after_s: float = 300.0
+    """... or when this long has passed since the last snapshot."""
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> RaftOptions:
@@ -111,6 +115,18 @@ class RaftOptions:
         commit_timeout = float(options.get("commit_timeout_s", 5.0))
         if commit_timeout <= 0:
             raise PolicyError(f"raft.commit_timeout_s: must be > 0, got {commit_timeout!r}")
+        snapshot_entries = options.get("snapshot_after_entries", 1000)
+        if isinstance(snapshot_entries, bool) or not isinstance(snapshot_entries, int):
+            raise PolicyError(
+                f"raft.snapshot_after_entries: must be an integer, got {snapshot_entries!r}"
+            )
+        if snapshot_entries < 2:
+            raise PolicyError(
+                f"raft.snapshot_after_entries: must be >= 2, got {snapshot_entries!r}"
+            )
+        snapshot_s = float(options.get("snapshot_after_s", 300.0))
+        if snapshot_s <= 0:
+            raise PolicyError(f"raft.snapshot_after_s: must be > 0, got {snapshot_s!r}")
         return cls(
             listen,
             voters,
@@ -118,6 +134,8 @@ class RaftOptions:
             (float(timeouts[0]), float(timeouts[1])),
             heartbeat,
             commit_timeout,
+            snapshot_entries,
+            snapshot_s,
         )
 
 
@@ -183,6 +201,8 @@ class RaftPolicyStore:
             appendEntriesPeriod=self.options.heartbeat_s,
             connectionRetryTime=min(1.0, low),
             connectionTimeout=max(high, 1.0),
+            logCompactionMinEntries=self.options.snapshot_after_entries,
+            logCompactionMinTime=self.options.snapshot_after_s,
             useFork=False,  # never fork a process that runs asyncio, gRPC and threads
             commandsWaitLeader=True,
         )
