@@ -1,4 +1,4 @@
-"""The agent's plugin: the `infermesh agent` command and the `local` and `raft` policy stores.
+"""The agent's plugin: `infermesh agent`, `infermesh certs`, the `local` and `raft` policy stores.
 
 The built-in scorers live in infermesh-core (`infermesh.core.scoring`) and are registered by
 core's plugin, so a router scoring locally has them without installing the agent. Nothing here
@@ -14,9 +14,11 @@ from infermesh.core.policy import PolicyStore, PolicyStoreContext
 
 @hookimpl
 def infermesh_register_commands(register: RegisterCommand) -> None:
+    from infermesh.agent.certs_cli import certs_group
     from infermesh.agent.cli import agent_group
 
     register(agent_group)
+    register(certs_group)
 
 
 def local_policy_store(context: PolicyStoreContext) -> PolicyStore:
