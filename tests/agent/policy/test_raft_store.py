@@ -23,6 +23,7 @@ from infermesh.core.policy import (
     PolicySet,
     PolicyStoreContext,
     SetPolicy,
+    UndrainNode,
 )
 
 pytestmark = pytest.mark.anyio
@@ -147,6 +148,9 @@ async def test_an_invalid_command_is_rejected_with_the_field_and_not_replicated(
     store = next(iter(cluster.stores.values()))
     with pytest.raises(PolicyError, match=r"pins\['llama'\]\.min_replicas: must be >= 0, got -1"):
         await store.submit(SetPolicy(PolicyKind.PINS, "llama", Pin(("a",), -1)))
+    # judged when applied (by every voter alike), since a follower's copy may trail
+    with pytest.raises(PolicyError, match=r"drains\['gpu-9'\]: node is not drained"):
+        await store.submit(UndrainNode("gpu-9"))
     assert (await store.get()).revision == 0
 
 

@@ -28,12 +28,14 @@ from pysyncobj import (  # type: ignore[import-untyped]
 
 from infermesh.agent.policy.broadcast import PolicyBroadcast
 from infermesh.core.policy import (
+    DrainNode,
     NotLeaderError,
     PolicyCommand,
     PolicyError,
     PolicySet,
     PolicyStoreContext,
     PolicyStoreStatus,
+    SetPolicy,
     command_from_document,
     command_to_document,
 )
@@ -225,7 +227,10 @@ class RaftPolicyStore:
     async def submit(self, command: PolicyCommand) -> PolicySet:
         if self._sync is None or self._loop is None:
             raise NotLeaderError("the raft policy store is not started")
-        self._broadcast.policy.apply(command)  # reject an invalid command before it is logged
+        if isinstance(command, SetPolicy | DrainNode):
+            # Reject an invalid value before it is logged. Commands that depend on existing
+            # entries (delete, undrain) are judged only when applied: this copy may trail.
+            PolicySet().apply(command)
         payload = json.dumps(command_to_document(command), sort_keys=True).encode()
         answer: asyncio.Future[tuple[Any, int]] = self._loop.create_future()
 
