@@ -11,6 +11,7 @@ import pytest
 from infermesh.core.config import (
     Config,
     ConfigError,
+    NodeConfig,
     RuntimeConfig,
     load_config,
     parse_host_port,
@@ -322,6 +323,8 @@ def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
     for field in attrs.fields(cls):
         tp = hints[field.name]
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        if type(None) in typing.get_args(item):  # an optional table such as [raft]
+            item = next(arg for arg in typing.get_args(item) if arg is not type(None))
         if attrs.has(item):
             keys.extend(_dotted_keys(item, f"{prefix}{field.name}."))
         else:
@@ -431,3 +434,99 @@ def test_bad_gossip_values_are_rejected(tmp_path: Path, toml: str, message: str)
     with pytest.raises(ConfigError) as err:
         load_config(path, environ={})
     assert str(err.value).startswith(f"{path}: {message}")
+
+
+# --------------------------------------------------------------------------- [raft] and data_dir
+
+VOTERS = '["10.0.0.1:7950", "10.0.0.2:7950", "10.0.0.3:7950"]'
+
+
+def test_no_raft_table_means_no_raft_and_a_per_node_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_config(environ={})
+    assert config.raft is None
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    default = Config(node=NodeConfig(id="n7")).agent_data_dir()
+    assert default == str(tmp_path / "state" / "infermesh" / "n7")
+    explicit = load_config(environ={"INFERMESH_AGENT__DATA_DIR": str(tmp_path / "d")})
+    assert explicit.agent_data_dir() == str(tmp_path / "d")
+
+
+def test_a_raft_table_becomes_the_store_options_with_the_password_file_read(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "raft.secret"
+    secret.write_text("s3cret\n")
+    path = write(
+        tmp_path,
+        f"""
+        [raft]
+        listen = "10.0.0.1:7950"
+        voters = {VOTERS}
+        password_file = "{secret}"
+        election_timeout_s = [0.5, 1.5]
+        """,
+    )
+    config = load_config(path, environ={})
+    assert config.raft is not None
+    options = config.raft.store_options()
+    assert options["password"] == "s3cret"
+    assert options["voters"] == ["10.0.0.1:7950", "10.0.0.2:7950", "10.0.0.3:7950"]
+    assert options["election_timeout_s"] == [0.5, 1.5]
+    assert options["snapshot_after_entries"] == 1000
+
+
+def test_one_voter_needs_no_password_and_defaults_voters_to_listen(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[raft]\nlisten = "127.0.0.1:7950"\n'), environ={})
+    assert config.raft is not None
+    assert config.raft.store_options()["voters"] == ["127.0.0.1:7950"]
+    assert "password" not in config.raft.store_options()
+
+
+def test_three_voters_without_a_password_name_the_password_file_key(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[raft]\nlisten = "10.0.0.1:7950"\nvoters = {VOTERS}\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml: raft\.password_file: required with 3"):
+        load_config(path, environ={})
+
+
+def test_a_missing_password_file_is_named(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f'[raft]\nlisten = "10.0.0.1:7950"\nvoters = {VOTERS}\npassword_file = "/nope/secret"\n',
+    )
+    with pytest.raises(ConfigError, match=r"raft\.password_file: cannot read '/nope/secret'"):
+        load_config(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "message"),
+    [
+        ("", "raft.listen", "required"),
+        ('listen = "10.0.0.9:7950"\nvoters = ["10.0.0.1:7950"]', "raft.voters", "must include"),
+        ('listen = "a:1"\nvoters = ["a:1", "a:1"]\npassword = "x"', "raft.voters", "twice"),
+        ('listen = "a:1"\npassword = "x"\npassword_file = "f"', "raft.password_file", "not both"),
+        ('listen = "a:1"\nelection_timeout_s = [3.0, 1.0]', "raft.election_timeout_s", "min < max"),
+        ('listen = "a:1"\nheartbeat_s = 2.0', "raft.heartbeat_s", "below the election"),
+        ('listen = "a:1"\nsnapshot_after_entries = 1', "raft.snapshot_after_entries", ">= 2"),
+        ('listen = "a:0"', "raft.listen", "real port"),
+        ('listen = "a:1"\nlisen = 3', "raft.lisen", "did you mean 'listen'"),
+    ],
+)
+def test_bad_raft_values_name_the_key(tmp_path: Path, table: str, key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"[raft]\n{table}\n"), environ={})
+    assert f"{key}: " in str(info.value)
+    assert message in str(info.value)
+
+
+def test_raft_keys_come_from_the_environment_too() -> None:
+    config = load_config(
+        environ={
+            "INFERMESH_RAFT__LISTEN": "10.0.0.1:7950",
+            "INFERMESH_RAFT__VOTERS": "10.0.0.1:7950,10.0.0.2:7950,10.0.0.3:7950",
+            "INFERMESH_RAFT__PASSWORD": "s3cret",
+        }
+    )
+    assert config.raft is not None
+    assert config.raft.voters == ["10.0.0.1:7950", "10.0.0.2:7950", "10.0.0.3:7950"]

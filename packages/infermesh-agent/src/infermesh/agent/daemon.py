@@ -1,9 +1,10 @@
 """The agent's composition root: build every part from config and plugins, run, shut down.
 
 Construction (`Agent(config, host)`) validates everything and does no I/O, so a bad config
-fails before any socket is bound. `run()` binds the servers, pumps adapter deltas into the
-store, runs the gossip service when `gossip.enabled`, and on SIGTERM/SIGINT (or `request_stop()`)
-shuts down within `agent.shutdown_grace_s`. No scoring or protocol logic lives here.
+fails before any socket is bound. `run()` starts the policy store (`raft` when `[raft]` is set,
+else `local`), binds the servers, pumps adapter deltas into the state store, runs the gossip
+service when `gossip.enabled`, and on SIGTERM/SIGINT (or `request_stop()`) shuts down within
+`agent.shutdown_grace_s`. No scoring or protocol logic lives here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from infermesh.core.config import Config, GpuConfig, RuntimeConfig, parse_host_p
 from infermesh.core.contracts import AdapterContext, GpuAdapter, RuntimeAdapter
 from infermesh.core.logging import get_logger
 from infermesh.core.plugins import PluginError, PluginHost
+from infermesh.core.policy import PolicyStore, PolicyStoreContext
 from infermesh.core.scoring.engine import ScoringEngine, ScoringSetupError
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.state import StateStore
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from infermesh.agent.gossip.service import GossipService, GossipSettings
     from infermesh.agent.gossip.values import NodeMeta
 
-__all__ = ["Agent", "AgentStartupError", "gossip_settings", "node_meta"]
+__all__ = ["Agent", "AgentStartupError", "gossip_settings", "make_policy_store", "node_meta"]
 
 RESTART_BACKOFF_MIN_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
@@ -105,6 +107,40 @@ def _make_adapters(
             ) from exc
         adapters.append((name, adapter))
     return adapters
+
+
+def make_policy_store(config: Config, host: PluginHost) -> PolicyStore:
+    """This agent's policy store, built (no I/O) from the backend config selects.
+
+    `[raft]` present: the `raft` backend with that table as its options; absent: `local`. The
+    store owns `<agent data dir>/policy`. The agent's own `local` store is used when no plugin
+    registers one (a host loaded without the agent plugin, as in tests).
+    """
+    from infermesh.agent.plugin import local_policy_store
+
+    backend = "raft" if config.raft is not None else "local"
+    try:
+        factories = host.policy_stores()
+    except PluginError as exc:
+        raise AgentStartupError(f"{exc}{_plugin_hint(host)}") from None
+    factories.setdefault("local", local_policy_store)
+    factory = factories.get(backend)
+    if factory is None:
+        known = ", ".join(sorted(factories))
+        raise AgentStartupError(
+            f"no policy store {backend!r} is installed (needed for the [raft] table); "
+            f"known stores: {known}"
+            f"{_plugin_hint(host)}"
+        )
+    context = PolicyStoreContext(
+        node=config.node.id,
+        data_dir=str(Path(config.agent_data_dir()) / "policy"),
+        options=config.raft.store_options() if config.raft is not None else {},
+    )
+    try:
+        return factory(context)
+    except Exception as exc:  # PolicyError from a checked option, or a broken plugin
+        raise AgentStartupError(f"policy store {backend!r}: {exc}") from exc
 
 
 def node_meta(config: Config, gossip_host: str = "") -> NodeMeta:
@@ -178,6 +214,7 @@ class Agent:
         self.config = config
         self.clock = clock
         self.store = StateStore()
+        self.policy: PolicyStore = make_policy_store(config, host)
         self.gossip: GossipService | None = None
         if config.gossip.enabled:
             from infermesh.agent.gossip.service import GossipService
@@ -269,7 +306,13 @@ class Agent:
                 if handle_signals
                 else None
             )
-            await self._start_servers()
+            await self._start_policy()
+            try:
+                await self._start_servers()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._close_policy(self.config.agent.shutdown_grace_s)
+                raise
             gossip_error: AgentStartupError | None = None
             try:
                 async with anyio.create_task_group() as tg:
@@ -305,6 +348,32 @@ class Agent:
         except OSError as exc:
             return AgentStartupError(f"gossip.bind {self.config.gossip.bind}: {exc}")
         return None
+
+    async def _start_policy(self) -> None:
+        """Load the persisted policy and join the Raft cluster (does not wait for a leader)."""
+        try:
+            await self.policy.start()
+        except Exception as exc:
+            with anyio.CancelScope(shield=True):
+                await self._close_policy(self.config.agent.shutdown_grace_s)
+            raise AgentStartupError(f"policy store: {exc}") from exc
+        status = await self.policy.status()
+        log.info(
+            "policy store ready",
+            role=status.role,
+            leader=status.leader,
+            voters=list(status.voters),
+            revision=status.revision,
+        )
+
+    async def _close_policy(self, timeout_s: float) -> None:
+        with anyio.move_on_after(timeout_s) as scope:
+            try:
+                await self.policy.aclose()
+            except Exception as exc:
+                log.warning("policy store aclose failed", error=repr(exc))
+        if scope.cancelled_caught:
+            log.warning("policy store did not close within agent.shutdown_grace_s")
 
     async def _start_servers(self) -> None:
         try:
@@ -388,6 +457,10 @@ class Agent:
                     log.warning("adapter aclose failed", adapter=name, error=repr(exc))
             if self.metrics_server is not None:
                 await self.metrics_server.stop()
+            try:
+                await self.policy.aclose()
+            except Exception as exc:
+                log.warning("policy store aclose failed", error=repr(exc))
         if scope.cancelled_caught:
             log.warning("shutdown exceeded agent.shutdown_grace_s", grace_s=grace_s)
         self.grpc.remove_socket()

@@ -43,9 +43,11 @@ __all__ = [
     "LoggingConfig",
     "NodeConfig",
     "PluginsConfig",
+    "RaftConfig",
     "RouterConfig",
     "RuntimeConfig",
     "ScoringConfig",
+    "default_agent_data_dir",
     "default_agent_socket",
     "env_overrides",
     "load_config",
@@ -68,6 +70,13 @@ def default_agent_socket() -> str:
     """Where the agent's Scoring API listens unless configured: a per-user runtime directory."""
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     return str(Path(runtime_dir) / f"infermesh-{os.getuid()}" / "agent.sock")
+
+
+def default_agent_data_dir(node_id: str) -> str:
+    """Where the agent keeps its state (the policy store) unless configured: a per-user state
+    directory, one per node id so agents of several nodes on one host never share it."""
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(state_home) / "infermesh" / node_id)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -146,6 +155,48 @@ class AgentConfig:
     metrics_listen: str = "127.0.0.1:9464"
     """`host:port` of the Prometheus /metrics endpoint (empty: disabled)."""
     shutdown_grace_s: float = 5.0
+    data_dir: str = ""
+    """The agent's state directory (the policy store lives in `<data_dir>/policy`); empty:
+    `default_agent_data_dir(node.id)`, see `Config.agent_data_dir()`."""
+
+
+@attrs.define
+class RaftConfig:
+    """`[raft]`: this agent is a voter of the replicated policy store (docs/policy.md).
+
+    Mirrors `RaftOptions` in infermesh.agent.policy.raft, which checks the same rules again
+    when the store is built; `store_options()` is what the store receives.
+    """
+
+    listen: str = ""
+    """This voter's Raft `host:port`, as the other voters dial it (required)."""
+    voters: list[str] = attrs.field(factory=list)
+    """Every voter's Raft `host:port`, this one included (empty: just `listen`)."""
+    password: str = ""
+    """Shared secret encrypting Raft traffic; required with more than one voter."""
+    password_file: str = ""
+    """File holding the password (read by `load_config`; surrounding whitespace is ignored)."""
+    election_timeout_s: list[float] = attrs.field(factory=lambda: [1.0, 3.0])
+    """Randomised election timeout range `[min, max]`."""
+    heartbeat_s: float = 0.1
+    commit_timeout_s: float = 5.0
+    snapshot_after_entries: int = 1000
+    snapshot_after_s: float = 300.0
+
+    def store_options(self) -> dict[str, Any]:
+        """The table as the `raft` policy store reads it (`PolicyStoreContext.options`)."""
+        options: dict[str, Any] = {
+            "listen": self.listen,
+            "voters": list(self.voters) or [self.listen],
+            "election_timeout_s": list(self.election_timeout_s),
+            "heartbeat_s": self.heartbeat_s,
+            "commit_timeout_s": self.commit_timeout_s,
+            "snapshot_after_entries": self.snapshot_after_entries,
+            "snapshot_after_s": self.snapshot_after_s,
+        }
+        if self.password:
+            options["password"] = self.password
+        return options
 
 
 @attrs.define
@@ -238,6 +289,12 @@ class Config:
     gossip: GossipConfig = attrs.field(factory=GossipConfig)
     plugins: PluginsConfig = attrs.field(factory=PluginsConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    raft: RaftConfig | None = None
+    """`[raft]`; absent: the agent keeps its policy in a one-node local store."""
+
+    def agent_data_dir(self) -> str:
+        """`agent.data_dir`, or the per-user default for this node id."""
+        return self.agent.data_dir or default_agent_data_dir(self.node.id)
 
     def agent_target(self) -> str:
         """The gRPC target a router or CLI uses to reach the local agent."""
@@ -492,7 +549,93 @@ def _value_problems(config: Config) -> list[tuple[str, str]]:
     one_of("router.scoring", config.router.scoring, ("local", "agent"))
     one_of("router.server", config.router.server, ("uvicorn",))
     problems.extend(_gossip_problems(config.gossip))
+    if config.raft is not None:
+        problems.extend(_raft_problems(config.raft))
     return problems
+
+
+def _raft_problems(raft: RaftConfig) -> list[tuple[str, str]]:
+    """`[raft]` checks, the same rules `RaftOptions.from_mapping` applies when the store starts."""
+    problems: list[tuple[str, str]] = []
+
+    def host_port(key: str, value: str) -> bool:
+        try:
+            _, port = parse_host_port(value)
+        except ValueError as exc:
+            problems.append((key, str(exc)))
+            return False
+        if port == 0:
+            problems.append((key, f"needs a real port (1-65535), got {value!r}"))
+            return False
+        return True
+
+    if not raft.listen:
+        problems.append(("raft.listen", "required in [raft]: this voter's HOST:PORT"))
+    else:
+        host_port("raft.listen", raft.listen)
+    voters_ok = all(host_port(f"raft.voters[{i}]", v) for i, v in enumerate(raft.voters))
+    if voters_ok and raft.voters:
+        if raft.listen and raft.listen not in raft.voters:
+            problems.append(
+                ("raft.voters", f"must include raft.listen {raft.listen!r}, got {raft.voters!r}")
+            )
+        if len(set(raft.voters)) != len(raft.voters):
+            problems.append(("raft.voters", f"names a voter twice: {raft.voters!r}"))
+    if raft.password and raft.password_file:
+        problems.append(("raft.password_file", "set raft.password or raft.password_file, not both"))
+    voter_count = len(raft.voters)
+    if voter_count > 1 and not raft.password and not raft.password_file:
+        problems.append(
+            (
+                "raft.password_file",
+                f"required with {voter_count} voters (Raft messages are pickled; the password "
+                "encrypts and authenticates them): set raft.password_file (or raft.password) "
+                "to the same secret on every voter",
+            )
+        )
+    timeouts = raft.election_timeout_s
+    if len(timeouts) != 2 or not 0 < timeouts[0] < timeouts[1]:
+        problems.append(
+            ("raft.election_timeout_s", f"must be [min, max] with 0 < min < max, got {timeouts}")
+        )
+    elif not 0 < raft.heartbeat_s < timeouts[0]:
+        problems.append(
+            (
+                "raft.heartbeat_s",
+                f"must be > 0 and below the election timeout ({timeouts[0]}), "
+                f"got {raft.heartbeat_s}",
+            )
+        )
+    if not raft.commit_timeout_s > 0:
+        problems.append(("raft.commit_timeout_s", f"must be > 0, got {raft.commit_timeout_s}"))
+    if not raft.snapshot_after_entries >= 2:
+        problems.append(
+            ("raft.snapshot_after_entries", f"must be >= 2, got {raft.snapshot_after_entries}")
+        )
+    if not raft.snapshot_after_s > 0:
+        problems.append(("raft.snapshot_after_s", f"must be > 0, got {raft.snapshot_after_s}"))
+    return problems
+
+
+def _read_password_file(config: Config, source: str) -> Config:
+    """`raft.password_file` read into `raft.password`, so the store never reads files."""
+    raft = config.raft
+    if raft is None or not raft.password_file:
+        return config
+    path = Path(raft.password_file).expanduser()
+    try:
+        password = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"{source}: raft.password_file: cannot read {str(path)!r}: {exc.strerror or exc}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{source}: raft.password_file: {str(path)!r} is not UTF-8 text"
+        ) from None
+    if not password:
+        raise ConfigError(f"{source}: raft.password_file: {str(path)!r} is empty")
+    return attrs.evolve(config, raft=attrs.evolve(raft, password=password))
 
 
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -605,10 +748,19 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any, source: str) ->
     node[parts[-1]] = value
 
 
+def _unwrap_optional(tp: Any) -> Any:
+    """`X | None` -> X (an optional table such as `[raft]`); any other type unchanged."""
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:
+        return next(arg for arg in args if arg is not type(None))
+    return tp
+
+
 def _declared_type(dotted: str) -> Any:
     """The declared type of a dotted Config key, or None when no such key exists."""
     tp: Any = Config
     for part in dotted.split("."):
+        tp = _unwrap_optional(tp)
         if attrs.has(tp):
             hints = typing.get_type_hints(tp)
             if part not in hints:
@@ -722,7 +874,7 @@ def load_config(
         _set_dotted(single, key, value, source)
         merged = _deep_merge(merged, single)
         structure_config(merged, source)
-    return structure_config(merged, source)
+    return _read_password_file(structure_config(merged, source), source)
 
 
 def _get_dotted(raw: Mapping[str, Any], dotted: str) -> Any:

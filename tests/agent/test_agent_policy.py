@@ -1,0 +1,93 @@
+"""The agent's policy store: started from config with the agent, kept across restarts, and a
+`[raft]` table that cannot work stops start-up with a message an operator can act on."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import anyio
+import pytest
+
+from infermesh.agent import plugin as agent_plugin
+from infermesh.agent.daemon import Agent, AgentStartupError
+from infermesh.agent.policy.local import DOCUMENT_NAME
+from infermesh.core import builtin as core_plugin
+from infermesh.core.config import AgentConfig, Config, NodeConfig, RaftConfig
+from infermesh.core.plugins import PluginHost
+from infermesh.core.policy import DrainNode, PolicySet
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="im-", dir="/tmp"))  # short: Unix socket path limit
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def agent_config(workdir: Path, raft: RaftConfig | None = None) -> Config:
+    return Config(
+        node=NodeConfig(id="n1"),
+        agent=AgentConfig(
+            socket=str(workdir / "agent.sock"),
+            metrics_listen="",
+            shutdown_grace_s=2.0,
+            data_dir=str(workdir / "data"),
+        ),
+        raft=raft,
+    )
+
+
+def make_agent(config: Config) -> Agent:
+    host = PluginHost.load(
+        entry_point_list=[], extra=[("core", core_plugin), ("agent", agent_plugin)]
+    )
+    return Agent(config, host)
+
+
+@asynccontextmanager
+async def running(agent: Agent) -> AsyncIterator[Agent]:
+    async with anyio.create_task_group() as tg:
+        await tg.start(partial(agent.run, handle_signals=False))
+        try:
+            yield agent
+        finally:
+            agent.request_stop()
+
+
+async def test_a_command_submitted_to_the_local_store_survives_a_restart(workdir: Path) -> None:
+    config = agent_config(workdir)
+    async with running(make_agent(config)) as first:
+        assert (await first.policy.status()).role == "single"
+        assert await first.policy.get() == PolicySet()
+        applied = await first.policy.submit(DrainNode("gpu-3", "kernel upgrade", 1.0))
+    assert applied.revision == 1
+    assert (workdir / "data" / "policy" / DOCUMENT_NAME).is_file()
+
+    async with running(make_agent(config)) as second:
+        policy = await second.policy.get()
+        assert policy.revision == 1
+        assert policy.drains["gpu-3"].reason == "kernel upgrade"
+
+
+async def test_a_corrupt_policy_file_stops_start_up_naming_the_file(workdir: Path) -> None:
+    document = workdir / "data" / "policy" / DOCUMENT_NAME
+    document.parent.mkdir(parents=True)
+    document.write_text("{not json")
+    agent = make_agent(agent_config(workdir))
+    with pytest.raises(AgentStartupError, match=rf"policy store: {document}: not a JSON policy"):
+        await agent.run(handle_signals=False)
+    assert not (workdir / "agent.sock").exists()
+
+
+def test_three_voters_without_a_password_refuse_to_start(workdir: Path) -> None:
+    voters = ["127.0.0.1:7950", "127.0.0.1:7951", "127.0.0.1:7952"]
+    raft = RaftConfig(listen=voters[0], voters=voters)
+    with pytest.raises(AgentStartupError, match=r"raft\.password: required with 3 voters"):
+        make_agent(agent_config(workdir, raft))
