@@ -49,6 +49,20 @@ def dev_group() -> None:
 @click.option("--num-gpu-blocks", type=click.IntRange(min=1), help="KV-cache blocks [profile].")
 @click.option("--max-model-len", type=click.IntRange(min=16), help="Context length [8192].")
 @click.option("--lora", "loras", multiple=True, help="Serve a LoRA adapter NAME (repeatable).")
+@click.option(
+    "--max-loras",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="LoRA adapters loaded at once; a runtime load beyond it is refused.",
+)
+@click.option(
+    "--no-runtime-lora",
+    is_flag=True,
+    envvar="INFERMESH_DEV_NO_RUNTIME_LORA",
+    help="Answer 404 on /v1/load_lora_adapter and /v1/unload_lora_adapter, like vLLM "
+    "without VLLM_ALLOW_RUNTIME_LORA_UPDATING.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Varies the generated text.")
 @click.option(
     "--default-max-tokens",
@@ -70,6 +84,8 @@ def vllm_command(
     num_gpu_blocks: int | None,
     max_model_len: int | None,
     loras: tuple[str, ...],
+    max_loras: int,
+    no_runtime_lora: bool,
     seed: int,
     default_max_tokens: int,
     no_prefix_caching: bool,
@@ -98,6 +114,8 @@ def vllm_command(
             num_gpu_blocks=num_gpu_blocks,
             max_model_len=max_model_len,
             loras=tuple(dict.fromkeys(loras)),
+            max_loras=max_loras,
+            runtime_lora_updating=not no_runtime_lora,
             seed=seed,
             replica_tag=replica_tag,
             default_max_tokens=default_max_tokens,

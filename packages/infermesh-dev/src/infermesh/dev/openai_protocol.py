@@ -362,9 +362,12 @@ def sse(payload: Mapping[str, Any]) -> bytes:
 
 
 def model_list(
-    base_model: str, adapters: Sequence[str], created: int, max_model_len: int
+    base_model: str, adapters: Mapping[str, str], created: int, max_model_len: int
 ) -> dict[str, Any]:
-    """GET /v1/models: the base model card, then one card per LoRA adapter with its parent."""
+    """GET /v1/models: the base model card, then one card per LoRA adapter (name -> path).
+
+    As vLLM lists LoRA modules: `root` is the adapter's path, `parent` the base model.
+    """
 
     def permission(suffix: str) -> dict[str, Any]:
         return {
@@ -394,14 +397,14 @@ def model_list(
             "permission": [permission("0")],
         }
     ]
-    for position, adapter in enumerate(adapters, start=1):
+    for position, (adapter, path) in enumerate(adapters.items(), start=1):
         cards.append(
             {
                 "id": adapter,
                 "object": "model",
                 "created": created,
                 "owned_by": "vllm",
-                "root": f"/adapters/{adapter}",
+                "root": path,
                 "parent": base_model,
                 "max_model_len": None,
                 "permission": [permission(str(position))],

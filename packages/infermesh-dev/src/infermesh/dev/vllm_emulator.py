@@ -19,6 +19,7 @@ from aiohttp import web
 from infermesh.dev import openai_protocol as proto
 from infermesh.dev.driver import EngineDriver
 from infermesh.dev.engine import Engine, EngineConfig, EngineRequest, EngineSnapshot
+from infermesh.dev.lora_registry import LoraRegistry
 from infermesh.dev.metrics_page import CONTENT_TYPE, VllmMetricsPage
 from infermesh.dev.profiles import DEFAULT_MODEL, GpuProfile, get_profile
 from infermesh.dev.tokens import filler_text, filler_token
@@ -40,6 +41,11 @@ class EmulatorConfig:
     num_gpu_blocks: int | None = None
     max_model_len: int | None = None
     loras: tuple[str, ...] = ()
+    """Adapters served from the start (vLLM's `--lora-modules`); listed with root /adapters/NAME."""
+    max_loras: int = 4
+    """Adapters loaded at once; a runtime load beyond it is refused with vLLM's error."""
+    runtime_lora_updating: bool = True
+    """vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING: without it the load/unload routes answer 404."""
     seed: int = 0
     replica_tag: str = ""
     """Put into response ids (`chatcmpl-<tag>-...`) so a load generator can tell replicas apart."""
@@ -61,19 +67,23 @@ class _Emulator:
 
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
+        self.lora_enabled = bool(config.loras) or config.runtime_lora_updating
+        max_loras = max(config.max_loras, len(config.loras))
         self.engine_config = config.engine_config()
         self.metrics = VllmMetricsPage(
             config.model,
             self.engine_config,
             gpu_memory_utilization=config.profile.gpu_memory_utilization,
-            max_loras=len(config.loras),
+            max_loras=max_loras if self.lora_enabled else 0,
         )
         self.driver = (
             None
             if config.profile.instant
             else EngineDriver(Engine(self.engine_config), self.metrics)
         )
-        self.loras: list[str] = list(config.loras)
+        self.loras = LoraRegistry(config.model, max_loras)
+        for name in config.loras:
+            self.loras.load(name, f"/adapters/{name}")
         self.created = int(time.time())
         self._id_prefix = f"{config.replica_tag}-" if config.replica_tag else ""
         self._in_flight = 0
@@ -81,7 +91,7 @@ class _Emulator:
 
     @property
     def served_models(self) -> list[str]:
-        return [self.config.model, *self.loras]
+        return [self.config.model, *self.loras.paths]
 
     def _request_id(self, kind: proto.Kind) -> str:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
@@ -106,7 +116,7 @@ class _Emulator:
 
     async def models(self, _request: web.Request) -> web.Response:
         body = proto.model_list(
-            self.config.model, self.loras, self.created, self.engine_config.max_model_len
+            self.config.model, self.loras.paths, self.created, self.engine_config.max_model_len
         )
         return web.json_response(body)
 
@@ -133,29 +143,25 @@ class _Emulator:
         return web.Response(body=page, headers={"Content-Type": CONTENT_TYPE})
 
     async def load_lora(self, request: web.Request) -> web.Response:
+        if not self.config.runtime_lora_updating:
+            return _not_found()
         body = await _json_object(request)
         name, path = body.get("lora_name"), body.get("lora_path")
-        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
-            return _error(proto.ApiError(400, "Both 'lora_name' and 'lora_path' must be provided."))
-        if name == self.config.model or name in self.loras:
-            return _error(
-                proto.ApiError(
-                    400, f"The lora adapter '{name}' has already been loaded.", param="lora_name"
-                )
-            )
-        self.loras.append(name)
+        try:
+            self.loras.load(name, path)
+        except proto.ApiError as error:
+            return _error(error)
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload_lora(self, request: web.Request) -> web.Response:
+        if not self.config.runtime_lora_updating:
+            return _not_found()
         body = await _json_object(request)
         name = body.get("lora_name")
-        if not isinstance(name, str) or name not in self.loras:
-            return _error(
-                proto.ApiError(
-                    404, f"The lora adapter '{name}' cannot be found.", param="lora_name"
-                )
-            )
-        self.loras.remove(name)
+        try:
+            self.loras.unload(name)
+        except proto.ApiError as error:
+            return _error(error)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     # ------------------------------------------------------------------ generation
@@ -381,6 +387,11 @@ def _stream_events(
                 )
             )
     return events
+
+
+def _not_found() -> web.Response:
+    """What FastAPI answers for a route vLLM did not register."""
+    return web.json_response({"detail": "Not Found"}, status=404)
 
 
 def _error(error: proto.ApiError) -> web.Response:
