@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -91,3 +92,40 @@ def test_three_voters_without_a_password_refuse_to_start(workdir: Path) -> None:
     raft = RaftConfig(listen=voters[0], voters=voters)
     with pytest.raises(AgentStartupError, match=r"raft\.password: required with 3 voters"):
         make_agent(agent_config(workdir, raft))
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = anyio.current_time() + 15.0
+    while not await condition():
+        if anyio.current_time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await anyio.sleep(0.05)
+
+
+async def test_a_one_voter_raft_agent_commits_and_recovers_after_a_restart(workdir: Path) -> None:
+    listen = f"127.0.0.1:{free_tcp_port()}"
+    raft = RaftConfig(listen=listen, election_timeout_s=[0.2, 0.4], heartbeat_s=0.05)
+    config = agent_config(workdir, raft)
+    async with running(make_agent(config)) as first:
+
+        async def leader() -> bool:
+            return (await first.policy.status()).role == "leader"
+
+        await wait_until(leader, "the only voter to lead")
+        assert (await first.policy.status()).voters == (listen,)
+        applied = await first.policy.submit(DrainNode("gpu-3", "kernel upgrade", 1.0))
+        assert applied.revision == 1
+
+    async with running(make_agent(config)) as second:
+
+        async def recovered() -> bool:
+            return (await second.policy.get()).revision == 1
+
+        await wait_until(recovered, "the journal to be replayed")
+        assert (await second.policy.get()).drains["gpu-3"].reason == "kernel upgrade"

@@ -530,3 +530,10 @@ def test_raft_keys_come_from_the_environment_too() -> None:
     )
     assert config.raft is not None
     assert config.raft.voters == ["10.0.0.1:7950", "10.0.0.2:7950", "10.0.0.3:7950"]
+
+
+def test_the_raft_password_never_shows_in_a_repr() -> None:
+    config = load_config(
+        environ={"INFERMESH_RAFT__LISTEN": "127.0.0.1:7950", "INFERMESH_RAFT__PASSWORD": "s3cret"}
+    )
+    assert "s3cret" not in repr(config)

@@ -172,7 +172,7 @@ class RaftConfig:
     """This voter's Raft `host:port`, as the other voters dial it (required)."""
     voters: list[str] = attrs.field(factory=list)
     """Every voter's Raft `host:port`, this one included (empty: just `listen`)."""
-    password: str = ""
+    password: str = attrs.field(default="", repr=False)  # never in a logged repr
     """Shared secret encrypting Raft traffic; required with more than one voter."""
     password_file: str = ""
     """File holding the password (read by `load_config`; surrounding whitespace is ignored)."""
