@@ -3,6 +3,11 @@
 Sans-I/O and clock-injected (`rank(request, now)`), so the simulator runs the same code with
 virtual time. It reads the store's per-model candidate list (never the whole cluster) and the
 in-flight tracker; it never awaits, logs or writes state.
+
+Operator policy (`set_policy`) takes effect on the next `rank`: targets on drained nodes and, for a
+pinned model, on nodes outside the pin are filtered out with a reason; the most specific scoring
+policy for the request's model and SLO class re-weights the scorers and adds its filters. Requests
+already in flight are not touched: a drain only stops new ones.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import attrs
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import Scorer, ScoreResult, TargetView
 from infermesh.core.model import ModelState, RequestFeatures, finite_or_none
+from infermesh.core.policy import Drain, PolicySet, ScoringPolicy
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.state import StateStore
 
@@ -41,6 +47,18 @@ RETRY_UNAVAILABLE_S = 5.0
 _KEY_FILTERS = frozenset({"model", "node", "endpoint"})
 # Candidate tuples whose target ids the engine keeps (one per model, as the store hands out).
 _IDS_CACHE_SIZE = 1024
+
+_EMPTY_POLICY = PolicySet()
+
+
+class _RequestPolicy(NamedTuple):
+    """The parts of the policy that apply to one request, looked up once per ranking."""
+
+    drains: Mapping[str, Drain]
+    pinned: tuple[str, ...] | None
+    """The model's pinned nodes, or None when it is not pinned."""
+    scoring: ScoringPolicy | None
+
 
 RttEstimate = Callable[[str], float | None]
 """Estimated network round trip in seconds from this node to a node id; None when unknown."""
@@ -198,6 +216,55 @@ class ScoringEngine:
         # id(candidate tuple) -> (that tuple, its target ids); the tuple is kept so that the
         # id cannot be reused by another tuple while the entry lives.
         self._ids_cache: dict[int, tuple[tuple[ModelState, ...], tuple[str, ...]]] = {}
+        self.policy = _EMPTY_POLICY
+        # id(scoring policy) -> (it, the scorers it weights, their total weight); cleared by
+        # set_policy, whose PolicySet keeps every cached policy alive meanwhile.
+        self._weights_cache: dict[int, tuple[ScoringPolicy, tuple[WeightedScorer, ...], float]] = {}
+        self._policy_filters = False
+
+    def set_policy(self, policy: PolicySet) -> None:
+        """Use `policy` from the next ranking on (drains, pins, scoring weights and filters).
+
+        Policy values were validated when their command was applied; here a scoring weight that
+        names a scorer this engine does not run (unknown, or disabled with weight 0 in
+        `[scoring]`) is ignored, and a policy that would leave every scorer at weight 0 falls back
+        to the configured weights.
+        """
+        self.policy = policy
+        self._weights_cache.clear()
+        self._policy_filters = bool(
+            policy.drains
+            or policy.pins
+            or any(
+                sp.max_waiting is not None or sp.max_kv_cache_usage is not None
+                for sp in policy.scoring.values()
+            )
+        )
+
+    def _request_policy(self, request: RequestFeatures) -> _RequestPolicy:
+        policy = self.policy
+        pin = policy.pins.get(request.model)
+        scoring = policy.scoring_for(request.model, request.slo_class) if policy.scoring else None
+        return _RequestPolicy(policy.drains, pin.nodes if pin is not None else None, scoring)
+
+    def _weighted(self, scoring: ScoringPolicy | None) -> tuple[tuple[WeightedScorer, ...], float]:
+        """The scorers and their total weight under `scoring`'s weights (configured if None)."""
+        if scoring is None or not scoring.weights:
+            return self.scorers, self._total_weight
+        cached = self._weights_cache.get(id(scoring))
+        if cached is not None and cached[0] is scoring:
+            return cached[1], cached[2]
+        weights = scoring.weights
+        scorers = tuple(
+            attrs.evolve(ws, weight=float(weights[ws.name])) if ws.name in weights else ws
+            for ws in self.scorers
+        )
+        scorers = tuple(ws for ws in scorers if ws.weight > 0)
+        total = sum(ws.weight for ws in scorers)
+        if not scorers or not total > 0:
+            scorers, total = self.scorers, self._total_weight
+        self._weights_cache[id(scoring)] = (scoring, scorers, total)
+        return scorers, total
 
     @classmethod
     def from_config(
@@ -223,6 +290,14 @@ class ScoringEngine:
         self, state: ModelState, request: RequestFeatures, now: float
     ) -> Exclusion | None:
         """Why `state` cannot serve `request` now, or None when it can."""
+        return self._exclusion(state, request, now, self._request_policy(request))
+
+    def _exclusion(
+        self, state: ModelState, request: RequestFeatures, now: float, policy: _RequestPolicy
+    ) -> Exclusion | None:
+        policy_exclusion = self._policy_exclusion(state, policy)
+        if policy_exclusion is not None:
+            return policy_exclusion
         if not state.loaded:
             return Exclusion(state.key.target_id, "model not loaded")
         if state.warming:
@@ -245,6 +320,30 @@ class ScoringEngine:
                 if not healthy:
                     why = f"GPU {gpu.key.gpu_uuid} unhealthy: {reason}"
                     return Exclusion(state.key.target_id, why)
+        return None
+
+    @staticmethod
+    def _policy_exclusion(state: ModelState, policy: _RequestPolicy) -> Exclusion | None:
+        """Why the operator policy keeps `state` from new requests, or None."""
+        node = state.key.node
+        target_id = state.key.target_id
+        drain = policy.drains.get(node)
+        if drain is not None:
+            why = f"node {node} is drained" + (f": {drain.reason}" if drain.reason else "")
+            return Exclusion(target_id, why)
+        if policy.pinned is not None and node not in policy.pinned:
+            why = f"model {state.key.model} is pinned to nodes {', '.join(policy.pinned)}"
+            return Exclusion(target_id, why)
+        scoring = policy.scoring
+        if scoring is not None:
+            if scoring.max_waiting is not None and state.waiting > scoring.max_waiting:
+                why = f"waiting {state.waiting:g} > policy max_waiting {scoring.max_waiting}"
+                return Exclusion(target_id, why, transient=True)
+            limit = scoring.max_kv_cache_usage
+            if limit is not None and state.kv_cache_usage > limit:
+                used = f"{state.kv_cache_usage:.0%}"
+                why = f"KV cache {used} used > policy max_kv_cache_usage {limit:g}"
+                return Exclusion(target_id, why, transient=True)
         return None
 
     def view(self, state: ModelState, now: float, target_id: str | None = None) -> TargetView:
@@ -293,6 +392,8 @@ class ScoringEngine:
             known = self.store.model_known(request.model)
             return Ranking((), known, 0, (), RETRY_UNAVAILABLE_S if known else 0.0)
         target_ids = self._target_ids(candidates)
+        policy = self._request_policy(request)
+        policy_filters = self._policy_filters
         ids: list[str] = []
         views: list[TargetView] = []
         excluded: list[Exclusion] = []
@@ -317,8 +418,9 @@ class ScoringEngine:
                 and now - seen_at <= stale_after_s
                 and not filters
                 and not state.labels.gpu_uuid
+                and not policy_filters
             ):
-                exclusion = self.exclusion(state, request, now)
+                exclusion = self._exclusion(state, request, now, policy)
                 if exclusion is not None:
                     excluded.append(exclusion)
                     continue
@@ -348,11 +450,11 @@ class ScoringEngine:
             retry_after_s = RETRY_TRANSIENT_S if transient else RETRY_UNAVAILABLE_S
             return Ranking((), True, len(candidates), tuple(excluded), retry_after_s)
         count = len(views)
-        scorers = self.scorers
+        scorers, total_weight = self._weighted(policy.scoring)
         if count == 1:
             results = tuple(self._run_scorer(ws, request, views)[0] for ws in scorers)
             total = sum(ws.weight * r.score for ws, r in zip(scorers, results, strict=True))
-            score = min(1.0, total / self._total_weight)
+            score = min(1.0, total / total_weight)
             only = RankedTarget(ids[0], views[0], score, results, scorers)
             return Ranking((only,), True, len(candidates), tuple(excluded), 0.0)
         totals = [0.0] * count
@@ -367,7 +469,6 @@ class ScoringEngine:
         order = sorted(range(count), key=lambda i: (-totals[i], ids[i]))
         if max_targets > 0:
             order = order[:max_targets]
-        total_weight = self._total_weight
         ranked = tuple(
             RankedTarget(
                 ids[i],
