@@ -69,7 +69,8 @@ class Role(enum.Enum):
     ADMIN = "admin"
     """Everything, including ACLs."""
     OPERATOR = "operator"
-    """Drain, pin, load/unload and set non-ACL policies."""
+    """Drain and undrain nodes, and read everything; setting or deleting policies is for admins
+    (the Control API's role table, `infermesh.agent.api.control.ALLOWED_RPCS`)."""
     VIEWER = "viewer"
     """Read only."""
 
