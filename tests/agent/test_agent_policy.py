@@ -1,11 +1,13 @@
 """The agent's policy store: started from config with the agent, kept across restarts, and a
-`[raft]` table that cannot work stops start-up with a message an operator can act on."""
+`[raft]` table that cannot work stops start-up with a message an operator can act on; what it
+holds decides the agent's next scoring decision."""
 
 from __future__ import annotations
 
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -19,8 +21,9 @@ from infermesh.agent.daemon import Agent, AgentStartupError
 from infermesh.agent.policy.local import DOCUMENT_NAME
 from infermesh.core import builtin as core_plugin
 from infermesh.core.config import AgentConfig, Config, NodeConfig, RaftConfig
+from infermesh.core.model import ModelStateDelta, RequestFeatures, TargetKey
 from infermesh.core.plugins import PluginHost
-from infermesh.core.policy import DrainNode, PolicySet
+from infermesh.core.policy import DrainNode, PolicySet, UndrainNode
 
 pytestmark = pytest.mark.anyio
 
@@ -129,3 +132,46 @@ async def test_a_one_voter_raft_agent_commits_and_recovers_after_a_restart(workd
 
         await wait_until(recovered, "the journal to be replayed")
         assert (await second.policy.get()).drains["gpu-3"].reason == "kernel upgrade"
+
+
+def ranked_nodes(agent: Agent) -> list[str]:
+    ranking = agent.engine.rank(RequestFeatures(model="llama"), time.time())
+    return sorted(t.target_id.split("|")[0] for t in ranking.targets)
+
+
+async def test_a_drain_submitted_to_the_store_steers_the_next_decision(workdir: Path) -> None:
+    agent = make_agent(agent_config(workdir))
+    for i, node in enumerate(["gpu-1", "gpu-2"]):
+        key = TargetKey(model="llama", node=node, endpoint=f"http://10.0.0.{i}:8000")
+        changes = {"last_updated": time.time() + 3600.0}  # fresh for the whole test
+        agent.store.apply_model_delta(ModelStateDelta(key=key, version=1, changes=changes))
+    async with running(agent):
+        assert ranked_nodes(agent) == ["gpu-1", "gpu-2"]
+
+        await agent.policy.submit(DrainNode("gpu-2", "kernel upgrade", 1.0))
+
+        async def drained() -> bool:
+            return ranked_nodes(agent) == ["gpu-1"]
+
+        await wait_until(drained, "the drain to reach the scoring engine")
+        ranking = agent.engine.rank(RequestFeatures(model="llama"), time.time())
+        assert [e.why for e in ranking.excluded] == ["node gpu-2 is drained: kernel upgrade"]
+
+        await agent.policy.submit(UndrainNode("gpu-2"))
+
+        async def undrained() -> bool:
+            return ranked_nodes(agent) == ["gpu-1", "gpu-2"]
+
+        await wait_until(undrained, "the undrain to reach the scoring engine")
+
+
+async def test_a_persisted_drain_is_in_force_when_the_agent_is_ready(workdir: Path) -> None:
+    config = agent_config(workdir)
+    async with running(make_agent(config)) as first:
+        await first.policy.submit(DrainNode("gpu-2", "rack move", 1.0))
+
+    second = make_agent(config)
+    async with running(second):
+        # No waiting: the stored policy is applied before the agent reports ready.
+        assert second.engine.policy.revision == 1
+        assert "gpu-2" in second.engine.policy.drains

@@ -28,7 +28,7 @@ from infermesh.core.config import Config, GpuConfig, RuntimeConfig, parse_host_p
 from infermesh.core.contracts import AdapterContext, GpuAdapter, RuntimeAdapter
 from infermesh.core.logging import get_logger
 from infermesh.core.plugins import PluginError, PluginHost
-from infermesh.core.policy import PolicyStore, PolicyStoreContext
+from infermesh.core.policy import PolicySet, PolicyStore, PolicyStoreContext
 from infermesh.core.scoring.engine import ScoringEngine, ScoringSetupError
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.state import StateStore
@@ -318,6 +318,7 @@ class Agent:
                 async with anyio.create_task_group() as tg:
                     if signals is not None:
                         tg.start_soon(self._watch_signals, signals)
+                    tg.start_soon(self._watch_policy)
                     for name, runtime in self.runtime_adapters:
                         tg.start_soon(
                             self._pump, name, runtime.deltas, self.store.apply_model_delta
@@ -357,6 +358,8 @@ class Agent:
             with anyio.CancelScope(shield=True):
                 await self._close_policy(self.config.agent.shutdown_grace_s)
             raise AgentStartupError(f"policy store: {exc}") from exc
+        # In force before the first request is served; `_watch_policy` keeps it current.
+        self._apply_policy(await self.policy.get())
         status = await self.policy.status()
         log.info(
             "policy store ready",
@@ -365,6 +368,37 @@ class Agent:
             voters=list(status.voters),
             revision=status.revision,
         )
+
+    def _apply_policy(self, policy: PolicySet) -> None:
+        """Make `policy` the one the next scoring decision uses (in-flight requests go on)."""
+        self.engine.set_policy(policy)
+        log.info(
+            "policy applied",
+            revision=policy.revision,
+            drains=sorted(policy.drains),
+            pins=sorted(policy.pins),
+            scoring=sorted(policy.scoring),
+        )
+
+    async def _watch_policy(self) -> None:
+        """Apply every new policy revision the store reports; restart the watch if it fails
+        (a broken store must not stop the agent; scoring keeps the last applied policy)."""
+        backoff_s = RESTART_BACKOFF_MIN_S
+        while True:
+            try:
+                async for policy in self.policy.watch():
+                    if policy.revision != self.engine.policy.revision:
+                        self._apply_policy(policy)
+                    backoff_s = RESTART_BACKOFF_MIN_S
+                log.warning("policy watch ended; restarting", retry_in_s=backoff_s)
+            except Exception as exc:
+                log.error(
+                    "policy watch failed; restarting",
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=backoff_s,
+                )
+            await anyio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, RESTART_BACKOFF_MAX_S)
 
     async def _close_policy(self, timeout_s: float) -> None:
         with anyio.move_on_after(timeout_s) as scope:
