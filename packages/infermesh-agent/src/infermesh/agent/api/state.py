@@ -1,15 +1,16 @@
-"""gRPC servicer of `infermesh.v1.State`: push deltas into the store, watch, list and get, and
-list the gossip mesh's RTT estimates to other nodes.
+"""gRPC servicer of `infermesh.v1.State`: push deltas into the store, watch, list and get, list
+the gossip mesh's RTT estimates to other nodes, and give the policy scoring follows.
 
-A thin shell over StateStore, an RTT source and infermesh.core.convert. Watchers get a bounded
-buffer: one that falls behind is ended with RESOURCE_EXHAUSTED (it reconnects with a snapshot)
-rather than holding memory for ever. Never blocks the loop and never mutates state except
-through the store.
+A thin shell over StateStore, an RTT source, a policy source and infermesh.core.convert.
+Watchers get a bounded buffer: one that falls behind is ended with RESOURCE_EXHAUSTED (it
+reconnects with a snapshot) rather than holding memory for ever. Never blocks the loop and never
+mutates state except through the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
@@ -30,10 +31,11 @@ from infermesh.core.convert import (
     target_key_from_pb,
 )
 from infermesh.core.model import GpuStateDelta, ModelStateDelta
+from infermesh.core.policy import PolicySet
 from infermesh.core.proto import state_pb2, state_pb2_grpc, types_pb2
 from infermesh.core.scoring.state import StateStore
 
-__all__ = ["WATCH_BUFFER", "RttSource", "StateService"]
+__all__ = ["WATCH_BUFFER", "PolicySource", "RttSource", "StateService"]
 
 WATCH_BUFFER = 10_000
 """Deltas a watcher may fall behind by before it is disconnected."""
@@ -42,6 +44,11 @@ _D = TypeVar("_D")
 
 RttSource = Callable[[], Mapping[str, float]]
 """Node id -> estimated RTT in seconds from this agent's node, for the nodes with an estimate."""
+
+PolicySource = Callable[[], PolicySet]
+"""The policy this agent's scoring follows now (the one its engine was last given)."""
+
+_EMPTY_POLICY = PolicySet()
 
 
 class _Overflow:
@@ -53,11 +60,19 @@ _OVERFLOW = _Overflow()
 
 class StateService(state_pb2_grpc.StateServicer):
     """`rtt_source` gives the gossip mesh's RTT estimates (ListNodeRtts); None when gossip is
-    off, and ListNodeRtts then answers an empty list."""
+    off, and ListNodeRtts then answers an empty list. `policy_source` gives the policy scoring
+    follows (GetPolicy); None answers the empty policy at revision 0."""
 
-    def __init__(self, store: StateStore, *, rtt_source: RttSource | None = None) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        rtt_source: RttSource | None = None,
+        policy_source: PolicySource | None = None,
+    ) -> None:
         self.store = store
         self.rtt_source = rtt_source
+        self.policy_source = policy_source
 
     # ------------------------------------------------------------------ push
 
@@ -197,6 +212,19 @@ class StateService(state_pb2_grpc.StateServicer):
                 and math.isfinite(rtt_s)
                 and rtt_s >= 0.0
             ]
+        )
+
+    # ------------------------------------------------------------------ policy
+
+    async def GetPolicy(
+        self, request: state_pb2.ListRequest, context: Any
+    ) -> state_pb2.PolicySnapshot:
+        """The policy in force as its document in JSON, with its revision (so a poller can
+        skip parsing an unchanged one)."""
+        policy = self.policy_source() if self.policy_source is not None else _EMPTY_POLICY
+        return state_pb2.PolicySnapshot(
+            revision=policy.revision,
+            json=json.dumps(policy.to_document(), sort_keys=True, separators=(",", ":")),
         )
 
 

@@ -178,3 +178,27 @@ class NodeRttList(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeRttList: _TypeAlias = NodeRttList  # noqa: Y015
+
+@_typing.final
+class PolicySnapshot(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    JSON_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """PolicySet.revision; changes whenever the policy does"""
+    json: _builtins.str
+    """the PolicySet document (PolicySet.to_document()) as JSON"""
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json", b"json", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicySnapshot: _TypeAlias = PolicySnapshot  # noqa: Y015

@@ -80,6 +80,11 @@ class StateStub:
                 request_serializer=infermesh_dot_core_dot_proto_dot_state__pb2.ListRequest.SerializeToString,
                 response_deserializer=infermesh_dot_core_dot_proto_dot_state__pb2.NodeRttList.FromString,
                 _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/infermesh.v1.State/GetPolicy',
+                request_serializer=infermesh_dot_core_dot_proto_dot_state__pb2.ListRequest.SerializeToString,
+                response_deserializer=infermesh_dot_core_dot_proto_dot_state__pb2.PolicySnapshot.FromString,
+                _registered_method=True)
 
 
 class StateServicer:
@@ -142,6 +147,15 @@ class StateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPolicy(self, request, context):
+        """The operator policy this agent's scoring follows (drains, pins, scoring weights), for a
+        router ranking locally to follow it too; `ListRequest` fields are ignored. Revision 0 and
+        an empty document when the agent has no policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +203,11 @@ def add_StateServicer_to_server(servicer, server):
                     servicer.ListNodeRtts,
                     request_deserializer=infermesh_dot_core_dot_proto_dot_state__pb2.ListRequest.FromString,
                     response_serializer=infermesh_dot_core_dot_proto_dot_state__pb2.NodeRttList.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=infermesh_dot_core_dot_proto_dot_state__pb2.ListRequest.FromString,
+                    response_serializer=infermesh_dot_core_dot_proto_dot_state__pb2.PolicySnapshot.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +453,33 @@ class State:
             '/infermesh.v1.State/ListNodeRtts',
             infermesh_dot_core_dot_proto_dot_state__pb2.ListRequest.SerializeToString,
             infermesh_dot_core_dot_proto_dot_state__pb2.NodeRttList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.v1.State/GetPolicy',
+            infermesh_dot_core_dot_proto_dot_state__pb2.ListRequest.SerializeToString,
+            infermesh_dot_core_dot_proto_dot_state__pb2.PolicySnapshot.FromString,
             options,
             channel_credentials,
             insecure,

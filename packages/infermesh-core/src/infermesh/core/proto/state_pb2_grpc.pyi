@@ -47,6 +47,11 @@ class StateStub:
     (Vivaldi coordinates), for a router ranking locally; `ListRequest.node` filters, `model`
     is ignored. Empty when gossip is off or nothing is estimated yet.
     """
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_state_pb2.ListRequest, _state_pb2.PolicySnapshot]
+    """The operator policy this agent's scoring follows (drains, pins, scoring weights), for a
+    router ranking locally to follow it too; `ListRequest` fields are ignored. Revision 0 and
+    an empty document when the agent has no policy.
+    """
 
 @_typing.type_check_only
 class StateAsyncStub(StateStub):
@@ -63,6 +68,11 @@ class StateAsyncStub(StateStub):
     """The gossip mesh's estimated round-trip times from this agent's node to other nodes
     (Vivaldi coordinates), for a router ranking locally; `ListRequest.node` filters, `model`
     is ignored. Empty when gossip is off or nothing is estimated yet.
+    """
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_state_pb2.ListRequest, _state_pb2.PolicySnapshot]  # type: ignore[assignment]
+    """The operator policy this agent's scoring follows (drains, pins, scoring weights), for a
+    router ranking locally to follow it too; `ListRequest` fields are ignored. Revision 0 and
+    an empty document when the agent has no policy.
     """
 
 class StateServicer(metaclass=_abc_1.ABCMeta):
@@ -131,6 +141,17 @@ class StateServicer(metaclass=_abc_1.ABCMeta):
         """The gossip mesh's estimated round-trip times from this agent's node to other nodes
         (Vivaldi coordinates), for a router ranking locally; `ListRequest.node` filters, `model`
         is ignored. Empty when gossip is off or nothing is estimated yet.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _state_pb2.ListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_pb2.PolicySnapshot, _abc.Awaitable[_state_pb2.PolicySnapshot]]:
+        """The operator policy this agent's scoring follows (drains, pins, scoring weights), for a
+        router ranking locally to follow it too; `ListRequest` fields are ignored. Revision 0 and
+        an empty document when the agent has no policy.
         """
 
 def add_StateServicer_to_server(servicer: StateServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
