@@ -156,7 +156,7 @@ def test_unknown_key_is_reported_with_a_suggestion(tmp_path: Path) -> None:
 def test_unknown_section_lists_the_known_ones(tmp_path: Path) -> None:
     path = write(tmp_path, "[bogus]\nx = 1\n")
     with pytest.raises(
-        ConfigError, match=r"bogus: unknown key \(known keys: agent, gossip, gpus, logging"
+        ConfigError, match=r"bogus: unknown key \(known keys: agent, control, gossip, gpus, logging"
     ):
         load_config(path, environ={})
 
@@ -537,3 +537,45 @@ def test_the_raft_password_never_shows_in_a_repr() -> None:
         environ={"INFERMESH_RAFT__LISTEN": "127.0.0.1:7950", "INFERMESH_RAFT__PASSWORD": "s3cret"}
     )
     assert "s3cret" not in repr(config)
+
+
+# --------------------------------------------------------------------------- [control]
+
+
+def test_the_control_api_is_off_without_a_control_table() -> None:
+    config = load_config(environ={})
+    assert config.control.listen == ""
+
+
+def test_a_control_table_with_listen_and_tls_files_loads(tmp_path: Path) -> None:
+    path = tmp_path / "infermesh.toml"
+    path.write_text(
+        '[control]\nlisten = "0.0.0.0:7960"\ncert = "n1.pem"\nkey = "n1-key.pem"\nca = "ca.pem"\n'
+    )
+    config = load_config(path, environ={"INFERMESH_CONTROL__LISTEN": "127.0.0.1:0"})
+    assert (config.control.listen, config.control.cert) == ("127.0.0.1:0", "n1.pem")
+    assert (config.control.key, config.control.ca) == ("n1-key.pem", "ca.pem")
+
+
+def test_control_listen_without_tls_files_names_each_missing_key(tmp_path: Path) -> None:
+    path = tmp_path / "infermesh.toml"
+    path.write_text('[control]\nlisten = "127.0.0.1:7960"\ncert = "n1.pem"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    message = str(info.value)
+    assert f"{path}: control.key: required when control.listen is set" in message
+    assert f"{path}: control.ca: required when control.listen is set" in message
+    assert "control.cert:" not in message
+
+
+def test_a_bad_control_listen_address_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            environ={
+                "INFERMESH_CONTROL__LISTEN": "7960",
+                "INFERMESH_CONTROL__CERT": "n1.pem",
+                "INFERMESH_CONTROL__KEY": "n1-key.pem",
+                "INFERMESH_CONTROL__CA": "ca.pem",
+            }
+        )
+    assert "control.listen: expected HOST:PORT" in str(info.value)

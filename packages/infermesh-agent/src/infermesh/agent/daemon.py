@@ -1,8 +1,9 @@
 """The agent's composition root: build every part from config and plugins, run, shut down.
 
-Construction (`Agent(config, host)`) validates everything and does no I/O, so a bad config
-fails before any socket is bound. `run()` starts the policy store (`raft` when `[raft]` is set,
-else `local`), binds the servers, pumps adapter deltas into the state store, runs the gossip
+Construction (`Agent(config, host)`) validates everything and does no I/O, except reading the
+Control API's TLS files, so a bad config fails before any socket is bound. `run()` starts the
+policy store (`raft` when `[raft]` is set, else `local`), binds the servers (the Control API too
+when `control.listen` is set), pumps adapter deltas into the state store, runs the gossip
 service when `gossip.enabled`, and on SIGTERM/SIGINT (or `request_stop()`) shuts down within
 `agent.shutdown_grace_s`. No scoring or protocol logic lives here.
 """
@@ -19,16 +20,23 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.abc
 import attrs
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from infermesh.agent.api.control import ControlService
 from infermesh.agent.api.scoring import ScoringService
 from infermesh.agent.api.server import GrpcServer, SocketInUseError
 from infermesh.agent.api.state import RttSource, StateService
 from infermesh.agent.metrics import AgentMetrics, MetricsServer
-from infermesh.core.config import Config, GpuConfig, RuntimeConfig, parse_host_port
+from infermesh.agent.tls import ClientIdentityInterceptor, TLSFileError, server_credentials
+from infermesh.core.config import Config, ControlConfig, GpuConfig, RuntimeConfig, parse_host_port
 from infermesh.core.contracts import AdapterContext, GpuAdapter, RuntimeAdapter
 from infermesh.core.logging import get_logger
 from infermesh.core.plugins import PluginError, PluginHost
 from infermesh.core.policy import PolicySet, PolicyStore, PolicyStoreContext
+from infermesh.core.proto import control_pb2, control_pb2_grpc
 from infermesh.core.scoring.engine import ScoringEngine, ScoringSetupError
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.state import StateStore
@@ -37,7 +45,18 @@ if TYPE_CHECKING:
     from infermesh.agent.gossip.service import GossipService, GossipSettings
     from infermesh.agent.gossip.values import NodeMeta
 
-__all__ = ["Agent", "AgentStartupError", "gossip_settings", "make_policy_store", "node_meta"]
+__all__ = [
+    "CONTROL_SERVICE",
+    "Agent",
+    "AgentStartupError",
+    "ControlServer",
+    "control_credentials",
+    "gossip_settings",
+    "make_policy_store",
+    "node_meta",
+]
+
+CONTROL_SERVICE: str = control_pb2.DESCRIPTOR.services_by_name["Control"].full_name
 
 RESTART_BACKOFF_MIN_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
@@ -205,6 +224,71 @@ def gossip_settings(config: Config) -> GossipSettings:
         raise AgentStartupError(str(exc)) from None
 
 
+def control_credentials(control: ControlConfig) -> grpc.ServerCredentials:
+    """The Control API's mutual TLS server credentials from `[control]`, read now so a missing
+    or unreadable file stops start-up (AgentStartupError naming the key and the file)."""
+    missing = [name for name in ("cert", "key", "ca") if not getattr(control, name)]
+    if missing:
+        keys = ", ".join(f"control.{name}" for name in missing)
+        raise AgentStartupError(f"{keys}: required when control.listen is set")
+    try:
+        return server_credentials(control.cert, control.key, control.ca)
+    except TLSFileError as exc:
+        raise AgentStartupError(f"[control]: {exc}") from None
+
+
+class ControlServer:
+    """grpc.aio server hosting the Control API over mutual TLS, with health and reflection.
+
+    Kept apart from the Scoring/State server: that one listens on a Unix socket without TLS
+    for the local router, this one on TCP for operators, and every call must carry a client
+    certificate (ClientIdentityInterceptor) before the servicer decides what it may do.
+    """
+
+    def __init__(
+        self, service: ControlService, credentials: grpc.ServerCredentials, *, listen: str
+    ) -> None:
+        self.listen = listen
+        self.port: int | None = None
+        self.health = health.aio.HealthServicer()
+        self._service = service
+        self._credentials = credentials
+        self._server: Any = None
+
+    async def start(self) -> None:
+        """Bind and start serving; AgentStartupError naming `control.listen` if it cannot bind."""
+        # SO_REUSEPORT off: a second agent on the same port must fail, not share it.
+        server = grpc.aio.server(
+            interceptors=[ClientIdentityInterceptor()], options=[("grpc.so_reuseport", 0)]
+        )
+        control_pb2_grpc.add_ControlServicer_to_server(self._service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (CONTROL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        for service in ("", CONTROL_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        try:
+            self.port = server.add_secure_port(self.listen, self._credentials)
+        except RuntimeError as exc:
+            await server.stop(None)
+            raise AgentStartupError(
+                f"control.listen {self.listen!r}: cannot bind ({exc})"
+            ) from None
+        await server.start()
+        self._server = server
+
+    async def stop(self, grace_s: float) -> None:
+        """Report NOT_SERVING and let running calls finish for up to `grace_s`."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        try:
+            await self._server.stop(grace_s)
+        finally:
+            self._server = None
+
+
 class Agent:
     """Every part of one agent process, wired together."""
 
@@ -266,6 +350,13 @@ class Agent:
             socket_path=config.agent.socket,
             listen=config.agent.listen,
         )
+        self.control: ControlServer | None = None
+        if config.control.listen:
+            self.control = ControlServer(
+                ControlService(self.policy, clock=clock),
+                control_credentials(config.control),
+                listen=config.control.listen,
+            )
         self.metrics_server: MetricsServer | None = None
         if config.agent.metrics_listen:
             try:
@@ -414,7 +505,9 @@ class Agent:
             await self.grpc.start()
             if self.metrics_server is not None:
                 await self.metrics_server.start()
-        except (SocketInUseError, OSError) as exc:
+            if self.control is not None:
+                await self.control.start()
+        except (SocketInUseError, OSError, AgentStartupError) as exc:
             with anyio.CancelScope(shield=True):
                 await self.grpc.stop(0)
             raise AgentStartupError(str(exc)) from None
@@ -425,6 +518,7 @@ class Agent:
             socket=str(self.grpc.socket_path),
             tcp_port=self.grpc.tcp_port,
             metrics_port=self.metrics_server.port if self.metrics_server else None,
+            control_port=self.control.port if self.control else None,
             gossip=self.gossip.address if self.gossip else None,
             runtimes=[name for name, _ in self.runtime_adapters],
             gpus=[name for name, _ in self.gpu_adapters],
@@ -477,7 +571,11 @@ class Agent:
         started = anyio.current_time()
         # Half the grace for running RPCs (watch streams never end on their own); gRPC bounds
         # its own stop, so the server is always stopped even with a grace of 0.
-        await self.grpc.stop(grace_s / 2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.grpc.stop, grace_s / 2)
+            if self.control is not None:
+                # Before the policy store closes: no Control call may reach a closed store.
+                tg.start_soon(self.control.stop, grace_s / 2)
         remaining_s = max(0.0, grace_s - (anyio.current_time() - started))
         with anyio.move_on_after(remaining_s) as scope:
             adapters: list[tuple[str, RuntimeAdapter | GpuAdapter]] = [

@@ -38,6 +38,7 @@ __all__ = [
     "AgentConfig",
     "Config",
     "ConfigError",
+    "ControlConfig",
     "GossipConfig",
     "GpuConfig",
     "LoggingConfig",
@@ -200,6 +201,20 @@ class RaftConfig:
 
 
 @attrs.define
+class ControlConfig:
+    """`[control]`: the agent serves the Control API (docs/control-api.md) over mutual TLS."""
+
+    listen: str = ""
+    """TCP `host:port` of the Control API; port 0 picks a free one (empty: not served)."""
+    cert: str = ""
+    """PEM certificate this node presents (`infermesh certs issue NAME --role node`)."""
+    key: str = ""
+    """PEM private key of `cert`."""
+    ca: str = ""
+    """PEM CA certificate every client certificate must be signed by."""
+
+
+@attrs.define
 class RouterConfig:
     listen: str = "127.0.0.1:8080"
     agent: str = ""
@@ -291,6 +306,8 @@ class Config:
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     raft: RaftConfig | None = None
     """`[raft]`; absent: the agent keeps its policy in a one-node local store."""
+    control: ControlConfig = attrs.field(factory=ControlConfig)
+    """`[control]`; `control.listen` empty: the agent does not serve the Control API."""
 
     def agent_data_dir(self) -> str:
         """`agent.data_dir`, or the per-user default for this node id."""
@@ -551,6 +568,32 @@ def _value_problems(config: Config) -> list[tuple[str, str]]:
     problems.extend(_gossip_problems(config.gossip))
     if config.raft is not None:
         problems.extend(_raft_problems(config.raft))
+    problems.extend(_control_problems(config.control))
+    return problems
+
+
+def _control_problems(control: ControlConfig) -> list[tuple[str, str]]:
+    """`[control]` checks: with `listen` set, the mutual TLS files are all required."""
+    if not control.listen:
+        return []
+    problems: list[tuple[str, str]] = []
+    try:
+        parse_host_port(control.listen)
+    except ValueError as exc:
+        problems.append(("control.listen", str(exc)))
+    for name, what in (
+        ("cert", "this node's PEM certificate"),
+        ("key", "the PEM private key of control.cert"),
+        ("ca", "the PEM CA certificate client certificates must be signed by"),
+    ):
+        if not getattr(control, name):
+            problems.append(
+                (
+                    f"control.{name}",
+                    f"required when control.listen is set (the Control API only serves mutual "
+                    f"TLS): {what}",
+                )
+            )
     return problems
 
 
