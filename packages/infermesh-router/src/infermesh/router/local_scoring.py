@@ -4,7 +4,9 @@ The same `ScoringEngine` and scorers as the agent (loaded through the plugin hos
 the same `[scoring]` config) rank a `StateReplica` that the `StateWatcher` keeps in step with the
 agent's watch streams. The router holds its own in-flight reservations and outcome EWMAs; the
 outcomes still go to the agent (by the forwarder), so its EWMAs and metrics learn too. The
-agent's gossip RTT estimates to other nodes (polled by an `RttWatcher`) feed net_penalty.
+agent's gossip RTT estimates to other nodes (polled by an `RttWatcher`) feed net_penalty, and
+the agent's operator policy (polled by a `PolicyWatcher`: drains, pins, scoring weights) steers
+the ranking as it does the agent's.
 Never does I/O on the request path: `score` is a synchronous computation behind an async API.
 """
 
@@ -17,6 +19,7 @@ from collections.abc import Callable, Mapping
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import Scorer
 from infermesh.core.model import RequestFeatures
+from infermesh.core.policy import PolicySet
 from infermesh.core.proto import scoring_pb2
 from infermesh.core.scoring.engine import ScoringEngine
 from infermesh.core.scoring.inflight import InflightTracker
@@ -24,6 +27,7 @@ from infermesh.core.scoring.state import StateStore
 from infermesh.router.agent_client import AgentClient, AgentUnavailable
 from infermesh.router.decision import DEFAULT_TRANSPORT, Admission, Choice, Decision
 from infermesh.router.metrics import RouterMetrics
+from infermesh.router.policy_watch import PolicyWatcher
 from infermesh.router.replica import NodeRtts, StateReplica
 from infermesh.router.rtt_watch import RttWatcher
 from infermesh.router.state_watch import StateWatcher
@@ -37,7 +41,8 @@ class LocalScoring:
     `registered` are the scorers by name (`PluginHost.scorers()`), `scoring` the `[scoring]`
     config; `transports` maps a runtime base URL to its transport plugin name (from the
     `[[runtimes]]` tables; others use `openai-http`). `rtt_poll_s` is (interval, backoff
-    maximum) of polling the agent's RTT estimates. Raises `ScoringSetupError` for a scoring
+    maximum) of polling the agent's RTT estimates, `policy_poll_s` the same for its policy.
+    Raises `ScoringSetupError` for a scoring
     config the engine refuses, `ValueError` for a bad `scoring.outcome_ewma_alpha`.
     """
 
@@ -55,6 +60,7 @@ class LocalScoring:
         transports: Mapping[str, str] | None = None,
         watcher_backoff_s: tuple[float, float] = (0.1, 2.0),
         rtt_poll_s: tuple[float, float] = (2.0, 30.0),
+        policy_poll_s: tuple[float, float] = (1.0, 30.0),
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -87,12 +93,26 @@ class LocalScoring:
             backoff_max_s=rtt_backoff_max_s,
             timeout_s=agent.timeout_s,
         )
+        policy_interval_s, policy_backoff_max_s = policy_poll_s
+        self.policy_watcher = PolicyWatcher(
+            agent.target,
+            self._use_policy,
+            interval_s=policy_interval_s,
+            backoff_max_s=policy_backoff_max_s,
+            timeout_s=agent.timeout_s,
+        )
 
     def _use_store(self, store: StateStore) -> None:
-        # A resync brings a whole new store; reservations and EWMAs carry over by target id.
-        self.engine = ScoringEngine.from_config(
+        # A resync brings a whole new store; reservations and EWMAs carry over by target id, and
+        # the policy in force carries over to the new engine.
+        engine = ScoringEngine.from_config(
             store, self.inflight, self._registered, self.config, rtt_estimate=self.rtts.get
         )
+        engine.set_policy(self.policy_watcher.policy)
+        self.engine = engine
+
+    def _use_policy(self, policy: PolicySet) -> None:
+        self.engine.set_policy(policy)
 
     def attach_metrics(self, metrics: RouterMetrics) -> None:
         metrics.watch_replica(self.replica, self.inflight)
@@ -100,8 +120,10 @@ class LocalScoring:
     async def start(self) -> None:
         self.watcher.start()
         self.rtt_watcher.start()
+        self.policy_watcher.start()
 
     async def aclose(self) -> None:
+        await self.policy_watcher.aclose()
         await self.rtt_watcher.aclose()
         await self.watcher.aclose()
 
