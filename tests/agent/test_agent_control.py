@@ -5,6 +5,7 @@ that cannot be read stops start-up with a message naming it."""
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -130,3 +131,19 @@ def test_an_unreadable_control_certificate_stops_start_up_naming_the_file(
         make_agent(config)
     assert str(pki / "missing.pem") in str(info.value)
     assert "certificate" in str(info.value)
+
+
+async def test_a_control_port_in_use_stops_start_up_naming_control_listen(
+    workdir: Path, pki: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = agent_config(workdir, pki)
+        config.control.listen = f"127.0.0.1:{port}"
+        agent = make_agent(config)
+        with pytest.raises(AgentStartupError) as info:
+            await agent.run(handle_signals=False)
+    assert f"control.listen '127.0.0.1:{port}': cannot bind" in str(info.value)
+    assert not (workdir / "agent.sock").exists()
