@@ -4,6 +4,7 @@ holds decides the agent's next scoring decision."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import tempfile
@@ -14,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 import anyio
+import grpc
 import pytest
 
 from infermesh.agent import plugin as agent_plugin
@@ -24,6 +26,7 @@ from infermesh.core.config import AgentConfig, Config, NodeConfig, RaftConfig
 from infermesh.core.model import ModelStateDelta, RequestFeatures, TargetKey
 from infermesh.core.plugins import PluginHost
 from infermesh.core.policy import DrainNode, PolicySet, UndrainNode
+from infermesh.core.proto import state_pb2, state_pb2_grpc
 
 pytestmark = pytest.mark.anyio
 
@@ -175,3 +178,16 @@ async def test_a_persisted_drain_is_in_force_when_the_agent_is_ready(workdir: Pa
         # No waiting: the stored policy is applied before the agent reports ready.
         assert second.engine.policy.revision == 1
         assert "gpu-2" in second.engine.policy.drains
+
+
+async def test_the_state_api_serves_the_policy_a_local_mode_router_follows(workdir: Path) -> None:
+    async with running(make_agent(agent_config(workdir))) as agent:
+        await agent.policy.submit(DrainNode("gpu-2", "kernel upgrade", 1.0))
+
+        async def served() -> bool:
+            async with grpc.aio.insecure_channel(f"unix://{workdir / 'agent.sock'}") as channel:
+                reply = await state_pb2_grpc.StateStub(channel).GetPolicy(state_pb2.ListRequest())
+            policy = PolicySet.from_document(json.loads(reply.json))
+            return "gpu-2" in policy.drains and reply.revision == policy.revision
+
+        await wait_until(served, "State.GetPolicy to show the drain")

@@ -346,7 +346,11 @@ class Agent:
         )
         self.grpc = GrpcServer(
             self.scoring_service,
-            StateService(self.store, rtt_source=_rtt_source(self.gossip)),
+            StateService(
+                self.store,
+                rtt_source=_rtt_source(self.gossip),
+                policy_source=lambda: self.engine.policy,
+            ),
             socket_path=config.agent.socket,
             listen=config.agent.listen,
         )
