@@ -10,8 +10,6 @@ request, and never ends on an error.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +18,8 @@ import grpc
 
 from infermesh.core.logging import get_logger
 from infermesh.core.policy import PolicySet
-from infermesh.core.proto import state_pb2, state_pb2_grpc
-from infermesh.router.agent_client import _CHANNEL_OPTIONS
+from infermesh.core.proto import state_pb2
+from infermesh.router.agent_poll import AgentPoller
 
 __all__ = ["PolicyWatcher"]
 
@@ -32,10 +30,12 @@ BACKOFF_MAX_S = 30.0
 TIMEOUT_S = 2.0
 
 
-class PolicyWatcher:
+class PolicyWatcher(AgentPoller):
     """The background task between the agent's GetPolicy and `apply` (called with each new
     policy, on the event loop). `policy` is the last one applied (empty until the agent gives
     one). Shares the agent connection the way `RttWatcher` does."""
+
+    what = "policy poll"
 
     def __init__(
         self,
@@ -46,49 +46,13 @@ class PolicyWatcher:
         backoff_max_s: float = BACKOFF_MAX_S,
         timeout_s: float = TIMEOUT_S,
     ) -> None:
-        if not 0 < interval_s <= backoff_max_s:
-            raise ValueError(
-                f"policy poll interval must be > 0 and <= its backoff maximum, got "
-                f"{interval_s} and {backoff_max_s}"
-            )
-        self.target = target
+        super().__init__(
+            target, interval_s=interval_s, backoff_max_s=backoff_max_s, timeout_s=timeout_s
+        )
         self.apply = apply
-        self.interval_s = interval_s
-        self.backoff_max_s = backoff_max_s
-        self.timeout_s = timeout_s
         self.policy = PolicySet()
-        self.polls = 0
-        self.failures = 0
         self._seen_revision: int | None = None
         self._failing: str | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="infermesh-router-policy-watch"
-            )
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        channel = grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
-        try:
-            stub = state_pb2_grpc.StateStub(channel)
-            delay_s = self.interval_s
-            while True:
-                if await self._poll(stub):
-                    delay_s = self.interval_s
-                else:
-                    delay_s = min(delay_s * 2, self.backoff_max_s)
-                await asyncio.sleep(delay_s)
-        finally:
-            await channel.close()
 
     async def _poll(self, stub: Any) -> bool:
         """One GetPolicy call; whether it answered."""
