@@ -24,31 +24,77 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"infermesh/core/proto/control.proto\x12\x0cinfermesh.v1\"\x12\n\x10GetPolicyRequest\"0\n\x0ePolicyDocument\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04json\x18\x02 \x01(\t\"#\n\x13ListPoliciesRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\"=\n\x0bPolicyEntry\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nvalue_json\x18\x03 \x01(\t\"O\n\x0fPolicyEntryList\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12*\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x19.infermesh.v1.PolicyEntry\"B\n\x10SetPolicyRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nvalue_json\x18\x03 \x01(\t\"1\n\x13\x44\x65letePolicyRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"0\n\x10\x44rainNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\"\n\x12UndrainNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t2\xdc\x03\n\x07\x43ontrol\x12I\n\tGetPolicy\x12\x1e.infermesh.v1.GetPolicyRequest\x1a\x1c.infermesh.v1.PolicyDocument\x12P\n\x0cListPolicies\x12!.infermesh.v1.ListPoliciesRequest\x1a\x1d.infermesh.v1.PolicyEntryList\x12I\n\tSetPolicy\x12\x1e.infermesh.v1.SetPolicyRequest\x1a\x1c.infermesh.v1.PolicyDocument\x12O\n\x0c\x44\x65letePolicy\x12!.infermesh.v1.DeletePolicyRequest\x1a\x1c.infermesh.v1.PolicyDocument\x12I\n\tDrainNode\x12\x1e.infermesh.v1.DrainNodeRequest\x1a\x1c.infermesh.v1.PolicyDocument\x12M\n\x0bUndrainNode\x12 .infermesh.v1.UndrainNodeRequest\x1a\x1c.infermesh.v1.PolicyDocumentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"infermesh/core/proto/control.proto\x12\x0cinfermesh.v1\"\x12\n\x10ListNodesRequest\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"\xec\x01\n\x06Target\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x15\n\rhealth_reason\x18\x05 \x01(\t\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\x12\x0f\n\x07warming\x18\x07 \x01(\x08\x12\x0f\n\x07running\x18\x08 \x01(\x01\x12\x0f\n\x07waiting\x18\t \x01(\x01\x12\x16\n\x0ekv_cache_usage\x18\n \x01(\x01\x12\x10\n\x08\x61\x64\x61pters\x18\x0b \x03(\t\x12\r\n\x05\x61ge_s\x18\x0c \x01(\x01\x12\x0f\n\x07runtime\x18\r \x01(\t\"\xfe\x01\n\x03Gpu\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x13\n\x0bmig_profile\x18\x05 \x01(\t\x12\x13\n\x0butilization\x18\x06 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x07 \x01(\x03\x12\x1a\n\x12memory_total_bytes\x18\x08 \x01(\x03\x12\x15\n\rtemperature_c\x18\t \x01(\x01\x12\x0f\n\x07power_w\x18\n \x01(\x01\x12\x0f\n\x07healthy\x18\x0b \x01(\x08\x12\x15\n\rhealth_reason\x18\x0c \x01(\t\x12\r\n\x05\x61ge_s\x18\r \x01(\x01\"\xd6\x03\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\r\n\x05roles\x18\x05 \x03(\t\x12.\n\x06labels\x18\x06 \x03(\x0b\x32\x1e.infermesh.v1.Node.LabelsEntry\x12*\n\x04\x61pis\x18\x07 \x03(\x0b\x32\x1c.infermesh.v1.Node.ApisEntry\x12\x10\n\x08runtimes\x18\x08 \x03(\t\x12\x0f\n\x07\x64rained\x18\t \x01(\x08\x12\x14\n\x0c\x64rain_reason\x18\n \x01(\t\x12\x15\n\rdrained_since\x18\x0b \x01(\x01\x12\r\n\x05rtt_s\x18\x0c \x01(\x01\x12\x0f\n\x07is_self\x18\r \x01(\x08\x12\x13\n\x0bincarnation\x18\x0e \x01(\x04\x12%\n\x07targets\x18\x0f \x03(\x0b\x32\x14.infermesh.v1.Target\x12\x1f\n\x04gpus\x18\x10 \x03(\x0b\x32\x11.infermesh.v1.Gpu\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tApisEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\x08NodeList\x12\x13\n\x0b\x61nswered_by\x18\x01 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x02 \x01(\x04\x12!\n\x05nodes\x18\x03 \x03(\x0b\x32\x12.infermesh.v1.Node\"\x13\n\x11ListModelsRequest\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x81\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x07targets\x18\x02 \x03(\x0b\x32\x14.infermesh.v1.Target\x12\x17\n\x0fhealthy_targets\x18\x03 \x01(\r\x12\x14\n\x0cpinned_nodes\x18\x04 \x03(\t\x12\x14\n\x0cmin_replicas\x18\x05 \x01(\r\"^\n\tModelList\x12\x13\n\x0b\x61nswered_by\x18\x01 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x02 \x01(\x04\x12#\n\x06models\x18\x03 \x03(\x0b\x32\x13.infermesh.v1.Model\"E\n\x0fPinModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x03(\t\x12\x14\n\x0cmin_replicas\x18\x03 \x01(\r\"\"\n\x11UnpinModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"P\n\x10LoadModelRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07runtime\x18\x04 \x01(\t\"B\n\x12UnloadModelRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\"T\n\x13ModelOperationReply\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"J\n\x16SubscribeEventsRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\r\n\x05kinds\x18\x03 \x03(\t\"\xf1\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x37\n\nattributes\x18\x08 \x03(\x0b\x32#.infermesh.v1.Event.AttributesEntry\x12\x13\n\x0brecorded_by\x18\t \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x12\n\x10GetPolicyRequest\"0\n\x0ePolicyDocument\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04json\x18\x02 \x01(\t\"#\n\x13ListPoliciesRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\"=\n\x0bPolicyEntry\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nvalue_json\x18\x03 \x01(\t\"O\n\x0fPolicyEntryList\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12*\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x19.infermesh.v1.PolicyEntry\"B\n\x10SetPolicyRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nvalue_json\x18\x03 \x01(\t\"1\n\x13\x44\x65letePolicyRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"0\n\x10\x44rainNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\"\n\x12UndrainNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t2\xf0\x08\n\x07\x43ontrol\x12I\n\tGetPolicy\x12\x1e.infermesh.v1.GetPolicyRequest\x1a\x1c.infermesh.v1.PolicyDocument\x12P\n\x0cListPolicies\x12!.infermesh.v1.ListPoliciesRequest\x1a\x1d.infermesh.v1.PolicyEntryList\x12I\n\tSetPolicy\x12\x1e.infermesh.v1.SetPolicyRequest\x1a\x1c.infermesh.v1.PolicyDocument\x12O\n\x0c\x44\x65letePolicy\x12!.infermesh.v1.DeletePolicyRequest\x1a\x1c.infermesh.v1.PolicyDocument\x12I\n\tDrainNode\x12\x1e.infermesh.v1.DrainNodeRequest\x1a\x1c.infermesh.v1.PolicyDocument\x12M\n\x0bUndrainNode\x12 .infermesh.v1.UndrainNodeRequest\x1a\x1c.infermesh.v1.PolicyDocument\x12\x43\n\tListNodes\x12\x1e.infermesh.v1.ListNodesRequest\x1a\x16.infermesh.v1.NodeList\x12;\n\x07GetNode\x12\x1c.infermesh.v1.GetNodeRequest\x1a\x12.infermesh.v1.Node\x12\x46\n\nListModels\x12\x1f.infermesh.v1.ListModelsRequest\x1a\x17.infermesh.v1.ModelList\x12>\n\x08GetModel\x12\x1d.infermesh.v1.GetModelRequest\x1a\x13.infermesh.v1.Model\x12G\n\x08PinModel\x12\x1d.infermesh.v1.PinModelRequest\x1a\x1c.infermesh.v1.PolicyDocument\x12K\n\nUnpinModel\x12\x1f.infermesh.v1.UnpinModelRequest\x1a\x1c.infermesh.v1.PolicyDocument\x12N\n\tLoadModel\x12\x1e.infermesh.v1.LoadModelRequest\x1a!.infermesh.v1.ModelOperationReply\x12R\n\x0bUnloadModel\x12 .infermesh.v1.UnloadModelRequest\x1a!.infermesh.v1.ModelOperationReply\x12N\n\x0fSubscribeEvents\x12$.infermesh.v1.SubscribeEventsRequest\x1a\x13.infermesh.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'infermesh.core.proto.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETPOLICYREQUEST']._serialized_start=52
-  _globals['_GETPOLICYREQUEST']._serialized_end=70
-  _globals['_POLICYDOCUMENT']._serialized_start=72
-  _globals['_POLICYDOCUMENT']._serialized_end=120
-  _globals['_LISTPOLICIESREQUEST']._serialized_start=122
-  _globals['_LISTPOLICIESREQUEST']._serialized_end=157
-  _globals['_POLICYENTRY']._serialized_start=159
-  _globals['_POLICYENTRY']._serialized_end=220
-  _globals['_POLICYENTRYLIST']._serialized_start=222
-  _globals['_POLICYENTRYLIST']._serialized_end=301
-  _globals['_SETPOLICYREQUEST']._serialized_start=303
-  _globals['_SETPOLICYREQUEST']._serialized_end=369
-  _globals['_DELETEPOLICYREQUEST']._serialized_start=371
-  _globals['_DELETEPOLICYREQUEST']._serialized_end=420
-  _globals['_DRAINNODEREQUEST']._serialized_start=422
-  _globals['_DRAINNODEREQUEST']._serialized_end=470
-  _globals['_UNDRAINNODEREQUEST']._serialized_start=472
-  _globals['_UNDRAINNODEREQUEST']._serialized_end=506
-  _globals['_CONTROL']._serialized_start=509
-  _globals['_CONTROL']._serialized_end=985
+  _globals['_NODE_LABELSENTRY']._loaded_options = None
+  _globals['_NODE_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_NODE_APISENTRY']._loaded_options = None
+  _globals['_NODE_APISENTRY']._serialized_options = b'8\001'
+  _globals['_EVENT_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_LISTNODESREQUEST']._serialized_start=52
+  _globals['_LISTNODESREQUEST']._serialized_end=70
+  _globals['_GETNODEREQUEST']._serialized_start=72
+  _globals['_GETNODEREQUEST']._serialized_end=102
+  _globals['_TARGET']._serialized_start=105
+  _globals['_TARGET']._serialized_end=341
+  _globals['_GPU']._serialized_start=344
+  _globals['_GPU']._serialized_end=598
+  _globals['_NODE']._serialized_start=601
+  _globals['_NODE']._serialized_end=1071
+  _globals['_NODE_LABELSENTRY']._serialized_start=981
+  _globals['_NODE_LABELSENTRY']._serialized_end=1026
+  _globals['_NODE_APISENTRY']._serialized_start=1028
+  _globals['_NODE_APISENTRY']._serialized_end=1071
+  _globals['_NODELIST']._serialized_start=1073
+  _globals['_NODELIST']._serialized_end=1164
+  _globals['_LISTMODELSREQUEST']._serialized_start=1166
+  _globals['_LISTMODELSREQUEST']._serialized_end=1185
+  _globals['_GETMODELREQUEST']._serialized_start=1187
+  _globals['_GETMODELREQUEST']._serialized_end=1219
+  _globals['_MODEL']._serialized_start=1222
+  _globals['_MODEL']._serialized_end=1351
+  _globals['_MODELLIST']._serialized_start=1353
+  _globals['_MODELLIST']._serialized_end=1447
+  _globals['_PINMODELREQUEST']._serialized_start=1449
+  _globals['_PINMODELREQUEST']._serialized_end=1518
+  _globals['_UNPINMODELREQUEST']._serialized_start=1520
+  _globals['_UNPINMODELREQUEST']._serialized_end=1554
+  _globals['_LOADMODELREQUEST']._serialized_start=1556
+  _globals['_LOADMODELREQUEST']._serialized_end=1636
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1638
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1704
+  _globals['_MODELOPERATIONREPLY']._serialized_start=1706
+  _globals['_MODELOPERATIONREPLY']._serialized_end=1790
+  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_start=1792
+  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_end=1866
+  _globals['_EVENT']._serialized_start=1869
+  _globals['_EVENT']._serialized_end=2110
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=2061
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=2110
+  _globals['_GETPOLICYREQUEST']._serialized_start=2112
+  _globals['_GETPOLICYREQUEST']._serialized_end=2130
+  _globals['_POLICYDOCUMENT']._serialized_start=2132
+  _globals['_POLICYDOCUMENT']._serialized_end=2180
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=2182
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=2217
+  _globals['_POLICYENTRY']._serialized_start=2219
+  _globals['_POLICYENTRY']._serialized_end=2280
+  _globals['_POLICYENTRYLIST']._serialized_start=2282
+  _globals['_POLICYENTRYLIST']._serialized_end=2361
+  _globals['_SETPOLICYREQUEST']._serialized_start=2363
+  _globals['_SETPOLICYREQUEST']._serialized_end=2429
+  _globals['_DELETEPOLICYREQUEST']._serialized_start=2431
+  _globals['_DELETEPOLICYREQUEST']._serialized_end=2480
+  _globals['_DRAINNODEREQUEST']._serialized_start=2482
+  _globals['_DRAINNODEREQUEST']._serialized_end=2530
+  _globals['_UNDRAINNODEREQUEST']._serialized_start=2532
+  _globals['_UNDRAINNODEREQUEST']._serialized_end=2566
+  _globals['_CONTROL']._serialized_start=2569
+  _globals['_CONTROL']._serialized_end=3705
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,51 @@ class ControlStub:
                 request_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.UndrainNodeRequest.SerializeToString,
                 response_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.PolicyDocument.FromString,
                 _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/infermesh.v1.Control/ListNodes',
+                request_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.NodeList.FromString,
+                _registered_method=True)
+        self.GetNode = channel.unary_unary(
+                '/infermesh.v1.Control/GetNode',
+                request_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.GetNodeRequest.SerializeToString,
+                response_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.Node.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/infermesh.v1.Control/ListModels',
+                request_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.ModelList.FromString,
+                _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/infermesh.v1.Control/GetModel',
+                request_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.Model.FromString,
+                _registered_method=True)
+        self.PinModel = channel.unary_unary(
+                '/infermesh.v1.Control/PinModel',
+                request_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.PinModelRequest.SerializeToString,
+                response_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.PolicyDocument.FromString,
+                _registered_method=True)
+        self.UnpinModel = channel.unary_unary(
+                '/infermesh.v1.Control/UnpinModel',
+                request_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.UnpinModelRequest.SerializeToString,
+                response_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.PolicyDocument.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/infermesh.v1.Control/LoadModel',
+                request_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.ModelOperationReply.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/infermesh.v1.Control/UnloadModel',
+                request_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.ModelOperationReply.FromString,
+                _registered_method=True)
+        self.SubscribeEvents = channel.unary_stream(
+                '/infermesh.v1.Control/SubscribeEvents',
+                request_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.SubscribeEventsRequest.SerializeToString,
+                response_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -111,6 +156,72 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNodes(self, request, context):
+        """Every node the answering agent knows (gossip members, itself included), with its drain
+        state and the targets and GPUs it reports.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNode(self, request, context):
+        """One node; NOT_FOUND when the answering agent does not know it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Every model served somewhere in the mesh, with its targets and pin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModel(self, request, context):
+        """One model; NOT_FOUND when no target serves it and it is not pinned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinModel(self, request, context):
+        """Serve a model only from these nodes (a `pins` policy entry).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinModel(self, request, context):
+        """Remove a model's pin; INVALID_ARGUMENT when it has none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load a model (for vLLM: a LoRA adapter) on one node's runtime, through that node's
+        RuntimeControl; forwarded to the node's agent when it is not the answering one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload a model from one node's runtime (forwarded like LoadModel).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubscribeEvents(self, request, context):
+        """Node, model, policy and drain events recorded by the answering agent, oldest first, from
+        just after `after_seq`; with `follow`, the stream stays open and carries new events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +254,51 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.UndrainNode,
                     request_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.UndrainNodeRequest.FromString,
                     response_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.PolicyDocument.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.ListNodesRequest.FromString,
+                    response_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.NodeList.SerializeToString,
+            ),
+            'GetNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNode,
+                    request_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.GetNodeRequest.FromString,
+                    response_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.Node.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.ListModelsRequest.FromString,
+                    response_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.ModelList.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.GetModelRequest.FromString,
+                    response_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.Model.SerializeToString,
+            ),
+            'PinModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinModel,
+                    request_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.PinModelRequest.FromString,
+                    response_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.PolicyDocument.SerializeToString,
+            ),
+            'UnpinModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinModel,
+                    request_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.UnpinModelRequest.FromString,
+                    response_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.PolicyDocument.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.LoadModelRequest.FromString,
+                    response_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.ModelOperationReply.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.UnloadModelRequest.FromString,
+                    response_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.ModelOperationReply.SerializeToString,
+            ),
+            'SubscribeEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeEvents,
+                    request_deserializer=infermesh_dot_core_dot_proto_dot_control__pb2.SubscribeEventsRequest.FromString,
+                    response_serializer=infermesh_dot_core_dot_proto_dot_control__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +463,249 @@ class Control:
             '/infermesh.v1.Control/UndrainNode',
             infermesh_dot_core_dot_proto_dot_control__pb2.UndrainNodeRequest.SerializeToString,
             infermesh_dot_core_dot_proto_dot_control__pb2.PolicyDocument.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.v1.Control/ListNodes',
+            infermesh_dot_core_dot_proto_dot_control__pb2.ListNodesRequest.SerializeToString,
+            infermesh_dot_core_dot_proto_dot_control__pb2.NodeList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.v1.Control/GetNode',
+            infermesh_dot_core_dot_proto_dot_control__pb2.GetNodeRequest.SerializeToString,
+            infermesh_dot_core_dot_proto_dot_control__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.v1.Control/ListModels',
+            infermesh_dot_core_dot_proto_dot_control__pb2.ListModelsRequest.SerializeToString,
+            infermesh_dot_core_dot_proto_dot_control__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.v1.Control/GetModel',
+            infermesh_dot_core_dot_proto_dot_control__pb2.GetModelRequest.SerializeToString,
+            infermesh_dot_core_dot_proto_dot_control__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.v1.Control/PinModel',
+            infermesh_dot_core_dot_proto_dot_control__pb2.PinModelRequest.SerializeToString,
+            infermesh_dot_core_dot_proto_dot_control__pb2.PolicyDocument.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.v1.Control/UnpinModel',
+            infermesh_dot_core_dot_proto_dot_control__pb2.UnpinModelRequest.SerializeToString,
+            infermesh_dot_core_dot_proto_dot_control__pb2.PolicyDocument.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.v1.Control/LoadModel',
+            infermesh_dot_core_dot_proto_dot_control__pb2.LoadModelRequest.SerializeToString,
+            infermesh_dot_core_dot_proto_dot_control__pb2.ModelOperationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.v1.Control/UnloadModel',
+            infermesh_dot_core_dot_proto_dot_control__pb2.UnloadModelRequest.SerializeToString,
+            infermesh_dot_core_dot_proto_dot_control__pb2.ModelOperationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/infermesh.v1.Control/SubscribeEvents',
+            infermesh_dot_core_dot_proto_dot_control__pb2.SubscribeEventsRequest.SerializeToString,
+            infermesh_dot_core_dot_proto_dot_control__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

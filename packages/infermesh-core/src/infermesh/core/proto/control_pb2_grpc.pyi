@@ -48,6 +48,30 @@ class ControlStub:
     """Stop sending new requests to a node; its in-flight requests finish."""
     UndrainNode: _grpc.UnaryUnaryMultiCallable[_control_pb2.UndrainNodeRequest, _control_pb2.PolicyDocument]
     """Undo DrainNode; INVALID_ARGUMENT when the node is not drained."""
+    ListNodes: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListNodesRequest, _control_pb2.NodeList]
+    """Every node the answering agent knows (gossip members, itself included), with its drain
+    state and the targets and GPUs it reports.
+    """
+    GetNode: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetNodeRequest, _control_pb2.Node]
+    """One node; NOT_FOUND when the answering agent does not know it."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListModelsRequest, _control_pb2.ModelList]
+    """Every model served somewhere in the mesh, with its targets and pin."""
+    GetModel: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetModelRequest, _control_pb2.Model]
+    """One model; NOT_FOUND when no target serves it and it is not pinned."""
+    PinModel: _grpc.UnaryUnaryMultiCallable[_control_pb2.PinModelRequest, _control_pb2.PolicyDocument]
+    """Serve a model only from these nodes (a `pins` policy entry)."""
+    UnpinModel: _grpc.UnaryUnaryMultiCallable[_control_pb2.UnpinModelRequest, _control_pb2.PolicyDocument]
+    """Remove a model's pin; INVALID_ARGUMENT when it has none."""
+    LoadModel: _grpc.UnaryUnaryMultiCallable[_control_pb2.LoadModelRequest, _control_pb2.ModelOperationReply]
+    """Load a model (for vLLM: a LoRA adapter) on one node's runtime, through that node's
+    RuntimeControl; forwarded to the node's agent when it is not the answering one.
+    """
+    UnloadModel: _grpc.UnaryUnaryMultiCallable[_control_pb2.UnloadModelRequest, _control_pb2.ModelOperationReply]
+    """Unload a model from one node's runtime (forwarded like LoadModel)."""
+    SubscribeEvents: _grpc.UnaryStreamMultiCallable[_control_pb2.SubscribeEventsRequest, _control_pb2.Event]
+    """Node, model, policy and drain events recorded by the answering agent, oldest first, from
+    just after `after_seq`; with `follow`, the stream stays open and carries new events.
+    """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -64,6 +88,30 @@ class ControlAsyncStub(ControlStub):
     """Stop sending new requests to a node; its in-flight requests finish."""
     UndrainNode: _aio.UnaryUnaryMultiCallable[_control_pb2.UndrainNodeRequest, _control_pb2.PolicyDocument]  # type: ignore[assignment]
     """Undo DrainNode; INVALID_ARGUMENT when the node is not drained."""
+    ListNodes: _aio.UnaryUnaryMultiCallable[_control_pb2.ListNodesRequest, _control_pb2.NodeList]  # type: ignore[assignment]
+    """Every node the answering agent knows (gossip members, itself included), with its drain
+    state and the targets and GPUs it reports.
+    """
+    GetNode: _aio.UnaryUnaryMultiCallable[_control_pb2.GetNodeRequest, _control_pb2.Node]  # type: ignore[assignment]
+    """One node; NOT_FOUND when the answering agent does not know it."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_control_pb2.ListModelsRequest, _control_pb2.ModelList]  # type: ignore[assignment]
+    """Every model served somewhere in the mesh, with its targets and pin."""
+    GetModel: _aio.UnaryUnaryMultiCallable[_control_pb2.GetModelRequest, _control_pb2.Model]  # type: ignore[assignment]
+    """One model; NOT_FOUND when no target serves it and it is not pinned."""
+    PinModel: _aio.UnaryUnaryMultiCallable[_control_pb2.PinModelRequest, _control_pb2.PolicyDocument]  # type: ignore[assignment]
+    """Serve a model only from these nodes (a `pins` policy entry)."""
+    UnpinModel: _aio.UnaryUnaryMultiCallable[_control_pb2.UnpinModelRequest, _control_pb2.PolicyDocument]  # type: ignore[assignment]
+    """Remove a model's pin; INVALID_ARGUMENT when it has none."""
+    LoadModel: _aio.UnaryUnaryMultiCallable[_control_pb2.LoadModelRequest, _control_pb2.ModelOperationReply]  # type: ignore[assignment]
+    """Load a model (for vLLM: a LoRA adapter) on one node's runtime, through that node's
+    RuntimeControl; forwarded to the node's agent when it is not the answering one.
+    """
+    UnloadModel: _aio.UnaryUnaryMultiCallable[_control_pb2.UnloadModelRequest, _control_pb2.ModelOperationReply]  # type: ignore[assignment]
+    """Unload a model from one node's runtime (forwarded like LoadModel)."""
+    SubscribeEvents: _aio.UnaryStreamMultiCallable[_control_pb2.SubscribeEventsRequest, _control_pb2.Event]  # type: ignore[assignment]
+    """Node, model, policy and drain events recorded by the answering agent, oldest first, from
+    just after `after_seq`; with `follow`, the stream stays open and carries new events.
+    """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -113,5 +161,83 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.PolicyDocument, _abc.Awaitable[_control_pb2.PolicyDocument]]:
         """Undo DrainNode; INVALID_ARGUMENT when the node is not drained."""
+
+    @_abc_1.abstractmethod
+    def ListNodes(
+        self,
+        request: _control_pb2.ListNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.NodeList, _abc.Awaitable[_control_pb2.NodeList]]:
+        """Every node the answering agent knows (gossip members, itself included), with its drain
+        state and the targets and GPUs it reports.
+        """
+
+    @_abc_1.abstractmethod
+    def GetNode(
+        self,
+        request: _control_pb2.GetNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.Node, _abc.Awaitable[_control_pb2.Node]]:
+        """One node; NOT_FOUND when the answering agent does not know it."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _control_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ModelList, _abc.Awaitable[_control_pb2.ModelList]]:
+        """Every model served somewhere in the mesh, with its targets and pin."""
+
+    @_abc_1.abstractmethod
+    def GetModel(
+        self,
+        request: _control_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.Model, _abc.Awaitable[_control_pb2.Model]]:
+        """One model; NOT_FOUND when no target serves it and it is not pinned."""
+
+    @_abc_1.abstractmethod
+    def PinModel(
+        self,
+        request: _control_pb2.PinModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.PolicyDocument, _abc.Awaitable[_control_pb2.PolicyDocument]]:
+        """Serve a model only from these nodes (a `pins` policy entry)."""
+
+    @_abc_1.abstractmethod
+    def UnpinModel(
+        self,
+        request: _control_pb2.UnpinModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.PolicyDocument, _abc.Awaitable[_control_pb2.PolicyDocument]]:
+        """Remove a model's pin; INVALID_ARGUMENT when it has none."""
+
+    @_abc_1.abstractmethod
+    def LoadModel(
+        self,
+        request: _control_pb2.LoadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ModelOperationReply, _abc.Awaitable[_control_pb2.ModelOperationReply]]:
+        """Load a model (for vLLM: a LoRA adapter) on one node's runtime, through that node's
+        RuntimeControl; forwarded to the node's agent when it is not the answering one.
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadModel(
+        self,
+        request: _control_pb2.UnloadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ModelOperationReply, _abc.Awaitable[_control_pb2.ModelOperationReply]]:
+        """Unload a model from one node's runtime (forwarded like LoadModel)."""
+
+    @_abc_1.abstractmethod
+    def SubscribeEvents(
+        self,
+        request: _control_pb2.SubscribeEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_control_pb2.Event], _abc.AsyncIterator[_control_pb2.Event]]:
+        """Node, model, policy and drain events recorded by the answering agent, oldest first, from
+        just after `after_seq`; with `follow`, the stream stays open and carries new events.
+        """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
