@@ -297,12 +297,48 @@ class Node(_message.Message):
 Global___Node: _TypeAlias = Node  # noqa: Y015
 
 @_typing.final
+class PolicyStoreInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKEND_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    backend: _builtins.str
+    """local, raft, remote, or a plugin's name"""
+    role: _builtins.str
+    """leader, follower, candidate, single, reader (not a voter), stopped"""
+    leader: _builtins.str
+    """the Raft leader's address when known"""
+    revision: _builtins.int
+    @_builtins.property
+    def voters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        backend: _builtins.str = ...,
+        role: _builtins.str = ...,
+        leader: _builtins.str = ...,
+        voters: _abc.Iterable[_builtins.str] | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "leader", b"leader", "revision", b"revision", "role", b"role", "voters", b"voters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyStoreInfo: _TypeAlias = PolicyStoreInfo  # noqa: Y015
+
+@_typing.final
 class NodeList(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ANSWERED_BY_FIELD_NUMBER: _builtins.int
     POLICY_REVISION_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
+    POLICY_STORE_FIELD_NUMBER: _builtins.int
     answered_by: _builtins.str
     """node name of the answering agent"""
     policy_revision: _builtins.int
@@ -310,16 +346,21 @@ class NodeList(_message.Message):
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]:
         """by name"""
 
+    @_builtins.property
+    def policy_store(self) -> Global___PolicyStoreInfo:
+        """the answering agent's view of the policy store"""
+
     def __init__(
         self,
         *,
         answered_by: _builtins.str = ...,
         policy_revision: _builtins.int = ...,
         nodes: _abc.Iterable[Global___Node] | None = ...,
+        policy_store: Global___PolicyStoreInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy_store", b"policy_store"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_by", b"answered_by", "nodes", b"nodes", "policy_revision", b"policy_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_by", b"answered_by", "nodes", b"nodes", "policy_revision", b"policy_revision", "policy_store", b"policy_store"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
