@@ -1,4 +1,5 @@
-"""The agent's plugin: `infermesh agent`, `infermesh certs`, the `local` and `raft` policy stores.
+"""The agent's plugin: `infermesh agent`, `infermesh certs`, and the `local`, `raft` and
+`remote` policy stores.
 
 The built-in scorers live in infermesh-core (`infermesh.core.scoring`) and are registered by
 core's plugin, so a router scoring locally has them without installing the agent. Nothing here
@@ -35,7 +36,15 @@ def raft_policy_store(context: PolicyStoreContext) -> PolicyStore:
     return RaftPolicyStore(context)
 
 
+def remote_policy_store(context: PolicyStoreContext) -> PolicyStore:
+    """A non-voter reading the policy through voter agents' Control API (`[policy] voters`)."""
+    from infermesh.agent.policy.remote import RemotePolicyStore
+
+    return RemotePolicyStore(context)
+
+
 @hookimpl
 def infermesh_register_policy_stores(register: RegisterPolicyStore) -> None:
     register("local", local_policy_store)
     register("raft", raft_policy_store)
+    register("remote", remote_policy_store)
