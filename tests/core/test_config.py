@@ -579,3 +579,79 @@ def test_a_bad_control_listen_address_is_refused(tmp_path: Path) -> None:
             }
         )
     assert "control.listen: expected HOST:PORT" in str(info.value)
+
+
+# --------------------------------------------------------------------------- [policy]
+
+NODE_TLS = '[control]\ncert = "n4.pem"\nkey = "n4-key.pem"\nca = "ca.pem"\n'
+
+
+def test_no_policy_table_means_the_agent_does_not_read_from_voters() -> None:
+    assert load_config(environ={}).policy is None
+
+
+def test_a_policy_table_becomes_the_remote_store_options_with_the_node_identity(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, f'[policy]\nvoters = ["10.0.0.1:7960", "10.0.0.2:7960"]\n{NODE_TLS}')
+    config = load_config(path, environ={})
+    assert config.policy is not None
+    assert config.policy.store_options(config.control) == {
+        "voters": ["10.0.0.1:7960", "10.0.0.2:7960"],
+        "cert": "n4.pem",
+        "key": "n4-key.pem",
+        "ca": "ca.pem",
+        "watch_retry_s": 5.0,
+        "resync_s": 30.0,
+        "timeout_s": 10.0,
+    }
+
+
+def test_policy_voters_come_from_the_environment_as_a_comma_list(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, NODE_TLS),
+        environ={"INFERMESH_POLICY__VOTERS": "10.0.0.1:7960,10.0.0.2:7960"},
+    )
+    assert config.policy is not None
+    assert config.policy.voters == ["10.0.0.1:7960", "10.0.0.2:7960"]
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "message"),
+    [
+        ("", "policy.voters", "required in [policy]"),
+        ('voters = ["10.0.0.1"]', "policy.voters[0]", "expected HOST:PORT"),
+        ('voters = ["10.0.0.1:0"]', "policy.voters[0]", "real port"),
+        ('voters = ["a:1", "a:1"]', "policy.voters", "twice"),
+        ('voters = ["a:1"]\nresync_s = 0', "policy.resync_s", "> 0"),
+        ('voters = ["a:1"]\nvoter = ["a:1"]', "policy.voter", "did you mean 'voters'"),
+    ],
+)
+def test_bad_policy_values_name_the_key(tmp_path: Path, table: str, key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"[policy]\n{table}\n{NODE_TLS}"), environ={})
+    assert f"bad.toml: {key}: " in str(info.value)
+    assert message in str(info.value)
+
+
+def test_policy_voters_without_a_node_certificate_name_each_missing_control_key(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, '[policy]\nvoters = ["10.0.0.1:7960"]\n[control]\nca = "ca.pem"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    message = str(info.value)
+    assert f"{path}: control.cert: needed by [policy] voters" in message
+    assert f"{path}: control.key: needed by [policy] voters" in message
+    assert "control.ca:" not in message
+
+
+def test_policy_and_raft_together_are_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f'[policy]\nvoters = ["10.0.0.1:7960"]\n[raft]\nlisten = "10.0.0.9:7950"\n{NODE_TLS}',
+    )
+    with pytest.raises(
+        ConfigError, match=r"bad\.toml: policy: \[policy\] and \[raft\] cannot both"
+    ):
+        load_config(path, environ={})

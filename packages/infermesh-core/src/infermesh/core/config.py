@@ -44,6 +44,7 @@ __all__ = [
     "LoggingConfig",
     "NodeConfig",
     "PluginsConfig",
+    "PolicyConfig",
     "RaftConfig",
     "RouterConfig",
     "RuntimeConfig",
@@ -201,6 +202,34 @@ class RaftConfig:
 
 
 @attrs.define
+class PolicyConfig:
+    """`[policy]`: this agent is not a voter; it reads and watches the policy through the
+    Control API of voter agents (docs/policy.md), presenting `[control]`'s node certificate."""
+
+    voters: list[str] = attrs.field(factory=list)
+    """Control API `host:port` of voter agents (required; tried in turn)."""
+    watch_retry_s: float = 5.0
+    """Longest wait before trying the next voter after a voter failed (the wait doubles
+    from 0.1 s up to this)."""
+    resync_s: float = 30.0
+    """Re-read the whole policy this often even when no change event arrived."""
+    timeout_s: float = 10.0
+    """Deadline of one call to a voter (a write waits for the Raft commit)."""
+
+    def store_options(self, control: ControlConfig) -> dict[str, Any]:
+        """The table as the `remote` policy store reads it, with `[control]`'s TLS files."""
+        return {
+            "voters": list(self.voters),
+            "cert": control.cert,
+            "key": control.key,
+            "ca": control.ca,
+            "watch_retry_s": self.watch_retry_s,
+            "resync_s": self.resync_s,
+            "timeout_s": self.timeout_s,
+        }
+
+
+@attrs.define
 class ControlConfig:
     """`[control]`: the agent serves the Control API (docs/control-api.md) over mutual TLS."""
 
@@ -308,6 +337,8 @@ class Config:
     """`[raft]`; absent: the agent keeps its policy in a one-node local store."""
     control: ControlConfig = attrs.field(factory=ControlConfig)
     """`[control]`; `control.listen` empty: the agent does not serve the Control API."""
+    policy: PolicyConfig | None = None
+    """`[policy]`; present: the agent reads the policy from voter agents (not with `[raft]`)."""
 
     def agent_data_dir(self) -> str:
         """`agent.data_dir`, or the per-user default for this node id."""
@@ -569,6 +600,47 @@ def _value_problems(config: Config) -> list[tuple[str, str]]:
     if config.raft is not None:
         problems.extend(_raft_problems(config.raft))
     problems.extend(_control_problems(config.control))
+    if config.policy is not None:
+        problems.extend(_policy_problems(config.policy, config))
+    return problems
+
+
+def _policy_problems(policy: PolicyConfig, config: Config) -> list[tuple[str, str]]:
+    """`[policy]` checks: voters to read from, a node identity to present, and no `[raft]`."""
+    problems: list[tuple[str, str]] = []
+    if config.raft is not None:
+        problems.append(
+            (
+                "policy",
+                "[policy] and [raft] cannot both be set: a Raft voter reads its own store; "
+                "keep [raft] on voters and [policy] voters on the other agents",
+            )
+        )
+    if not policy.voters:
+        problems.append(
+            ("policy.voters", "required in [policy]: the Control API HOST:PORT of voter agents")
+        )
+    for index, voter in enumerate(policy.voters):
+        try:
+            _, port = parse_host_port(voter)
+        except ValueError as exc:
+            problems.append((f"policy.voters[{index}]", str(exc)))
+            continue
+        if port == 0:
+            problems.append((f"policy.voters[{index}]", f"needs a real port, got {voter!r}"))
+    if len(set(policy.voters)) != len(policy.voters):
+        problems.append(("policy.voters", f"names a voter twice: {policy.voters!r}"))
+    for key in ("watch_retry_s", "resync_s", "timeout_s"):
+        value = getattr(policy, key)
+        if not value > 0:
+            problems.append((f"policy.{key}", f"must be > 0, got {value}"))
+    for name, what in (
+        ("cert", "this node's certificate (role node), presented to the voters"),
+        ("key", "the PEM private key of control.cert"),
+        ("ca", "the PEM CA certificate the voters' certificates are signed by"),
+    ):
+        if not getattr(config.control, name):
+            problems.append((f"control.{name}", f"needed by [policy] voters: {what}"))
     return problems
 
 
