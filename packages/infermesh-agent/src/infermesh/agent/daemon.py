@@ -6,6 +6,11 @@ policy store (`raft` when `[raft]` is set, else `local`), binds the servers (the
 when `control.listen` is set), pumps adapter deltas into the state store, runs the gossip
 service when `gossip.enabled`, and on SIGTERM/SIGINT (or `request_stop()`) shuts down within
 `agent.shutdown_grace_s`. No scoring or protocol logic lives here.
+
+The Control API answers from the agent's parts (`MeshView`: its node, gossip members, the state
+store), records node, model, policy and drain events in an `EventJournal` (fed by the state
+store, gossip and the policy watch) and loads models through the runtime adapters that support
+`RuntimeControl`, forwarding to another node's agent over mutual TLS with the `[control]` files.
 """
 
 from __future__ import annotations
@@ -26,13 +31,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from infermesh.agent.api.control import ControlService
+from infermesh.agent.api.control_forward import ControlForwarder
+from infermesh.agent.api.control_mesh import MeshView
 from infermesh.agent.api.scoring import ScoringService
 from infermesh.agent.api.server import GrpcServer, SocketInUseError
 from infermesh.agent.api.state import RttSource, StateService
+from infermesh.agent.event_feed import EventRecorder
+from infermesh.agent.events import EventJournal
 from infermesh.agent.metrics import AgentMetrics, MetricsServer
-from infermesh.agent.tls import ClientIdentityInterceptor, TLSFileError, server_credentials
+from infermesh.agent.runtime_ops import LocalRuntime, RuntimeOps
+from infermesh.agent.tls import (
+    ClientIdentityInterceptor,
+    TLSFileError,
+    channel_credentials,
+    server_credentials,
+)
 from infermesh.core.config import Config, ControlConfig, GpuConfig, RuntimeConfig, parse_host_port
-from infermesh.core.contracts import AdapterContext, GpuAdapter, RuntimeAdapter
+from infermesh.core.contracts import AdapterContext, GpuAdapter, RuntimeAdapter, RuntimeControl
 from infermesh.core.logging import get_logger
 from infermesh.core.plugins import PluginError, PluginHost
 from infermesh.core.policy import PolicySet, PolicyStore, PolicyStoreContext
@@ -54,6 +69,7 @@ __all__ = [
     "gossip_settings",
     "make_policy_store",
     "node_meta",
+    "policy_backend_name",
 ]
 
 CONTROL_SERVICE: str = control_pb2.DESCRIPTOR.services_by_name["Control"].full_name
@@ -162,11 +178,21 @@ def make_policy_store(config: Config, host: PluginHost) -> PolicyStore:
         raise AgentStartupError(f"policy store {backend!r}: {exc}") from exc
 
 
-def node_meta(config: Config, gossip_host: str = "") -> NodeMeta:
+def policy_backend_name(config: Config) -> str:
+    """The policy store backend `make_policy_store` picks, as ListNodes reports it: `raft` with
+    a `[raft]` table, `remote` with `[policy].voters` (and no `[raft]`), else `local`."""
+    if config.raft is not None:
+        return "raft"
+    policy_table: Any = getattr(config, "policy", None)
+    return "remote" if getattr(policy_table, "voters", None) else "local"
+
+
+def node_meta(config: Config, gossip_host: str = "", control_port: int | None = None) -> NodeMeta:
     """What this node tells the mesh about itself: roles, zone, labels, APIs and runtimes.
 
     An API bound to a wildcard address is advertised at `gossip_host` (the host others reach
-    this node at); one bound to port 0 is not advertised (its port is not known yet).
+    this node at); one bound to port 0 is not advertised (its port is not known yet), except the
+    Control API once `control_port` (the port it was bound to) is passed.
     """
     from infermesh.agent.gossip.values import NodeMeta
 
@@ -175,10 +201,13 @@ def node_meta(config: Config, gossip_host: str = "") -> NodeMeta:
         ("scoring", config.agent.listen),
         ("metrics", config.agent.metrics_listen),
         ("router", config.router.listen),
+        ("control", config.control.listen),
     ):
         if not listen:
             continue
         host, port = parse_host_port(listen)
+        if name == "control" and control_port:
+            port = control_port
         if port == 0:
             continue
         if host in ("0.0.0.0", "::") and gossip_host:
@@ -354,12 +383,18 @@ class Agent:
             socket_path=config.agent.socket,
             listen=config.agent.listen,
         )
+        self.events = EventJournal(config.node.id, clock=clock)
+        self.event_recorder = EventRecorder(self.events)
+        if self.gossip is not None:
+            self.gossip.subscribe(self.event_recorder.on_member)
         self.control: ControlServer | None = None
+        self._self_meta = (
+            self.gossip.settings.meta if self.gossip is not None else node_meta(config)
+        )
         if config.control.listen:
+            credentials = control_credentials(config.control)
             self.control = ControlServer(
-                ControlService(self.policy, clock=clock),
-                control_credentials(config.control),
-                listen=config.control.listen,
+                self._control_service(), credentials, listen=config.control.listen
             )
         self.metrics_server: MetricsServer | None = None
         if config.agent.metrics_listen:
@@ -374,6 +409,37 @@ class Agent:
                 raise AgentStartupError(str(exc)) from None
         self._stop: anyio.Event | None = None
         self._stop_requested = False
+
+    def _control_service(self) -> ControlService:
+        """The Control API over this agent's parts; reads the `[control]` files for forwarding."""
+        config = self.config
+        urls = [runtime.url for runtime in config.runtimes]
+        runtimes = [
+            LocalRuntime(name, url, adapter)
+            for (name, adapter), url in zip(self.runtime_adapters, urls, strict=True)
+            if isinstance(adapter, RuntimeControl)
+        ]
+        forwarder: ControlForwarder | None = None
+        if self.gossip is not None:
+            try:
+                credentials = channel_credentials(
+                    config.control.ca, config.control.cert, config.control.key
+                )
+            except TLSFileError as exc:
+                raise AgentStartupError(f"[control]: {exc}") from None
+            forwarder = ControlForwarder(credentials, self.gossip.members)
+        mesh = MeshView(
+            meta=lambda: self._self_meta,
+            state=self.store,
+            backend=policy_backend_name(config),
+            clock=self.clock,
+        )
+        if self.gossip is not None:
+            mesh = attrs.evolve(mesh, members=self.gossip.members)
+        operations = RuntimeOps(config.node.id, runtimes, self.events, forward=forwarder)
+        return ControlService(
+            self.policy, clock=self.clock, mesh=mesh, journal=self.events, operations=operations
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -408,6 +474,8 @@ class Agent:
                 with anyio.CancelScope(shield=True):
                     await self._close_policy(self.config.agent.shutdown_grace_s)
                 raise
+            self._advertise_control_port()
+            stack.callback(self.event_recorder.watch_store(self.store).close)
             gossip_error: AgentStartupError | None = None
             try:
                 async with anyio.create_task_group() as tg:
@@ -433,6 +501,21 @@ class Agent:
                     await self._shutdown()
             if gossip_error is not None:
                 raise gossip_error
+
+    def _advertise_control_port(self) -> None:
+        """Advertise the Control API's bound port when `control.listen` asked for port 0 (the
+        port is known only now; gossip starts after the servers, so it says it from the start)."""
+        if self.control is None or not self.control.port:
+            return
+        if parse_host_port(self.config.control.listen)[1] != 0:
+            return
+        advertised_host = ""
+        if self.gossip is not None:
+            gossip = self.config.gossip
+            advertised_host = parse_host_port(gossip.advertise or gossip.bind)[0]
+        self._self_meta = node_meta(self.config, advertised_host, self.control.port)
+        if self.gossip is not None:
+            self.gossip.settings = attrs.evolve(self.gossip.settings, meta=self._self_meta)
 
     async def _start_gossip(self, tg: anyio.abc.TaskGroup) -> AgentStartupError | None:
         """Bind the gossip sockets and start joining; the error (not raised, so it is not
@@ -465,8 +548,10 @@ class Agent:
         )
 
     def _apply_policy(self, policy: PolicySet) -> None:
-        """Make `policy` the one the next scoring decision uses (in-flight requests go on)."""
+        """Make `policy` the one the next scoring decision uses (in-flight requests go on), and
+        record what changed since the last one as policy, drain and model (pin) events."""
         self.engine.set_policy(policy)
+        self.event_recorder.on_policy(policy)
         log.info(
             "policy applied",
             revision=policy.revision,
@@ -574,7 +659,9 @@ class Agent:
         grace_s = self.config.agent.shutdown_grace_s
         started = anyio.current_time()
         # Half the grace for running RPCs (watch streams never end on their own); gRPC bounds
-        # its own stop, so the server is always stopped even with a grace of 0.
+        # its own stop, so the server is always stopped even with a grace of 0. Closing the
+        # journal ends every SubscribeEvents follower first, so none holds the stop up.
+        self.events.close()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.grpc.stop, grace_s / 2)
             if self.control is not None:

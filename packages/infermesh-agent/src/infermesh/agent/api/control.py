@@ -1,23 +1,30 @@
-"""gRPC servicer of `infermesh.v1.Control` (policy part): who may call what, and the policy store.
+"""gRPC servicer of `infermesh.v1.Control`: who may call what, and the thin shell over the parts.
 
-Two jobs, kept apart: `ALLOWED_RPCS` and `effective_role`/`is_allowed` decide access from the
-caller's identity and the policy in force (pure, no I/O); `ControlService` is the thin shell that
-turns protobuf into `PolicyCommand`s for a `PolicyStore` and store errors into gRPC statuses.
-The caller's identity comes from `CALLER` (set by `ClientIdentityInterceptor`) or, without the
-interceptor, straight from the verified client certificate.
+`ALLOWED_RPCS` and `effective_role`/`is_allowed` decide access from the caller's identity and
+the policy in force (pure, no I/O). `ControlService` turns protobuf into `PolicyCommand`s for a
+`PolicyStore`, asks `control_mesh` about nodes, models and events and `RuntimeOps` to load and
+unload models, and maps their errors to gRPC statuses. The caller's identity comes from `CALLER`
+(set by `ClientIdentityInterceptor`) or, without the interceptor, straight from the verified
+client certificate; a node certificate may name another caller in `infermesh-on-behalf-of`
+(`api.caller`), who is then the one authorized.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from infermesh.agent.api import control_mesh
+from infermesh.agent.api.caller import CallerError, on_behalf_of, resolve_caller
+from infermesh.agent.api.control_mesh import MeshView
 from infermesh.agent.api.status import abort
 from infermesh.agent.certs import Identity
+from infermesh.agent.events import EventJournal
+from infermesh.agent.runtime_ops import Op, OperationError, RuntimeOps
 from infermesh.agent.tls import CALLER, require_peer_identity
 from infermesh.core.logging import get_logger
 from infermesh.core.policy import (
@@ -38,17 +45,31 @@ __all__ = ["ALLOWED_RPCS", "READ_RPCS", "ControlService", "effective_role", "is_
 
 log = get_logger("infermesh.agent.control")
 
-READ_RPCS = frozenset({"GetPolicy", "ListPolicies"})
-_DRAIN_RPCS = frozenset({"DrainNode", "UndrainNode"})
+_P = TypeVar("_P")
+
+READ_RPCS = frozenset(
+    {
+        "GetPolicy",
+        "ListPolicies",
+        "ListNodes",
+        "GetNode",
+        "ListModels",
+        "GetModel",
+        "SubscribeEvents",
+    }
+)
+_OPERATOR_RPCS = frozenset(
+    {"DrainNode", "UndrainNode", "PinModel", "UnpinModel", "LoadModel", "UnloadModel"}
+)
 _POLICY_WRITE_RPCS = frozenset({"SetPolicy", "DeletePolicy"})
 
 ALLOWED_RPCS: Mapping[str, frozenset[str]] = {
     "viewer": READ_RPCS,
-    # Node certificates identify agents; forwarding writes to the leader will pass the original
-    # caller along, so a node itself needs no more than reads.
+    # Node certificates identify agents; an agent that forwards a call passes the original
+    # caller along (`infermesh-on-behalf-of`), so a node itself needs no more than reads.
     "node": READ_RPCS,
-    "operator": READ_RPCS | _DRAIN_RPCS,
-    "admin": READ_RPCS | _DRAIN_RPCS | _POLICY_WRITE_RPCS,
+    "operator": READ_RPCS | _OPERATOR_RPCS,
+    "admin": READ_RPCS | _OPERATOR_RPCS | _POLICY_WRITE_RPCS,
 }
 """Role -> the Control RPCs it may call: the one place access is decided (docs/control-api.md)."""
 
@@ -75,14 +96,27 @@ def _document_reply(policy: PolicySet) -> control_pb2.PolicyDocument:
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
-    """The policy RPCs of the Control API over one `PolicyStore`.
+    """The Control API over one `PolicyStore`, the agent's view of the mesh, its event journal
+    and its runtime operations.
 
-    `clock` stamps drains with the time they were asked for (Unix seconds).
+    `clock` stamps drains with the time they were asked for (Unix seconds). Without `mesh`,
+    `journal` or `operations` the RPCs that need them answer UNIMPLEMENTED saying so.
     """
 
-    def __init__(self, store: PolicyStore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: PolicyStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        mesh: MeshView | None = None,
+        journal: EventJournal | None = None,
+        operations: RuntimeOps | None = None,
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._mesh = mesh
+        self._journal = journal
+        self._operations = operations
 
     # ----------------------------------------------------------------------- reads
 
@@ -143,6 +177,84 @@ class ControlService(control_pb2_grpc.ControlServicer):
         caller, _ = await self._authorize(context, "UndrainNode")
         return await self._submit(context, caller, command_to_document(UndrainNode(request.node)))
 
+    # ----------------------------------------------------------------------- nodes and models
+
+    async def ListNodes(
+        self, request: control_pb2.ListNodesRequest, context: Any
+    ) -> control_pb2.NodeList:
+        _, policy = await self._authorize(context, "ListNodes")
+        mesh = await self._need(context, self._mesh, "ListNodes")
+        return control_mesh.list_nodes(mesh, policy, await self._store.status())
+
+    async def GetNode(self, request: control_pb2.GetNodeRequest, context: Any) -> control_pb2.Node:
+        _, policy = await self._authorize(context, "GetNode")
+        mesh = await self._need(context, self._mesh, "GetNode")
+        try:
+            return control_mesh.get_node(mesh, policy, request.node)
+        except LookupError as exc:
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+
+    async def ListModels(
+        self, request: control_pb2.ListModelsRequest, context: Any
+    ) -> control_pb2.ModelList:
+        _, policy = await self._authorize(context, "ListModels")
+        mesh = await self._need(context, self._mesh, "ListModels")
+        return control_mesh.list_models(mesh, policy)
+
+    async def GetModel(
+        self, request: control_pb2.GetModelRequest, context: Any
+    ) -> control_pb2.Model:
+        _, policy = await self._authorize(context, "GetModel")
+        mesh = await self._need(context, self._mesh, "GetModel")
+        try:
+            return control_mesh.get_model(mesh, policy, request.model)
+        except LookupError as exc:
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+
+    async def PinModel(
+        self, request: control_pb2.PinModelRequest, context: Any
+    ) -> control_pb2.PolicyDocument:
+        caller, _ = await self._authorize(context, "PinModel")
+        return await self._submit(context, caller, control_mesh.pin_document(request))
+
+    async def UnpinModel(
+        self, request: control_pb2.UnpinModelRequest, context: Any
+    ) -> control_pb2.PolicyDocument:
+        caller, policy = await self._authorize(context, "UnpinModel")
+        try:
+            document = control_mesh.unpin_document(request.model, policy)
+        except ValueError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return await self._submit(context, caller, document)
+
+    async def LoadModel(
+        self, request: control_pb2.LoadModelRequest, context: Any
+    ) -> control_pb2.ModelOperationReply:
+        caller, _ = await self._authorize(context, "LoadModel")
+        return await self._operate(context, "load", request, caller)
+
+    async def UnloadModel(
+        self, request: control_pb2.UnloadModelRequest, context: Any
+    ) -> control_pb2.ModelOperationReply:
+        caller, _ = await self._authorize(context, "UnloadModel")
+        return await self._operate(context, "unload", request, caller)
+
+    # ----------------------------------------------------------------------- events
+
+    async def SubscribeEvents(
+        self, request: control_pb2.SubscribeEventsRequest, context: Any
+    ) -> AsyncIterator[control_pb2.Event]:
+        await self._authorize(context, "SubscribeEvents")
+        journal = await self._need(context, self._journal, "SubscribeEvents")
+        try:
+            kinds = control_mesh.check_kinds(request.kinds)
+        except ValueError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        async for event in control_mesh.events_for(
+            journal, request.after_seq, kinds, request.follow
+        ):
+            yield event
+
     # ----------------------------------------------------------------------- helpers
 
     async def _authorize(self, context: Any, rpc: str) -> tuple[Identity, PolicySet]:
@@ -150,16 +262,52 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
         UNAUTHENTICATED without a client identity, PERMISSION_DENIED naming the role and RPC.
         """
-        identity = CALLER.get(None) or await require_peer_identity(context)
+        peer = CALLER.get(None) or await require_peer_identity(context)
+        try:
+            identity = resolve_caller(peer, on_behalf_of(context.invocation_metadata()))
+        except CallerError as exc:
+            code = (
+                grpc.StatusCode.PERMISSION_DENIED
+                if exc.permission
+                else (grpc.StatusCode.INVALID_ARGUMENT)
+            )
+            await abort(context, code, str(exc))
+        # Whatever this call forwards (a write to a voter, a load to another node) goes on
+        # behalf of the original caller, not of the node that forwarded it here.
+        CALLER.set(identity)
         policy = await self._store.get()
         role = effective_role(identity, policy)
         if not is_allowed(role, rpc):
+            via = f" (forwarded by {peer.name})" if identity is not peer else ""
             await abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{identity.name} has role {role}, which may not call {rpc}",
+                f"{identity.name} has role {role}, which may not call {rpc}{via}",
             )
         return identity, policy
+
+    async def _need(self, context: Any, part: _P | None, rpc: str) -> _P:
+        if part is None:
+            await abort(
+                context,
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{rpc} is not served here: this Control service was built without the agent's "
+                "view of the mesh",
+            )
+        return part
+
+    async def _operate(
+        self,
+        context: Any,
+        op: Op,
+        request: control_pb2.LoadModelRequest | control_pb2.UnloadModelRequest,
+        caller: Identity,
+    ) -> control_pb2.ModelOperationReply:
+        operations = await self._need(context, self._operations, f"{op.title()}Model")
+        try:
+            return await operations.run(op, request, caller)
+        except OperationError as exc:
+            await abort(context, exc.code, str(exc))
 
     async def _submit(
         self, context: Any, caller: Identity, document: dict[str, Any]
