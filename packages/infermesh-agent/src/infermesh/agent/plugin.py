@@ -17,9 +17,17 @@ from infermesh.core.policy import PolicyStore, PolicyStoreContext
 def infermesh_register_commands(register: RegisterCommand) -> None:
     from infermesh.agent.certs_cli import certs_group
     from infermesh.agent.cli import agent_group
+    from infermesh.agent.ctl.events_cli import events_command
+    from infermesh.agent.ctl.models_cli import models_group
+    from infermesh.agent.ctl.nodes_cli import nodes_group
+    from infermesh.agent.ctl.policy_cli import policy_group
 
     register(agent_group)
     register(certs_group)
+    register(nodes_group)
+    register(models_group)
+    register(policy_group)
+    register(events_command)
 
 
 def local_policy_store(context: PolicyStoreContext) -> PolicyStore:
