@@ -336,8 +336,18 @@ class RemotePolicyStore:
                 log.debug("policy voter did not answer", voter=endpoint, code=exc.code().name)
                 continue
             self._index = (self._index + offset) % len(self.options.voters)
+            self._now_reading(endpoint)
             return True
         return False
+
+    def _now_reading(self, endpoint: str) -> None:
+        if self._reading_from != endpoint:
+            log.info(
+                "reading policy from voter",
+                voter=endpoint,
+                revision=self._broadcast.policy.revision,
+            )
+        self._reading_from = endpoint
 
     async def _follow(self) -> None:
         """Follow one voter at a time, forever; after a failure wait, then try the next."""
@@ -365,13 +375,7 @@ class RemotePolicyStore:
         """Read `endpoint`'s policy, then re-read it on each policy or drain event (and every
         `resync_s`) until the stream fails or ends; a voter without SubscribeEvents is polled."""
         await self._refresh(endpoint)
-        if self._reading_from != endpoint:
-            log.info(
-                "reading policy from voter",
-                voter=endpoint,
-                revision=self._broadcast.policy.revision,
-            )
-        self._reading_from = endpoint
+        self._now_reading(endpoint)
         self._backoff.reset()
         call = self._stub(endpoint).SubscribeEvents(
             control_pb2.SubscribeEventsRequest(follow=True, kinds=["policy", "drain"])
