@@ -357,7 +357,9 @@ class RemotePolicyStore:
                 await self._follow_voter(endpoint)
                 log.info("policy voter closed the event stream", voter=endpoint)
             except grpc.aio.AioRpcError as exc:
-                log.warning(
+                # Loud once per outage; the retries of a long one would flood the log.
+                report = log.warning if self._backoff.failures == 0 else log.debug
+                report(
                     "policy voter unavailable; trying the next",
                     voter=endpoint,
                     code=exc.code().name,
