@@ -74,7 +74,11 @@ async def test_a_corrupt_document_is_reported_with_its_path(tmp_path: Path) -> N
         await store_in(tmp_path).start()
 
 
-def test_the_agent_plugin_registers_the_local_and_raft_stores() -> None:
+def test_the_agent_plugin_registers_the_local_raft_and_remote_stores() -> None:
     host = PluginHost.load(allow=["agent"])
-    assert sorted(host.policy_stores()) == ["local", "raft"]
-    assert host.registrations()["policy stores"] == {"local": "agent", "raft": "agent"}
+    assert sorted(host.policy_stores()) == ["local", "raft", "remote"]
+    assert host.registrations()["policy stores"] == {
+        "local": "agent",
+        "raft": "agent",
+        "remote": "agent",
+    }

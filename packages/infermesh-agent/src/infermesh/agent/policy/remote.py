@@ -295,6 +295,7 @@ class RemotePolicyStore:
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close()
+        self._credentials = None  # a later submit() is refused as "not started"
         self._reading_from = None
         self._broadcast.close()
 
