@@ -24,6 +24,7 @@ import attrs
 import grpc
 import grpc.aio
 
+from infermesh.agent.api.caller import forwarding_metadata
 from infermesh.agent.certs import IdentityError, identity_from_certificate
 from infermesh.agent.policy.broadcast import PolicyBroadcast
 from infermesh.agent.tls import CALLER, TLSFileError, read_pem
@@ -45,7 +46,6 @@ from infermesh.core.policy import (
 from infermesh.core.proto import control_pb2, control_pb2_grpc
 
 __all__ = [
-    "ON_BEHALF_OF",
     "Backoff",
     "PolicyPermissionError",
     "RemoteOptions",
@@ -55,9 +55,6 @@ __all__ = [
 ]
 
 log = get_logger("infermesh.agent.policy.remote")
-
-ON_BEHALF_OF = "infermesh-on-behalf-of"
-"""gRPC metadata key naming the identity URI a node forwards a call for."""
 
 POLL_INTERVAL_S = 1.0
 """How often a voter without SubscribeEvents is asked for the policy."""
@@ -266,7 +263,7 @@ class RemotePolicyStore:
         first); the policy it answers with, once this store holds it too."""
         if self._credentials is None:
             raise NotLeaderError("the remote policy store is not started")
-        metadata = _forwarding_metadata()
+        metadata = forwarding_metadata(CALLER.get(None))
         for endpoint in self._voter_order():
             stub = await self._ready_stub(endpoint)
             if stub is None:
@@ -444,12 +441,6 @@ class RemotePolicyStore:
                 raise write_error(endpoint, method, code, exc.details() or "") from None
             return reply
         raise AssertionError("unreachable: write_calls returns at least one call")
-
-
-def _forwarding_metadata() -> tuple[tuple[str, str], ...]:
-    """`infermesh-on-behalf-of` naming the Control API caller being served, when there is one."""
-    caller = CALLER.get(None)
-    return () if caller is None else ((ON_BEHALF_OF, caller.uri),)
 
 
 def _parse(reply: control_pb2.PolicyDocument) -> PolicySet:
