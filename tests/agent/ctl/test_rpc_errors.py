@@ -88,6 +88,12 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
             "the agent could not do it: the change was not committed (no leader)",
         ),
         (grpc.StatusCode.INTERNAL, "boom", ExitCode.FAILED, "internal: boom"),
+        (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "The lora adapter 'sql' has already been loaded.",
+            ExitCode.FAILED,
+            "The lora adapter 'sql' has already been loaded.",
+        ),
     ],
 )
 def test_a_failed_call_gets_a_message_and_exit_code(

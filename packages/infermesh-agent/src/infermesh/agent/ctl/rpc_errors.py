@@ -111,4 +111,6 @@ def rpc_error(code: grpc.StatusCode, details: str, target: CallTarget) -> CtlErr
             f"the agent at {target.endpoint} does not offer this call (an older agent?): {details}",
             ExitCode.FAILED,
         )
+    if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+        return CtlError(details, ExitCode.FAILED)  # the agent's message says what is in the way
     return CtlError(f"{code.name.lower()}: {details}", ExitCode.FAILED)
