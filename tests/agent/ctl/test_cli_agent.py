@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -18,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import click
 import pytest
 from click.testing import CliRunner, Result
@@ -31,6 +34,7 @@ from infermesh.core.cli import build_cli
 from infermesh.core.config import AgentConfig, Config, ControlConfig, NodeConfig, RuntimeConfig
 from infermesh.core.logging import configure_logging
 from infermesh.core.plugins import PluginHost
+from infermesh.dev.harness import infermesh_command
 from infermesh.dev.profiles import GpuProfile
 from infermesh.dev.vllm_emulator import EmulatorConfig, start_emulator
 from infermesh.vllm import plugin as vllm_plugin
@@ -38,6 +42,7 @@ from infermesh.vllm import plugin as vllm_plugin
 pytestmark = pytest.mark.anyio
 
 DEADLINE_S = 5.0
+CLI_START_S = 20.0  # a CLI subprocess imports every plugin; slow on a loaded machine
 MODEL = "llama"
 FAST_GPU = GpuProfile(
     name="test-fast",
@@ -402,3 +407,50 @@ async def test_events_show_a_drain_as_a_table_and_resume_after_a_seq(
     ]
     assert (drained["action"], drained["subject"]) == ("drained", "n1")
     assert [json.loads(line)["seq"] for line in after.stdout.splitlines()] == [undrained["seq"]]
+
+
+async def test_events_follow_prints_each_new_event_as_it_happens_until_ctrl_c(
+    cli: click.Group, agent: Agent, pki: Path, workdir: Path
+) -> None:
+    ops = Operator(cli, agent, pki, "ops")
+    argv = [
+        *infermesh_command(),
+        *("events", "--follow", "--kind", "drain", "--endpoint", endpoint(agent)),
+        *tls_args(pki, "ops"),
+    ]
+    env = {**os.environ, "XDG_CONFIG_HOME": str(workdir / "none")}
+    async with await anyio.open_process(argv, env=env) as process:
+        assert process.stdout is not None
+        lines = LineReader(process.stdout)
+        header = await lines.next()
+        await ops("nodes", "drain", "n1", "--reason", "live")
+        drained = await lines.next()
+        # The stream is open now: the next event can only come live.
+        await ops("nodes", "undrain", "n1")
+        undrained = await lines.next()
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(DEADLINE_S):
+            code = await process.wait()
+            assert process.stderr is not None
+            errors = b"".join([chunk async for chunk in process.stderr]).decode()
+
+    assert header.split() == ["SEQ", "TIME", "KIND", "ACTION", "SUBJECT", "NODE", "MESSAGE"]
+    assert drained.split()[3:6] == ["drain", "drained", "n1"]
+    assert undrained.split()[3:6] == ["drain", "undrained", "n1"]
+    assert code == 130  # as a shell reports Ctrl-C
+    assert errors == ""  # no traceback
+
+
+class LineReader:
+    """Lines of a subprocess's output as they arrive, each within the test deadline."""
+
+    def __init__(self, stream: anyio.abc.ByteReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+
+    async def next(self) -> str:
+        with anyio.fail_after(CLI_START_S):
+            while b"\n" not in self._buffer:
+                self._buffer += await self._stream.receive()
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
