@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from infermesh.agent.ctl.errors import CtlError, ExitCode
+from infermesh.agent.ctl.credentials import client_credentials
+from infermesh.agent.ctl.errors import CtlError
 from infermesh.agent.ctl.profile import ConnectionSettings
 from infermesh.agent.ctl.rpc_errors import CallTarget, rpc_error
-from infermesh.agent.tls import TLSFileError, channel_credentials
 from infermesh.core.proto import control_pb2, control_pb2_grpc
 
 __all__ = ["ControlClient"]
@@ -35,10 +35,7 @@ class ControlClient:
             cert=settings.cert,
             timeout_s=settings.timeout_s,
         )
-        try:
-            credentials = channel_credentials(settings.ca, settings.cert, settings.key)
-        except TLSFileError as exc:
-            raise CtlError(str(exc), ExitCode.USAGE) from None
+        credentials = client_credentials(settings.ca, settings.cert, settings.key)
         self._channel = grpc.secure_channel(settings.endpoint, credentials)
         self.stub = control_pb2_grpc.ControlStub(self._channel)
 

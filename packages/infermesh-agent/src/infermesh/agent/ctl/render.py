@@ -115,9 +115,7 @@ def _health(healthy: bool, reason: str) -> str:
 
 
 def _table(*columns: str, title: str | None = None) -> Table:
-    table = Table(
-        title=title, title_justify="left", header_style="bold", box=None, pad_edge=False
-    )
+    table = Table(title=title, title_justify="left", header_style="bold", box=None, pad_edge=False)
     for column in columns:
         table.add_column(column, overflow="fold")
     return table

@@ -65,6 +65,12 @@ def _connection_error(target: CallTarget, details: str) -> CtlError | None:
             "certificate",
             ExitCode.REFUSED,
         )
+    if "Failed to create security handshaker" in details:
+        return CtlError(
+            f"the certificate {target.cert} and its key cannot be used for TLS: check that "
+            "--key is the key issued with --cert",
+            ExitCode.USAGE,
+        )
     for phrase, why in _UNREACHABLE_PHRASES:
         if phrase in details:
             return _unreachable(target, why)
