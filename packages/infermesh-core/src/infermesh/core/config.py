@@ -260,6 +260,9 @@ class RouterConfig:
     scoring: str = "local"
     """Where requests are ranked: `local` (in the router, on a replica of the agent's state kept
     by its State watch streams) or `agent` (one ScoreTargets call to the agent per request)."""
+    grpc_listen: str = ""
+    """`host:port` of the KServe v2 gRPC ingress (GRPCInferenceService, forwarded to Triton
+    targets); empty: no gRPC ingress."""
 
 
 @attrs.define
@@ -564,6 +567,7 @@ def _value_problems(config: Config) -> list[tuple[str, str]]:
     address("agent.metrics_listen", config.agent.metrics_listen, optional=True)
     at_least("agent.shutdown_grace_s", config.agent.shutdown_grace_s, 0)
     address("router.listen", config.router.listen, optional=False)
+    address("router.grpc_listen", config.router.grpc_listen, optional=True)
     if config.router.agent and not config.router.agent.startswith("unix:"):
         address("router.agent", config.router.agent, optional=False)
     at_least("router.max_body_bytes", config.router.max_body_bytes, 1)
