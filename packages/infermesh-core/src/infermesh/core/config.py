@@ -244,6 +244,34 @@ class ControlConfig:
 
 
 @attrs.define
+class RouterHttpConfig:
+    """`[router.http]`: ingress protocol and hygiene settings (docs/router.md "Protocols")."""
+
+    tls_cert: str = ""
+    """PEM certificate chain served on `router.listen` (with `tls_key`); empty: cleartext."""
+    tls_key: str = ""
+    """PEM private key of `tls_cert`."""
+    max_header_bytes: int = 16384
+    """Largest request head (request line and headers) accepted; larger gets 431."""
+    header_timeout_s: float = 10.0
+    """Time a client has to send a complete request head before the connection is closed."""
+    idle_timeout_s: float = 30.0
+    """Idle keep-alive connections are closed after this long."""
+    max_connections: int = 4096
+    """Concurrent connections (and requests) before new ones get 503 (uvicorn)."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: stop accepting, let in-flight requests and streams finish up to this long."""
+    api_keys_file: str = ""
+    """File of accepted API keys (Bearer tokens), one per line, `#` comments; empty: no auth."""
+    auth_exempt_paths: list[str] = attrs.field(factory=lambda: ["/health", "/metrics"])
+    """Paths served without an API key."""
+    cors_origins: list[str] = attrs.field(factory=list)
+    """Origins allowed by CORS (`*` for any); empty: no CORS headers."""
+    otel: bool = False
+    """Emit OpenTelemetry spans (needs the `infermesh-router[otel]` extra and an SDK)."""
+
+
+@attrs.define
 class RouterConfig:
     listen: str = "127.0.0.1:8080"
     agent: str = ""
@@ -254,12 +282,14 @@ class RouterConfig:
     max_attempts: int = 2
     """Attempts per request on distinct targets, only before the first byte is relayed."""
     server: str = "uvicorn"
-    """Ingress HTTP server: `uvicorn` (uvloop + httptools)."""
+    """Ingress HTTP server: `uvicorn` (HTTP/1.1, uvloop + httptools) or `hypercorn` (HTTP/1.1 and
+    HTTP/2 on the same port: h2c prior knowledge and upgrade, h2 over TLS by ALPN)."""
     models_cache_s: float = 1.0
     retry_after_s: float = 1.0
     scoring: str = "local"
     """Where requests are ranked: `local` (in the router, on a replica of the agent's state kept
     by its State watch streams) or `agent` (one ScoreTargets call to the agent per request)."""
+    http: RouterHttpConfig = attrs.field(factory=RouterHttpConfig)
     grpc_listen: str = ""
     """`host:port` of the KServe v2 gRPC ingress (GRPCInferenceService, forwarded to Triton
     targets); empty: no gRPC ingress."""
@@ -599,7 +629,8 @@ def _value_problems(config: Config) -> list[tuple[str, str]]:
     one_of("logging.level", config.logging.level, LOG_LEVELS)
     one_of("logging.format", config.logging.format, LOG_FORMATS)
     one_of("router.scoring", config.router.scoring, ("local", "agent"))
-    one_of("router.server", config.router.server, ("uvicorn",))
+    one_of("router.server", config.router.server, ("uvicorn", "hypercorn"))
+    problems.extend(_router_http_problems(config.router.http))
     problems.extend(_gossip_problems(config.gossip))
     if config.raft is not None:
         problems.extend(_raft_problems(config.raft))
@@ -645,6 +676,22 @@ def _policy_problems(policy: PolicyConfig, config: Config) -> list[tuple[str, st
     ):
         if not getattr(config.control, name):
             problems.append((f"control.{name}", f"needed by [policy] voters: {what}"))
+    return problems
+
+
+def _router_http_problems(http: RouterHttpConfig) -> list[tuple[str, str]]:
+    """`[router.http]` checks: positive limits, TLS files given together."""
+    problems: list[tuple[str, str]] = []
+    for key in ("header_timeout_s", "idle_timeout_s", "drain_timeout_s"):
+        value = getattr(http, key)
+        if not value > 0 or math.isnan(value):
+            problems.append((f"router.http.{key}", f"must be > 0, got {value}"))
+    for key in ("max_header_bytes", "max_connections"):
+        if getattr(http, key) < 1:
+            problems.append((f"router.http.{key}", f"must be >= 1, got {getattr(http, key)}"))
+    if bool(http.tls_cert) != bool(http.tls_key):
+        missing = "router.http.tls_key" if http.tls_cert else "router.http.tls_cert"
+        problems.append((missing, "tls_cert and tls_key must be set together"))
     return problems
 
 
