@@ -36,16 +36,19 @@ __all__ = [
     "ENV_CONFIG_PATH",
     "ENV_PREFIX",
     "AgentConfig",
+    "BreakerConfig",
     "Config",
     "ConfigError",
     "ControlConfig",
     "GossipConfig",
     "GpuConfig",
+    "HedgingConfig",
     "LoggingConfig",
     "NodeConfig",
     "PluginsConfig",
     "PolicyConfig",
     "RaftConfig",
+    "RetryConfig",
     "RouterConfig",
     "RuntimeConfig",
     "ScoringConfig",
@@ -272,6 +275,62 @@ class RouterHttpConfig:
 
 
 @attrs.define
+class HedgingConfig:
+    """`[router.hedging]`: a second attempt on the next-ranked target when the first has produced
+    no first byte/token after a delay learnt from observed TTFTs (docs/router.md#hedging)."""
+
+    enabled: bool = True
+    quantile: float = 0.95
+    """The hedge fires at this quantile of the observed TTFT (per model and prompt-length
+    bucket)."""
+    min_delay_s: float = 0.02
+    """Floor of the hedge delay."""
+    max_delay_s: float = 5.0
+    """Ceiling of the hedge delay."""
+    default_delay_s: float = 0.5
+    """The delay until `min_samples` TTFTs of a model and bucket were seen."""
+    min_samples: int = 20
+    window: int = 512
+    """TTFTs kept per model and prompt-length bucket (the newest)."""
+    prompt_buckets: list[int] = attrs.field(factory=lambda: [256, 1024, 4096, 16384])
+    """Upper bounds (prompt tokens) of the prompt-length buckets; longer prompts share the last."""
+    max_hedges: int = 1
+    """Hedges per request (a policy's `max_hedges` overrides)."""
+    budget_ratio: float = 0.1
+    """Hedge tokens each request earns: hedges stay within this share of requests."""
+    budget_burst: float = 2.0
+    """Most hedge tokens saved up (the bucket starts full)."""
+    non_idempotent_models: list[str] = attrs.field(factory=list)
+    """Models never hedged (besides requests sent with `x-infermesh-idempotent: false`)."""
+
+
+@attrs.define
+class RetryConfig:
+    """`[router.retries]`: the retry budget (gRFC A6 retryThrottling): each failed attempt costs
+    a token, each success returns `token_ratio`; retries only while tokens > max_tokens / 2."""
+
+    max_tokens: float = 10.0
+    token_ratio: float = 0.1
+
+
+@attrs.define
+class BreakerConfig:
+    """`[router.breaker]`: per-target circuit breaking / outlier ejection (docs/router.md)."""
+
+    enabled: bool = True
+    consecutive_failures: int = 5
+    """Failures in a row that eject a target."""
+    failure_rate: float = 0.5
+    """Share of failed attempts among the last `window` that ejects a target."""
+    window: int = 20
+    min_requests: int = 10
+    """Attempts in the window before `failure_rate` applies."""
+    ejection_s: float = 5.0
+    """First ejection; each further one in a row doubles it, up to `max_ejection_s`."""
+    max_ejection_s: float = 60.0
+
+
+@attrs.define
 class RouterConfig:
     listen: str = "127.0.0.1:8080"
     agent: str = ""
@@ -289,6 +348,9 @@ class RouterConfig:
     scoring: str = "local"
     """Where requests are ranked: `local` (in the router, on a replica of the agent's state kept
     by its State watch streams) or `agent` (one ScoreTargets call to the agent per request)."""
+    hedging: HedgingConfig = attrs.field(factory=HedgingConfig)
+    retries: RetryConfig = attrs.field(factory=RetryConfig)
+    breaker: BreakerConfig = attrs.field(factory=BreakerConfig)
     http: RouterHttpConfig = attrs.field(factory=RouterHttpConfig)
     grpc_listen: str = ""
     """`host:port` of the KServe v2 gRPC ingress (GRPCInferenceService, forwarded to Triton
@@ -606,6 +668,7 @@ def _value_problems(config: Config) -> list[tuple[str, str]]:
     at_least("router.max_attempts", config.router.max_attempts, 1)
     at_least("router.models_cache_s", config.router.models_cache_s, 0)
     at_least("router.retry_after_s", config.router.retry_after_s, 0)
+    problems.extend(_resilience_problems(config.router))
     sources: list[tuple[str, RuntimeConfig | GpuConfig]] = [
         *((f"runtimes[{i}]", r) for i, r in enumerate(config.runtimes)),
         *((f"gpus[{i}]", g) for i, g in enumerate(config.gpus)),
@@ -637,6 +700,59 @@ def _value_problems(config: Config) -> list[tuple[str, str]]:
     problems.extend(_control_problems(config.control))
     if config.policy is not None:
         problems.extend(_policy_problems(config.policy, config))
+    return problems
+
+
+def _resilience_problems(router: RouterConfig) -> list[tuple[str, str]]:
+    """`[router.hedging]`, `[router.retries]` and `[router.breaker]` ranges."""
+    problems: list[tuple[str, str]] = []
+    hedging, retries, breaker = router.hedging, router.retries, router.breaker
+    checks: list[tuple[str, float, float, bool]] = [
+        ("router.hedging.min_delay_s", hedging.min_delay_s, 0, False),
+        ("router.hedging.default_delay_s", hedging.default_delay_s, 0, False),
+        ("router.hedging.min_samples", hedging.min_samples, 1, False),
+        ("router.hedging.window", hedging.window, 1, False),
+        ("router.hedging.max_hedges", hedging.max_hedges, 0, False),
+        ("router.hedging.budget_ratio", hedging.budget_ratio, 0, False),
+        ("router.hedging.budget_burst", hedging.budget_burst, 1, False),
+        ("router.retries.max_tokens", retries.max_tokens, 0, True),
+        ("router.retries.token_ratio", retries.token_ratio, 0, False),
+        ("router.breaker.consecutive_failures", breaker.consecutive_failures, 1, False),
+        ("router.breaker.window", breaker.window, 1, False),
+        ("router.breaker.min_requests", breaker.min_requests, 1, False),
+        ("router.breaker.ejection_s", breaker.ejection_s, 0, True),
+    ]
+    for key, value, low, strict in checks:
+        if (value <= low if strict else value < low) or math.isnan(value):
+            problems.append((key, f"must be {'>' if strict else '>='} {low}, got {value}"))
+    if not 0 < hedging.quantile < 1:
+        problems.append(("router.hedging.quantile", f"must be in (0, 1), got {hedging.quantile}"))
+    if hedging.max_delay_s < hedging.min_delay_s:
+        problems.append(
+            (
+                "router.hedging.max_delay_s",
+                f"must be >= min_delay_s ({hedging.min_delay_s}), got {hedging.max_delay_s}",
+            )
+        )
+    buckets = hedging.prompt_buckets
+    if any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
+        problems.append(
+            (
+                "router.hedging.prompt_buckets",
+                f"must be increasing positive token counts, got {buckets}",
+            )
+        )
+    if not 0 < breaker.failure_rate <= 1:
+        problems.append(
+            ("router.breaker.failure_rate", f"must be in (0, 1], got {breaker.failure_rate}")
+        )
+    if breaker.max_ejection_s < breaker.ejection_s:
+        problems.append(
+            (
+                "router.breaker.max_ejection_s",
+                f"must be >= ejection_s ({breaker.ejection_s}), got {breaker.max_ejection_s}",
+            )
+        )
     return problems
 
 
