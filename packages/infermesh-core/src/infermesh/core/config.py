@@ -35,6 +35,7 @@ from infermesh.core.logging import LOG_FORMATS, LOG_LEVELS
 __all__ = [
     "ENV_CONFIG_PATH",
     "ENV_PREFIX",
+    "AdmissionConfig",
     "AgentConfig",
     "BreakerConfig",
     "Config",
@@ -52,6 +53,7 @@ __all__ = [
     "RouterConfig",
     "RuntimeConfig",
     "ScoringConfig",
+    "SloAdmissionConfig",
     "default_agent_data_dir",
     "default_agent_socket",
     "env_overrides",
@@ -331,6 +333,60 @@ class BreakerConfig:
 
 
 @attrs.define
+class SloAdmissionConfig:
+    """`[router.admission.standard]`: one SLO class's admission limits, per model, on one router.
+
+    Policy (`admission` entries of the operator policy) overrides these per model and class.
+    """
+
+    max_concurrent: int = 1024
+    """Requests of this class in flight per model before new ones wait in the queue."""
+    max_queue: int = 1024
+    """Requests of this class waiting per model before new ones get 429 `overloaded`."""
+    max_queue_wait_s: float = 5.0
+    """Longest wait in the queue; past it the request gets 429 `overloaded`."""
+    shed_at_load: float = 0.95
+    """Fleet saturation (0..1] above which new requests of this class get 429 `overloaded`."""
+
+
+@attrs.define
+class LatencyAdmissionConfig(SloAdmissionConfig):
+    """`[router.admission.latency]`: short queue wait, never shed by saturation (1.0)."""
+
+    max_queue: int = 128
+    max_queue_wait_s: float = 1.0
+    shed_at_load: float = 1.0
+
+
+@attrs.define
+class BatchAdmissionConfig(SloAdmissionConfig):
+    """`[router.admission.batch]`: a quarter of the slots, long queue, shed first (0.8)."""
+
+    max_concurrent: int = 256
+    max_queue: int = 4096
+    max_queue_wait_s: float = 30.0
+    shed_at_load: float = 0.8
+
+
+@attrs.define
+class AdmissionConfig:
+    """`[router.admission]`: per model and SLO class concurrency, queues and saturation shedding
+    (docs/admission.md)."""
+
+    enabled: bool = True
+    """False admits every request at once (tenant quotas from policy still apply)."""
+    max_concurrent_per_model: int = 1024
+    """Requests of all classes in flight per model; a freed slot goes to `latency` first."""
+    saturation_waiting: float = 8.0
+    """Requests queued in a runtime at which that replica counts as fully saturated."""
+    saturation_kv_cache_usage: float = 0.95
+    """KV-cache usage at which a replica counts as fully saturated."""
+    latency: LatencyAdmissionConfig = attrs.field(factory=LatencyAdmissionConfig)
+    standard: SloAdmissionConfig = attrs.field(factory=SloAdmissionConfig)
+    batch: BatchAdmissionConfig = attrs.field(factory=BatchAdmissionConfig)
+
+
+@attrs.define
 class RouterConfig:
     listen: str = "127.0.0.1:8080"
     agent: str = ""
@@ -355,6 +411,8 @@ class RouterConfig:
     grpc_listen: str = ""
     """`host:port` of the KServe v2 gRPC ingress (GRPCInferenceService, forwarded to Triton
     targets); empty: no gRPC ingress."""
+    admission: AdmissionConfig = attrs.field(factory=AdmissionConfig)
+    """`[router.admission]`: concurrency, queues and shedding by SLO class (docs/admission.md)."""
 
 
 @attrs.define
@@ -668,6 +726,7 @@ def _value_problems(config: Config) -> list[tuple[str, str]]:
     at_least("router.max_attempts", config.router.max_attempts, 1)
     at_least("router.models_cache_s", config.router.models_cache_s, 0)
     at_least("router.retry_after_s", config.router.retry_after_s, 0)
+    problems.extend(_admission_problems(config.router.admission))
     problems.extend(_resilience_problems(config.router))
     sources: list[tuple[str, RuntimeConfig | GpuConfig]] = [
         *((f"runtimes[{i}]", r) for i, r in enumerate(config.runtimes)),
@@ -753,6 +812,43 @@ def _resilience_problems(router: RouterConfig) -> list[tuple[str, str]]:
                 f"must be >= ejection_s ({breaker.ejection_s}), got {breaker.max_ejection_s}",
             )
         )
+    return problems
+
+
+def _admission_problems(admission: AdmissionConfig) -> list[tuple[str, str]]:
+    """`[router.admission]` ranges: limits >= 1 (queues >= 0), waits > 0, fractions in (0, 1]."""
+    problems: list[tuple[str, str]] = []
+    key = "router.admission"
+
+    def fraction(name: str, value: float) -> None:
+        if not 0 < value <= 1:
+            problems.append((f"{key}.{name}", f"must be in (0, 1], got {value}"))
+
+    if admission.max_concurrent_per_model < 1:
+        problems.append(
+            (
+                f"{key}.max_concurrent_per_model",
+                f"must be >= 1, got {admission.max_concurrent_per_model}",
+            )
+        )
+    if not admission.saturation_waiting > 0:
+        problems.append(
+            (f"{key}.saturation_waiting", f"must be > 0, got {admission.saturation_waiting}")
+        )
+    fraction("saturation_kv_cache_usage", admission.saturation_kv_cache_usage)
+    for name in ("latency", "standard", "batch"):
+        limits: SloAdmissionConfig = getattr(admission, name)
+        if limits.max_concurrent < 1:
+            problems.append(
+                (f"{key}.{name}.max_concurrent", f"must be >= 1, got {limits.max_concurrent}")
+            )
+        if limits.max_queue < 0:
+            problems.append((f"{key}.{name}.max_queue", f"must be >= 0, got {limits.max_queue}"))
+        if not limits.max_queue_wait_s > 0:
+            problems.append(
+                (f"{key}.{name}.max_queue_wait_s", f"must be > 0, got {limits.max_queue_wait_s}")
+            )
+        fraction(f"{name}.shed_at_load", limits.shed_at_load)
     return problems
 
 
