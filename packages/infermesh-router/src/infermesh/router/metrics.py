@@ -51,8 +51,8 @@ LATENCY_BUCKETS_S = (
     300.0,
 )
 AGENT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
-ROUTES = ("chat", "completions", "models", "health", "metrics", "other")
-FORWARDED_ROUTES = ("chat", "completions")
+ROUTES = ("chat", "completions", "embeddings", "ws", "models", "health", "metrics", "other")
+FORWARDED_ROUTES = ("chat", "completions", "embeddings")
 
 
 class FastHistogram:
