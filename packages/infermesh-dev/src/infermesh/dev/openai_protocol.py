@@ -7,7 +7,11 @@ Error messages follow vLLM's where it has one. Never does I/O or reads a clock (
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import math
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -17,13 +21,17 @@ from infermesh.dev.tokens import chat_prompt_text, count_tokens, tokenize
 
 __all__ = [
     "ApiError",
+    "EmbeddingRequest",
     "GenerationRequest",
     "chat_chunk",
     "chat_response",
     "completion_chunk",
     "completion_response",
+    "embedding_response",
+    "embedding_vector",
     "error_body",
     "model_list",
+    "parse_embedding_request",
     "parse_generation_request",
     "sse",
     "usage",
@@ -411,3 +419,108 @@ def model_list(
             }
         )
     return {"object": "list", "data": cards}
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+EMBEDDING_DIMENSIONS = 64
+"""Length of the emulator's embedding vectors unless the request asks for `dimensions`."""
+
+
+@attrs.frozen
+class EmbeddingRequest:
+    """A validated `POST /v1/embeddings` body."""
+
+    model: str
+    inputs: tuple[str, ...]
+    """Each input as text (token-id inputs are written as their ids joined by spaces)."""
+    prompt_tokens: int
+    dimensions: int
+    base64: bool
+
+
+def parse_embedding_request(body: bytes, served_models: Sequence[str]) -> EmbeddingRequest:
+    """Validate an embeddings request as vLLM does: `model`, `input`, `encoding_format`,
+    `dimensions`; raises `ApiError` (400, or 404 for an unknown model)."""
+    try:
+        data = json.loads(body or b"null")
+    except ValueError as exc:
+        raise ApiError(400, f"invalid JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    model = data.get("model")
+    if not isinstance(model, str) or model not in served_models:
+        raise ApiError(404, f"The model `{model}` does not exist.")
+    raw = data.get("input")
+    texts: list[str] = []
+    tokens = 0
+    items: list[Any] = raw if isinstance(raw, list) and raw and not _is_ids(raw) else [raw]
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+            tokens += count_tokens(item)
+        elif _is_ids(item):
+            texts.append(" ".join(str(t) for t in item))
+            tokens += len(item)
+        else:
+            raise ApiError(
+                400,
+                "'input' must be a string, a list of strings, or token ids",
+                param="input",
+            )
+    encoding = data.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise ApiError(
+            400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format"
+        )
+    dimensions = data.get("dimensions", EMBEDDING_DIMENSIONS)
+    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
+        raise ApiError(400, "'dimensions' must be a positive integer", param="dimensions")
+    return EmbeddingRequest(model, tuple(texts), tokens, dimensions, encoding == "base64")
+
+
+def _is_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
+
+
+def embedding_vector(text: str, dimensions: int) -> list[float]:
+    """A deterministic unit vector for `text`: the same text always embeds the same."""
+    values: list[float] = []
+    counter = 0
+    while len(values) < dimensions:
+        digest = hashlib.blake2b(f"{counter}:{text}".encode(), digest_size=64).digest()
+        values.extend((b - 127.5) / 127.5 for b in digest)
+        counter += 1
+    values = values[:dimensions]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+def embedding_response(request: EmbeddingRequest, request_id: str, created: int) -> dict[str, Any]:
+    """The OpenAI `list` of `embedding` objects vLLM answers, float or base64 (float32 LE)."""
+    data: list[dict[str, Any]] = []
+    for index, text in enumerate(request.inputs):
+        vector = embedding_vector(text, request.dimensions)
+        encoded: Any = (
+            base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            if request.base64
+            else vector
+        )
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    return {
+        "id": request_id,
+        "object": "list",
+        "created": created,
+        "model": request.model,
+        "data": data,
+        "usage": {
+            "prompt_tokens": request.prompt_tokens,
+            "total_tokens": request.prompt_tokens,
+            "completion_tokens": 0,
+            "prompt_tokens_details": None,
+        },
+    }

@@ -172,6 +172,17 @@ class _Emulator:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate("completion", request)
 
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """`POST /v1/embeddings`: deterministic unit vectors per input (see `embedding_vector`)."""
+        try:
+            parsed = proto.parse_embedding_request(await request.read(), self.served_models)
+        except proto.ApiError as error:
+            return _error(error)
+        request_id = f"embd-{self._id_prefix}{uuid.uuid4().hex}"
+        body = proto.embedding_response(parsed, request_id, int(time.time()))
+        headers = {"X-Request-Id": request.headers.get("X-Request-Id", request_id)}
+        return web.json_response(body, headers=headers)
+
     async def _generate(self, kind: proto.Kind, request: web.Request) -> web.StreamResponse:
         try:
             parsed = proto.parse_generation_request(
@@ -422,6 +433,7 @@ def build_app(config: EmulatorConfig) -> web.Application:
             web.get("/v1/models", emulator.models),
             web.post("/v1/chat/completions", emulator.chat),
             web.post("/v1/completions", emulator.completions),
+            web.post("/v1/embeddings", emulator.embeddings),
             web.post("/v1/load_lora_adapter", emulator.load_lora),
             web.post("/v1/unload_lora_adapter", emulator.unload_lora),
         ]

@@ -49,11 +49,15 @@ class Route(enum.Enum):
 
     CHAT = "/v1/chat/completions"
     COMPLETIONS = "/v1/completions"
+    EMBEDDINGS = "/v1/embeddings"
 
     @property
     def label(self) -> str:
         """Short name used in metric labels."""
-        return "chat" if self is Route.CHAT else "completions"
+        return _LABELS[self]
+
+
+_LABELS = {Route.CHAT: "chat", Route.COMPLETIONS: "completions", Route.EMBEDDINGS: "embeddings"}
 
 
 @attrs.frozen
@@ -174,6 +178,29 @@ def _completion_prompt(body: Mapping[str, Any]) -> tuple[int, int]:
     raise bad_request(f"'prompt' must be {expected}", param="prompt")
 
 
+def _embedding_input(body: Mapping[str, Any]) -> int:
+    """Prompt tokens of an embeddings request's `input` (same shapes as a completions prompt)."""
+    value = body.get("input")
+    expected = "a string, a list of strings, or a list of token ids (or of such lists)"
+    if isinstance(value, str):
+        return estimate_tokens(len(value))
+    if isinstance(value, list) and value:
+        if _is_token_ids(value):
+            return len(value)
+        if all(isinstance(v, str) for v in value):
+            return estimate_tokens(sum(len(v) for v in value))
+        if all(_is_token_ids(v) for v in value):
+            return sum(len(v) for v in value)
+    got = "missing" if value is None else f"{_show_type(value)}"
+    raise bad_request(f"'input' is required and must be {expected}; got {got}", param="input")
+
+
+def _show_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an empty list" if not value else "a list of mixed or non-text items"
+    return f"a {type(value).__name__}"
+
+
 def _optional_int(body: Mapping[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is None:
@@ -224,8 +251,9 @@ def parse_request(
     """Validate the fields routing reads and derive the request's features.
 
     Raises `ApiError` (400) for malformed JSON, a missing or wrong-typed `model`, `messages`
-    (chat) or `prompt` (completions), wrong-typed `stream`, `stream_options`, `max_tokens` /
-    `max_completion_tokens`, or an unknown `x-infermesh-slo` value. Everything else in the body
+    (chat), `prompt` (completions) or `input` (embeddings), wrong-typed `stream`,
+    `stream_options`, `max_tokens` / `max_completion_tokens`, a streamed embeddings request, or
+    an unknown `x-infermesh-slo` value. Everything else in the body
     is the runtime's business.
     """
     try:
@@ -247,9 +275,13 @@ def parse_request(
         max_tokens = _optional_int(parsed, "max_completion_tokens")
         if max_tokens is None:
             max_tokens = _optional_int(parsed, "max_tokens")
-    else:
+    elif route is Route.COMPLETIONS:
         prompt_tokens, prefix_key = _completion_prompt(parsed)
         max_tokens = _optional_int(parsed, "max_tokens")
+    else:
+        if stream:
+            raise bad_request("embeddings cannot be streamed; drop 'stream'", param="stream")
+        prompt_tokens, prefix_key, max_tokens = _embedding_input(parsed), 0, 0
     features = RequestFeatures(
         model=model,
         slo_class=slo_class,
