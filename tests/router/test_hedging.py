@@ -98,14 +98,11 @@ def test_disabled_in_config_means_no_hedges() -> None:
 
 
 def test_a_policy_overrides_delay_and_count_or_turns_hedging_off() -> None:
-    policy = PolicySet(
-        hedging={
-            "fast": HedgingPolicy(
-                model="m", slo_class=SloClass.LATENCY, delay_s=0.05, max_hedges=2
-            ),
-            "off": HedgingPolicy(model="m", slo_class=SloClass.BATCH, enabled=False),
-        }
-    )
+    rules: dict[str, HedgingPolicy] = {
+        "fast": HedgingPolicy(model="m", slo_class=SloClass.LATENCY, delay_s=0.05, max_hedges=2),
+        "off": HedgingPolicy(model="m", slo_class=SloClass.BATCH, enabled=False),
+    }
+    policy = PolicySet(hedging=rules)
     p = planner()
     latency = p.plan("m", SloClass.LATENCY, 1, True, policy)
     assert (latency.delay_s, latency.max_hedges) == (0.05, 2)
