@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import pytest
 
 from infermesh.core.config import HedgingConfig
@@ -102,7 +103,9 @@ def test_a_policy_overrides_delay_and_count_or_turns_hedging_off() -> None:
         "fast": HedgingPolicy(model="m", slo_class=SloClass.LATENCY, delay_s=0.05, max_hedges=2),
         "off": HedgingPolicy(model="m", slo_class=SloClass.BATCH, enabled=False),
     }
-    policy = PolicySet(hedging=rules)
+    policy = PolicySet.from_document(
+        {"hedging": {name: attrs.asdict(rule) for name, rule in rules.items()}}
+    )
     p = planner()
     latency = p.plan("m", SloClass.LATENCY, 1, True, policy)
     assert (latency.delay_s, latency.max_hedges) == (0.05, 2)
