@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import (
@@ -26,7 +27,7 @@ from prometheus_client.registry import Collector
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.router.replica import StateReplica
 
-__all__ = ["CONTENT_TYPE", "FastHistogram", "LevelGauge", "RouterMetrics"]
+__all__ = ["CONTENT_TYPE", "HEDGE_EVENTS", "FastHistogram", "LevelGauge", "RouterMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -51,6 +52,13 @@ LATENCY_BUCKETS_S = (
     300.0,
 )
 AGENT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
+# Seconds between streamed chunks: decode steps are milliseconds to tens of milliseconds.
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 5.0)
+MAX_MODEL_LABELS = 64
+"""Distinct `model` label values; further models are counted as `other`."""
+MAX_TARGET_LABELS = 512
+"""Distinct `target` label values; further targets are counted as `other`."""
+HEDGE_EVENTS = ("fired", "won", "cancelled", "denied_by_budget", "denied_saturated")
 ROUTES = ("chat", "completions", "embeddings", "ws", "models", "health", "metrics", "other")
 FORWARDED_ROUTES = ("chat", "completions", "embeddings")
 
@@ -126,6 +134,22 @@ class RouterMetrics:
         self.ttft_by_route = {route: FastHistogram(LATENCY_BUCKETS_S) for route in FORWARDED_ROUTES}
         self.agent_score_latency = FastHistogram(AGENT_BUCKETS_S)
         self.local_score_latency = FastHistogram(AGENT_BUCKETS_S)
+        # Per model and SLO class (bounded: MAX_MODEL_LABELS models, then `other`).
+        self.ttft_by_model: dict[tuple[str, str], FastHistogram] = {}
+        self.itl_by_model: dict[tuple[str, str], FastHistogram] = {}
+        self.e2e_by_model: dict[tuple[str, str], FastHistogram] = {}
+        self.outcomes: dict[tuple[str, str, str], int] = {}
+        self.target_choices: dict[str, int] = {}
+        self.retries: dict[str, int] = {}
+        self.retries_denied = 0
+        self.hedges = dict.fromkeys(HEDGE_EVENTS, 0)
+        self._models: set[str] = set()
+        self.breaker_transitions = Counter(
+            "infermesh_router_breaker_transitions",
+            "Circuit-breaker state changes of a target (to_state: open, half_open, closed).",
+            ["target", "to_state"],
+            registry=r,
+        )
         r.register(_RequestCollector(self))
 
     def watch_replica(self, replica: StateReplica, inflight: InflightTracker) -> None:
@@ -137,8 +161,63 @@ class RouterMetrics:
         key = (route, status)
         counts[key] = counts.get(key, 0) + 1
 
+    def model_label(self, model: str) -> str:
+        """`model` as a label value: the first MAX_MODEL_LABELS models served, then `other`.
+
+        Call only with models the mesh serves (the scoring mode knew them), never raw input.
+        """
+        models = self._models
+        if model in models:
+            return model
+        if len(models) < MAX_MODEL_LABELS:
+            models.add(model)
+            return model
+        return "other"
+
+    def histograms(
+        self, key: tuple[str, str]
+    ) -> tuple[FastHistogram, FastHistogram, FastHistogram]:
+        """TTFT, inter-token latency and e2e histograms of (model label, SLO class)."""
+        ttft = self.ttft_by_model.get(key)
+        if ttft is None:
+            ttft = self.ttft_by_model[key] = FastHistogram(LATENCY_BUCKETS_S)
+            self.itl_by_model[key] = FastHistogram(ITL_BUCKETS_S)
+            self.e2e_by_model[key] = FastHistogram(LATENCY_BUCKETS_S)
+        return ttft, self.itl_by_model[key], self.e2e_by_model[key]
+
+    def count_outcome(self, model: str, slo_class: str, outcome: str) -> None:
+        key = (model, slo_class, outcome)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+
+    def count_choice(self, target: str) -> None:
+        choices = self.target_choices
+        if target not in choices and len(choices) >= MAX_TARGET_LABELS:
+            target = "other"
+        choices[target] = choices.get(target, 0) + 1
+
+    def count_retry(self, reason: str) -> None:
+        self.retries[reason] = self.retries.get(reason, 0) + 1
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _model_histogram(
+    name: str, documentation: str, by_key: dict[tuple[str, str], FastHistogram]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=["model", "slo_class"])
+    for (model, slo_class), histogram in sorted(by_key.items()):
+        family.add_metric([model, slo_class], histogram.cumulative(), histogram.sum)
+    return family
+
+
+def _counter(
+    name: str, documentation: str, labels: Sequence[str], counts: dict[Any, int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=list(labels))
+    for key, count in sorted(counts.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], count)
+    return family
 
 
 def _histogram(
@@ -195,6 +274,55 @@ class _RequestCollector(Collector):
             "Duration of ranking a request in the router (router.scoring = local).",
             {"": m.local_score_latency},
             label="",
+        )
+        yield _model_histogram(
+            "infermesh_router_time_to_first_token_seconds",
+            "From arrival at the router to the first response byte relayed (streams: the first "
+            "token), by model and SLO class.",
+            m.ttft_by_model,
+        )
+        yield _model_histogram(
+            "infermesh_router_inter_token_latency_seconds",
+            "Gaps between relayed chunks of streamed responses, by model and SLO class.",
+            m.itl_by_model,
+        )
+        yield _model_histogram(
+            "infermesh_router_e2e_latency_seconds",
+            "From arrival at the router to the end of the response, by model and SLO class.",
+            m.e2e_by_model,
+        )
+        yield _counter(
+            "infermesh_router_outcomes",
+            "Forwarded requests by how they ended: ok, client_error, rate_limited, "
+            "upstream_failed, midstream_failure, client_disconnected, no_target, unknown_model, "
+            "agent_unavailable.",
+            ("model", "slo_class", "outcome"),
+            m.outcomes,
+        )
+        yield _counter(
+            "infermesh_router_target_choices",
+            "Requests answered by each target (the attempt whose response was relayed).",
+            ("target",),
+            m.target_choices,
+        )
+        yield _counter(
+            "infermesh_router_retries",
+            "Attempts sent to another target after one failed before its first byte, by the "
+            "failure (connect, http_5xx, http_429).",
+            ("reason",),
+            m.retries,
+        )
+        yield CounterMetricFamily(
+            "infermesh_router_retries_denied",
+            "Retries not sent because the retry budget was spent ([router.retries]).",
+            value=m.retries_denied,
+        )
+        yield _counter(
+            "infermesh_router_hedges",
+            "Hedged attempts: fired, won (its response was relayed), cancelled (lost the race "
+            "and was aborted upstream), denied_by_budget, denied_saturated.",
+            ("event",),
+            m.hedges,
         )
 
 
