@@ -33,8 +33,11 @@ from infermesh.router.decision import RouteScoring
 from infermesh.router.errors import SERVER_ERROR, ApiError
 from infermesh.router.features import Route, parse_request
 from infermesh.router.forward import Exchange, Forwarder, ForwardSettings
+from infermesh.router.hygiene import Gate, check_content_type, view_of
 from infermesh.router.metrics import CONTENT_TYPE, RouterMetrics
 from infermesh.router.outcomes import OutcomeReporter
+from infermesh.router.tracing import Tracer, outgoing
+from infermesh.router.websocket import WebSocketChat
 
 __all__ = ["RouterApp", "RouterSettings"]
 
@@ -52,6 +55,9 @@ class RouterSettings:
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 600.0
     max_connections: int = 1024
+    gate: Gate = attrs.field(factory=Gate)
+    """API keys and CORS (`[router.http]`); the default lets everything through."""
+    otel: bool = False
 
 
 class RouterApp:
@@ -89,6 +95,9 @@ class RouterApp:
             self.metrics,
             self.reporter.report,
         )
+        self.gate = self.settings.gate
+        self.tracer = Tracer(self.settings.otel)
+        self.websocket = WebSocketChat(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -123,6 +132,11 @@ class RouterApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
+            if self.gate.active:
+                checked = await self._gate(scope, send)
+                if checked is None:
+                    return
+                send = checked
             path = scope["path"]
             route = _FORWARDED.get(path)
             if route is not None:
@@ -132,7 +146,35 @@ class RouterApp:
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1003})
+            await self.websocket(scope, receive, send)
+
+    async def _gate(self, scope: Scope, send: Send) -> Send | None:
+        """Answer CORS preflights and refuse missing/wrong API keys; None when answered.
+
+        Otherwise the `send` to use: one that adds CORS headers for an allowed origin.
+        """
+        view = view_of(scope["headers"])
+        if self.gate.is_preflight(scope["method"], view):
+            status, headers = self.gate.cors.preflight(view.origin, view.preflight_headers)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return None
+        cors_headers = self.gate.cors.response_headers(view.origin)
+        try:
+            self.gate.authorize(scope["path"], view)
+        except ApiError as error:
+            await send_error(send, error, [(b"www-authenticate", b"Bearer"), *cors_headers])
+            self.metrics.count_request("other", 401)
+            return None
+        if not cors_headers:
+            return send
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *cors_headers]
+            await send(message)
+
+        return send_with_cors
 
     async def _local(self, name: str | None, scope: Scope, send: Send) -> None:
         label = name or "other"
@@ -144,8 +186,9 @@ class RouterApp:
                 raise ApiError(
                     404,
                     f"no route for {scope['method']} {scope['path']}; the router serves "
-                    "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, "
-                    "GET /health and GET /metrics",
+                    "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, "
+                    "GET /v1/models, GET /health, GET /metrics and WebSocket "
+                    "/v1/ws/chat/completions",
                     code="not_found",
                 )
             if scope["method"] != "GET":
@@ -205,15 +248,22 @@ class RouterApp:
         gauge.inc()
         status = 500
         request_id = ""
+        span = None
         disconnected: asyncio.Future[Message] | None = None
         try:
             try:
                 if scope["method"] != "POST":
                     raise _method_not_allowed(scope, "POST")
-                headers = split_request_headers(scope["headers"])
+                headers = split_request_headers(scope["headers"], self.gate.auth)
+                check_content_type(headers.content_type)
                 request_id = headers.request_id or os.urandom(12).hex()
                 if not headers.request_id:
                     headers.forward.append(("x-request-id", request_id))
+                trace = outgoing(headers.traceparent)
+                if self.tracer.enabled:
+                    span = self.tracer.start(label, headers.traceparent, {"route": route.value})
+                    trace = self.tracer.context_of(span, trace)
+                headers.forward.append(("traceparent", trace.header()))
                 body = await read_body(
                     receive, headers.content_length, self.settings.max_body_bytes
                 )
@@ -242,6 +292,7 @@ class RouterApp:
         finally:
             if disconnected is not None:
                 _discard(disconnected)
+            self.tracer.end(span, status)
             gauge.dec()
             self.metrics.count_request(label, status)
 

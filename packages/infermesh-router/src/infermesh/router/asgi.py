@@ -64,12 +64,18 @@ class RequestHeaders:
     request_id: str = ""
     slo: str | None = None
     tenant: str | None = None
+    traceparent: str | None = None
+    """The client's `traceparent` (not forwarded as is: the router sends its own hop's)."""
+    content_type: bytes = b""
 
 
-def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
+def split_request_headers(
+    raw: Iterable[tuple[bytes, bytes]], drop_authorization: bool = False
+) -> RequestHeaders:
     """One pass over the ASGI headers (lower-case names): what to forward, what to read.
 
-    Raises a 400 for a `content-length` that is not a non-negative integer.
+    `drop_authorization` keeps the client's `Authorization` (the router's own API key) from
+    reaching runtimes. Raises a 400 for a `content-length` that is not a non-negative integer.
     """
     out = RequestHeaders(forward=[])
     forward = out.forward
@@ -82,6 +88,13 @@ def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
                     raise bad_request("invalid Content-Length header") from None
                 if out.content_length < 0:
                     raise bad_request("invalid Content-Length header")
+            continue
+        if name == b"traceparent":
+            out.traceparent = value.decode("latin-1")
+            continue
+        if name == b"content-type":
+            out.content_type = value
+        elif name == b"authorization" and drop_authorization:
             continue
         text = value.decode("latin-1")
         if name == b"x-request-id":
