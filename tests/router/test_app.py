@@ -170,7 +170,11 @@ async def test_original_body_bytes_and_trace_headers_are_forwarded(mesh: Mesh) -
     (received,) = mesh.a.received
     assert received.body == body
     assert received.path == "/v1/chat/completions?trace=1"
-    assert received.headers["traceparent"] == traceparent
+    # The same trace and flags; the router's hop is a new parent (span) id.
+    version, trace_id, span_id, flags = received.headers["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", "4bf92f3577b34da6a3ce929d0e0e4736", "01")
+    assert len(span_id) == 16
+    assert span_id != "00f067aa0ba902b7"
     assert received.headers["x-request-id"] == "req-42"
     (outcome,) = await mesh.agent.wait_outcomes(1)
     assert outcome.request_id == "req-42"
