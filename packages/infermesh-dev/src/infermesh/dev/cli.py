@@ -1,4 +1,4 @@
-"""The `infermesh dev` command group (`dev vllm`, `dev up`) and the top-level `infermesh demo`.
+"""The `infermesh dev` command group (`dev vllm`, `dev triton`, `dev up`) and `infermesh demo`.
 
 Option parsing and error reporting only; heavy modules are imported inside each command so that
 `infermesh --help` stays fast.
@@ -30,7 +30,7 @@ def _profile_list(text: str) -> list[str]:
 
 @click.group("dev")
 def dev_group() -> None:
-    """Development kit: emulated vLLM servers and a local mesh of real processes."""
+    """Development kit: emulated vLLM and Triton servers and a local mesh of real processes."""
 
 
 @dev_group.command("vllm")
@@ -130,6 +130,79 @@ def vllm_command(
         raise click.ClickException(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}"
         ) from None
+
+
+@dev_group.command("triton")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option(
+    "--load-model",
+    "models",
+    multiple=True,
+    help="Model loaded at start (repeatable); default: every model of the repository.",
+)
+@click.option(
+    "--profile",
+    type=click.Choice(list(PROFILES), case_sensitive=False),
+    default="h100",
+    show_default=True,
+    help="GPU performance profile; `instant` is a CPU-only server answering at once.",
+)
+@click.option(
+    "--model-control-mode",
+    type=click.Choice(["explicit", "none"], case_sensitive=False),
+    default="explicit",
+    show_default=True,
+    help="`none` refuses repository load/unload, as Triton does.",
+)
+@click.option("--instance-count", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--gpu-uuid", default="", help="UUID of the emulated GPU [derived from --seed].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True)
+def triton_command(
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    host: str,
+    models: tuple[str, ...],
+    profile: str,
+    model_control_mode: str,
+    instance_count: int,
+    gpu_uuid: str,
+    seed: int,
+    log_level: str,
+) -> None:
+    """Serve an emulated NVIDIA Triton: KServe v2 HTTP, gRPC and Triton's metrics port.
+
+    Models `simple`, `simple_string` and `identity_fp32`; repository index, load and unload;
+    Triton's nv_* metrics per model and version. Ready when GET /v2/health/ready returns 200.
+    """
+    from infermesh.core.logging import configure_logging
+    from infermesh.dev.profiles import get_profile
+    from infermesh.dev.triton_emulator import TritonEmulatorConfig, run_triton_emulator
+    from infermesh.dev.triton_models import CATALOGUE
+
+    configure_logging(log_level.lower(), "auto", component="triton-emulator")
+    unknown = [name for name in models if name not in CATALOGUE]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown model(s) {', '.join(unknown)}; expected any of {', '.join(CATALOGUE)}",
+            param_hint="--load-model",
+        )
+    config = TritonEmulatorConfig(
+        models=tuple(dict.fromkeys(models)) or None,
+        profile=get_profile(profile),
+        explicit=model_control_mode.lower() == "explicit",
+        instance_count=instance_count,
+        gpu_uuid=gpu_uuid,
+        seed=seed,
+    )
+    try:
+        run_triton_emulator(config, host, http_port, grpc_port, metrics_port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}: {exc.strerror or exc}") from None
 
 
 @dev_group.command("up")
