@@ -34,6 +34,7 @@ from infermesh.router.errors import SERVER_ERROR, ApiError
 from infermesh.router.features import Route, parse_request
 from infermesh.router.forward import Exchange, Forwarder, ForwardSettings
 from infermesh.router.hygiene import Gate, check_content_type, view_of
+from infermesh.router.kserve import KServeIngress, KServeSettings, is_kserve_path
 from infermesh.router.metrics import CONTENT_TYPE, RouterMetrics
 from infermesh.router.outcomes import OutcomeReporter
 from infermesh.router.tracing import Tracer, outgoing
@@ -55,6 +56,8 @@ class RouterSettings:
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 600.0
     max_connections: int = 1024
+    kserve: KServeSettings = attrs.field(factory=KServeSettings)
+    """The KServe v2 ingress: `/v2` routes, and the gRPC server when `grpc_listen` is set."""
     gate: Gate = attrs.field(factory=Gate)
     """API keys and CORS (`[router.http]`); the default lets everything through."""
     otel: bool = False
@@ -75,6 +78,13 @@ class RouterApp:
         self.agent = scoring.agent
         self.metrics = metrics if metrics is not None else RouterMetrics()
         scoring.attach_metrics(self.metrics)
+        self.kserve = KServeIngress(
+            scoring,
+            lambda name: self.forwarder.transport(name),
+            lambda outcome: self.reporter.report(outcome),
+            self.metrics,
+            self.settings.kserve,
+        )
         self.reporter = OutcomeReporter(
             self.agent.report,
             linger_s=scoring.outcome_linger_s,
@@ -105,8 +115,10 @@ class RouterApp:
         await self.agent.start()
         await self.scoring.start()
         self.reporter.start()
+        await self.kserve.start()
 
     async def shutdown(self) -> None:
+        await self.kserve.aclose()
         await self.scoring.aclose()
         await self.reporter.aclose()
         await self.forwarder.aclose()
@@ -141,6 +153,8 @@ class RouterApp:
             route = _FORWARDED.get(path)
             if route is not None:
                 await self._inference(route, scope, receive, send)
+            elif is_kserve_path(path):
+                await self.kserve(scope, receive, send)
             else:
                 await self._local(_LOCAL.get(path), scope, send)
         elif kind == "lifespan":

@@ -1,4 +1,5 @@
-"""The router's plugin: the `infermesh router` commands and the `openai-http` transport.
+"""The router's plugin: the `infermesh router` commands, the `openai-http` and `kserve-http`
+transports.
 
 Registration only; modules with heavy imports load when a command runs or a transport is built.
 """
@@ -15,9 +16,16 @@ def openai_http_transport(context: TransportContext) -> Transport:
     return OpenAIHttpTransport(context)
 
 
+def kserve_http_transport(context: TransportContext) -> Transport:
+    from infermesh.router.kserve_transport import KServeHttpTransport
+
+    return KServeHttpTransport(context)
+
+
 @hookimpl
 def infermesh_register_transports(register: RegisterTransport) -> None:
     register("openai-http", openai_http_transport)
+    register("kserve-http", kserve_http_transport)
 
 
 @hookimpl

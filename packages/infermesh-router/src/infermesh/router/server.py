@@ -20,6 +20,8 @@ from infermesh.router.agent_client import AgentClient
 from infermesh.router.agent_scoring import AgentScoring
 from infermesh.router.app import RouterApp, RouterSettings
 from infermesh.router.decision import RouteScoring
+from infermesh.router.kserve import KServeSettings
+from infermesh.router.kserve_grpc import grpc_targets_of
 from infermesh.router.local_scoring import LocalScoring
 
 __all__ = ["SCORING_MODES", "build_app", "build_scoring", "serve", "uvicorn_config"]
@@ -79,6 +81,13 @@ def build_app(
         retry_after_s=router.retry_after_s,
         connect_timeout_s=router.connect_timeout_s,
         read_timeout_s=router.read_timeout_s,
+        kserve=KServeSettings(
+            grpc_listen=router.grpc_listen,
+            grpc_targets=grpc_targets_of(config.runtimes),
+            max_attempts=router.max_attempts,
+            retry_after_s=router.retry_after_s,
+            max_body_bytes=router.max_body_bytes,
+        ),
     )
     return RouterApp(scoring, transport_factories, settings)
 
