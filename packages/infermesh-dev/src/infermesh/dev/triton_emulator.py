@@ -107,12 +107,15 @@ class _HttpFrontEnd:
 
     async def infer(self, request: web.Request) -> web.Response:
         body = await request.read()
+        model, version = request.match_info["model"], _version(request)
         try:
             document, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
             tensors, requested, binary_outputs, all_binary = _parse_infer(document, binary)
-            result = await self.core.infer(
-                request.match_info["model"], _version(request), tensors, requested
-            )
+        except KServeError as exc:
+            self.core.count_bad_request(model, version)
+            return _error(exc)
+        try:
+            result = await self.core.infer(model, version, tensors, requested)
         except KServeError as exc:
             return _error(exc)
         response: dict[str, Any] = {

@@ -131,6 +131,10 @@ class TritonGrpcService(pb_grpc.GRPCInferenceServiceServicer):
                 _input_tensor(entry, raws[index] if raws else None)
                 for index, entry in enumerate(request.inputs)
             ]
+        except KServeError as exc:
+            self.core.count_bad_request(request.model_name, request.model_version or None)
+            await _abort(context, exc)
+        try:
             result = await self.core.infer(
                 request.model_name,
                 request.model_version or None,

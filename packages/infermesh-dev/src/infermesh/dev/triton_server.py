@@ -149,6 +149,15 @@ class TritonCore:
         stats.request_us += _us(done - arrived)
         return InferResult(model=spec, version=chosen, outputs=outputs)
 
+    def count_bad_request(self, name: str, version: str | None) -> None:
+        """A request to `name` whose tensors could not be read: a failure (reason OTHER) of
+        that model, as Triton counts it, when the model is ready."""
+        try:
+            spec, chosen = self.repository.resolve(name, version)
+        except KServeError:
+            return
+        self.repository.stats_for(spec.name, chosen).failure["OTHER"] += 1
+
     # ------------------------------------------------------------------ repository
 
     async def load(self, name: str, parameters: Mapping[str, object] | None = None) -> None:
