@@ -1,19 +1,36 @@
-"""Forwarding one inference request: score, try ranked targets, relay the answer, report it.
+"""Forwarding one inference request: score, race ranked targets, relay the answer, report it.
 
-Attempts move to the next ranked target (with a fresh reservation from `admit`) only while
-nothing has been relayed to the client; once a byte is sent the response is committed. Chunks are
-sent as they arrive and never buffered. Never blocks a response on outcome reporting.
+Attempts go to the ranked targets (skipping those whose circuit breaker is open, unless that
+would leave none); each later target gets its own reservation from `admit`. Nothing is relayed
+until an attempt produced its first byte (streams: the first token): the first to do so wins and
+is relayed, chunks as they arrive, never buffered. Before that:
+
+- a **hedge** (a second attempt on the next-ranked target) is sent when the first has produced
+  nothing after the hedge delay (`HedgePlanner`: learnt TTFT quantile, policy, budget,
+  saturation, idempotency); the attempt that loses the race is cancelled upstream (its
+  connection is closed, so the runtime aborts the request) and reported as cancelled, not as a
+  failure of its target;
+- a **retry** on the next target follows a connect error, a 5xx or a 429 when no other attempt
+  is still running, up to `max_attempts` and within the retry budget (`RetryBudget`); a 429
+  that cannot be retried is relayed as it is.
+
+Once a byte is relayed the response is committed: a runtime that dies mid-stream ends the
+client's stream with an OpenAI error event and `[DONE]`. A client that disconnects cancels the
+upstream request. Every attempt's outcome is reported; reporting never blocks a response.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import attrs
 
+from infermesh.core.config import BreakerConfig, HedgingConfig, RetryConfig
 from infermesh.core.contracts import (
     Transport,
     TransportContext,
@@ -22,13 +39,17 @@ from infermesh.core.contracts import (
     UpstreamResponse,
 )
 from infermesh.core.logging import get_logger
+from infermesh.core.policy import PolicySet
 from infermesh.core.proto import scoring_pb2
 from infermesh.router.agent_client import AgentUnavailable
 from infermesh.router.asgi import HOP_BY_HOP, Message, Send
+from infermesh.router.breaker import Breakers
 from infermesh.router.decision import Choice, Decision, RouteScoring
 from infermesh.router.errors import SERVER_ERROR, ApiError, error_body
 from infermesh.router.features import ParsedRequest, Route
+from infermesh.router.hedging import IDEMPOTENT_HEADER, HedgePlan, HedgePlanner, never_saturated
 from infermesh.router.metrics import FastHistogram, RouterMetrics
+from infermesh.router.retry_budget import RetryBudget
 from infermesh.router.usage import UsageScanner
 
 __all__ = ["AttemptFailed", "Exchange", "ForwardSettings", "Forwarder"]
@@ -36,21 +57,34 @@ __all__ = ["AttemptFailed", "Exchange", "ForwardSettings", "Forwarder"]
 log = get_logger(__name__)
 
 ERROR_EXCERPT_BYTES = 512
+CLIENT_CLOSED = 499
 _SSE = b"text/event-stream"
 _DONE = b"data: [DONE]\n\n"
 _DROPPED_RESPONSE_HEADERS = frozenset(
     name.encode() for name in (HOP_BY_HOP - {"content-length"}) | {"x-request-id"}
 )
+_EMPTY_POLICY = PolicySet()
 
 
 @attrs.frozen
 class ForwardSettings:
     max_attempts: int = 2
+    """Attempts per request on distinct targets after failures (hedges come on top)."""
     retry_after_s: float = 1.0
+    hedging: HedgingConfig = attrs.field(factory=HedgingConfig)
+    retries: RetryConfig = attrs.field(factory=RetryConfig)
+    breaker: BreakerConfig = attrs.field(factory=BreakerConfig)
 
 
 class AttemptFailed(Exception):
     """One target failed before anything was relayed; the message says which and how."""
+
+    def __init__(self, message: str, reason: str = "connect", target_fault: bool = True) -> None:
+        super().__init__(message)
+        self.reason = reason
+        """For the retry metric: connect, http_5xx, http_429, not_admitted, transport."""
+        self.target_fault = target_fault
+        """Whether it counts against the target's circuit breaker and the retry budget."""
 
 
 @attrs.define
@@ -78,12 +112,27 @@ class _Attempt:
     target: Choice
     reservation_id: str
     started: float
+    hedge: bool = False
     ok: bool = False
     status: int = 0
     error: str = ""
     ttft_s: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+@attrs.define
+class _Ready:
+    """An attempt whose response head and first body chunk (possibly empty) arrived."""
+
+    upstream: UpstreamResponse
+    chunks: AsyncIterator[bytes]
+    first: bytes
+
+    async def close(self) -> None:
+        """Stop reading; an unfinished response's connection is closed, aborting it upstream."""
+        await _aclose(self.chunks)
+        self.upstream.release()
 
 
 class _ResponseHead(NamedTuple):
@@ -133,6 +182,9 @@ class Forwarder:
         settings: ForwardSettings,
         metrics: RouterMetrics,
         report: Callable[[scoring_pb2.Outcome], None],
+        *,
+        saturated: Callable[[str], bool] = never_saturated,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scoring = scoring
         self._score_latency: FastHistogram = (
@@ -140,10 +192,48 @@ class Forwarder:
         )
         self.transport_factories = dict(transport_factories)
         self.transport_context = transport_context
-        self.settings = settings
         self.metrics = metrics
         self._report = report
         self._transports: dict[str, Transport] = {}
+        self._clock = clock
+        self._saturated = saturated
+        self.settings = settings
+        self.hedger = HedgePlanner(settings.hedging, saturated)
+        self.retry_budget = RetryBudget(settings.retries)
+        self.breakers = Breakers(settings.breaker, self._breaker_moved)
+
+    def configure(
+        self,
+        *,
+        hedging: HedgingConfig | None = None,
+        retries: RetryConfig | None = None,
+        breaker: BreakerConfig | None = None,
+        saturated: Callable[[str], bool] | None = None,
+    ) -> None:
+        """Replace the hedging, retry-budget and breaker settings (`[router.*]` tables) and the
+        saturation signal (a callable: model -> whether the fleet serving it is saturated)."""
+        if saturated is not None:
+            self._saturated = saturated
+        settings = self.settings
+        self.settings = attrs.evolve(
+            settings,
+            hedging=hedging or settings.hedging,
+            retries=retries or settings.retries,
+            breaker=breaker or settings.breaker,
+        )
+        self.hedger = HedgePlanner(self.settings.hedging, self._saturated)
+        self.retry_budget = RetryBudget(self.settings.retries)
+        self.breakers = Breakers(self.settings.breaker, self._breaker_moved)
+
+    def _breaker_moved(self, target: str, to_state: str) -> None:
+        self.metrics.breaker_transitions.labels(target, to_state).inc()
+        log.info("circuit breaker", target=target, state=to_state)
+
+    def _policy(self) -> PolicySet:
+        """The operator policy the scoring mode follows (local mode polls it from the agent)."""
+        watcher = getattr(self.scoring, "policy_watcher", None)
+        policy = getattr(watcher, "policy", None)
+        return policy if isinstance(policy, PolicySet) else _EMPTY_POLICY
 
     def transport(self, name: str) -> Transport:
         transport = self._transports.get(name)
@@ -153,7 +243,9 @@ class Forwarder:
                 known = ", ".join(sorted(self.transport_factories)) or "none"
                 raise AttemptFailed(
                     f"the target needs transport {name!r}, which no installed plugin registers "
-                    f"(installed: {known})"
+                    f"(installed: {known})",
+                    reason="transport",
+                    target_fault=False,
                 )
             transport = self._transports[name] = factory(self.transport_context)
         return transport
@@ -163,12 +255,14 @@ class Forwarder:
             await transport.aclose()
         self._transports.clear()
 
-    async def score(self, parsed: ParsedRequest) -> Decision:
+    async def score(self, parsed: ParsedRequest, max_targets: int | None = None) -> Decision:
         """The ranking, or the ApiError (404/503) to answer instead."""
         features = parsed.features
         started = time.perf_counter()
         try:
-            decision = await self.scoring.score(features, self.settings.max_attempts)
+            decision = await self.scoring.score(
+                features, max_targets if max_targets is not None else self.settings.max_attempts
+            )
         except AgentUnavailable as exc:
             raise ApiError(
                 503,
@@ -200,45 +294,40 @@ class Forwarder:
         )
 
     async def forward(self, exchange: Exchange) -> int:
-        """Answer the request from the best target that responds; returns the status sent.
+        """Answer the request from the first target that responds; returns the status sent.
 
         Raises ApiError (404, 503, 502) when nothing was relayed.
         """
-        parsed = exchange.parsed
-        decision = await self.score(parsed)
-        failures: list[str] = []
-        for index, target in enumerate(decision.choices[: self.settings.max_attempts]):
-            if index == 0:
-                reservation_id = decision.reservation_id
-            else:
-                try:
-                    admitted = await self.scoring.admit(parsed.features, target)
-                except AgentUnavailable as exc:
-                    failures.append(f"{target.target_id}: {exc}")
-                    break
-                if admitted.reservation_id is None:
-                    failures.append(f"{target.target_id}: not admitted ({admitted.reason})")
-                    continue
-                reservation_id = admitted.reservation_id
-            attempt = _Attempt(target, reservation_id, time.perf_counter())
-            try:
-                return await self._attempt(attempt, exchange)
-            except AttemptFailed as exc:
-                failures.append(f"{target.target_id}: {exc}")
-                self.metrics.upstream_failures.labels(exchange.route.label).inc()
-                log.warning(
-                    "upstream attempt failed",
-                    request_id=parsed.features.request_id,
-                    target=target.target_id,
-                    error=str(exc),
-                )
-        raise ApiError(
-            502,
-            f"no runtime answered the request for model {parsed.features.model!r}: "
-            + " | ".join(failures),
-            error_type=SERVER_ERROR,
-            code="upstream_failed",
+        features = exchange.parsed.features
+        slo = features.slo_class.value
+        plan = self.hedger.plan(
+            features.model,
+            features.slo_class,
+            features.prompt_tokens,
+            _idempotent(exchange.headers),
+            self._policy(),
         )
+        try:
+            decision = await self.score(
+                exchange.parsed, self.settings.max_attempts + plan.max_hedges
+            )
+        except ApiError as error:
+            outcome = {404: "unknown_model"}.get(error.status, error.code or "no_target")
+            model = self.metrics.model_label(features.model) if error.status != 404 else "other"
+            self.metrics.count_outcome(model, slo, outcome)
+            raise
+        race = _Race(self, exchange, decision, plan)
+        try:
+            status = await race.run()
+        except ApiError:
+            race.outcome = "upstream_failed"
+            raise
+        finally:
+            model = self.metrics.model_label(features.model)
+            self.metrics.count_outcome(model, slo, race.outcome)
+            _, _, e2e = self.metrics.histograms((model, slo))
+            e2e.observe(time.perf_counter() - exchange.arrived)
+        return status
 
     def _finish(self, attempt: _Attempt, parsed: ParsedRequest) -> None:
         """Close the attempt in the scoring mode and queue its outcome for the agent."""
@@ -257,58 +346,84 @@ class Forwarder:
         self.scoring.finished(outcome)
         self._report(outcome)
 
-    async def _attempt(self, attempt: _Attempt, exchange: Exchange) -> int:
-        """One target: relay its response, or raise AttemptFailed before relaying anything."""
+    def _release_unused(self, reservation_id: str, parsed: ParsedRequest, why: str) -> None:
+        """Close a reservation on a target that was skipped (no attempt, nothing to learn)."""
+        outcome = scoring_pb2.Outcome(
+            reservation_id=reservation_id,
+            request_id=parsed.features.request_id,
+            ok=True,
+            error=why,
+        )
+        self.scoring.finished(outcome)
+        self._report(outcome)
+
+    async def _open(self, attempt: _Attempt, exchange: Exchange, admit: bool) -> _Ready:
+        """Send one attempt and wait for its first body chunk; AttemptFailed before that.
+
+        Cancelled (a lost race, a client gone) it closes its upstream connection on the way out.
+        """
         target = attempt.target
-        try:
-            transport = self.transport(target.transport)
-            url = target.endpoint.rstrip("/") + exchange.upstream_path
+        if admit:
             try:
-                upstream = await transport.request("POST", url, exchange.headers, exchange.body)
+                admitted = await self.scoring.admit(exchange.parsed.features, target)
+            except AgentUnavailable as exc:
+                raise AttemptFailed(str(exc), reason="not_admitted", target_fault=False) from None
+            if admitted.reservation_id is None:
+                raise AttemptFailed(
+                    f"not admitted ({admitted.reason})", reason="not_admitted", target_fault=False
+                )
+            attempt.reservation_id = admitted.reservation_id
+            attempt.started = time.perf_counter()
+        transport = self.transport(target.transport)
+        url = target.endpoint.rstrip("/") + exchange.upstream_path
+        try:
+            upstream = await transport.request("POST", url, exchange.headers, exchange.body)
+        except UpstreamError as exc:
+            raise AttemptFailed(str(exc)) from None
+        attempt.status = upstream.status
+        chunks = upstream.chunks()
+        ready = False
+        try:
+            if upstream.status >= 500:
+                excerpt = await _excerpt(chunks)
+                raise AttemptFailed(f"HTTP {upstream.status}: {excerpt}", reason="http_5xx")
+            try:
+                first = await anext(chunks, b"")
             except UpstreamError as exc:
                 raise AttemptFailed(str(exc)) from None
-            attempt.status = upstream.status
-            chunks = upstream.chunks()
-            try:
-                if upstream.status >= 500:
-                    excerpt = await _excerpt(chunks)
-                    raise AttemptFailed(f"HTTP {upstream.status}: {excerpt}")
-                try:
-                    first = await anext(chunks, b"")
-                except UpstreamError as exc:
-                    raise AttemptFailed(str(exc)) from None
-                headers = raw_headers_of(upstream)
-                return await self._relay(attempt, exchange, headers, first, chunks)
-            finally:
+            ready = True
+            return _Ready(upstream, chunks, first)
+        finally:
+            if not ready:
                 await _aclose(chunks)
                 upstream.release()
-        except AttemptFailed as exc:
-            attempt.ok = False
-            attempt.error = str(exc)
-            raise
-        finally:
-            self._finish(attempt, exchange.parsed)
 
     async def _relay(
         self,
         attempt: _Attempt,
         exchange: Exchange,
-        upstream_headers: Sequence[tuple[bytes, bytes]],
-        first: bytes,
-        chunks: AsyncIterator[bytes],
+        ready: _Ready,
     ) -> int:
         """Send the response: headers with the first chunk, then every chunk as it arrives."""
         send = exchange.send
         route_label = exchange.route.label
+        features = exchange.parsed.features
         now = time.perf_counter()
-        if exchange.parsed.features.stream:
-            attempt.ttft_s = now - attempt.started
+        model = self.metrics.model_label(features.model)
+        ttft, itl, _ = self.metrics.histograms((model, features.slo_class.value))
+        ttft.observe(now - exchange.arrived)
+        first_byte_s = now - attempt.started
+        if attempt.status < 400:
+            self.hedger.observe_ttft(features.model, features.prompt_tokens, first_byte_s)
+        if features.stream:
+            attempt.ttft_s = first_byte_s  # reported to the agent for streams only
             self.metrics.ttft_by_route[route_label].observe(now - exchange.arrived)
         status = attempt.status
-        head = _response_head(upstream_headers, exchange.request_id_header)
+        head = _response_head(raw_headers_of(ready.upstream), exchange.request_id_header)
         sse = head.sse
         scanner = UsageScanner(stream=sse)
         disconnected = exchange.disconnected
+        first, chunks = ready.first, ready.chunks
         await send({"type": "http.response.start", "status": status, "headers": head.headers})
         # A fixed-length body ends on its last byte, without waiting to read the end of stream.
         remaining = head.content_length if head.content_length is not None else -1
@@ -321,7 +436,12 @@ class Forwarder:
                     {"type": "http.response.body", "body": first, "more_body": remaining != 0}
                 )
                 if remaining != 0:
+                    previous = time.perf_counter()
                     async for chunk in chunks:
+                        if sse:
+                            arrived = time.perf_counter()
+                            itl.observe(arrived - previous)
+                            previous = arrived
                         scanner.feed(chunk)
                         last = chunk
                         remaining -= len(chunk)
@@ -331,9 +451,9 @@ class Forwarder:
                             break
                         if disconnected is not None and disconnected.done():
                             # Not the runtime's fault: reported ok, with nginx's "client closed".
-                            attempt.ok, attempt.status = True, 499
+                            attempt.ok, attempt.status = True, CLIENT_CLOSED
                             attempt.error = "client disconnected"
-                            return 499
+                            return CLIENT_CLOSED
             if not first or remaining != 0:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             attempt.ok = status < 500
@@ -343,7 +463,7 @@ class Forwarder:
             self.metrics.midstream_failures.labels(route_label).inc()
             log.warning(
                 "runtime failed mid-response",
-                request_id=exchange.parsed.features.request_id,
+                request_id=features.request_id,
                 target=attempt.target.target_id,
                 error=str(exc),
             )
@@ -360,6 +480,251 @@ class Forwarder:
             if prompt_tokens is not None:
                 attempt.prompt_tokens = prompt_tokens
         return status
+
+
+class _Race:
+    """The attempts of one request: first, hedges and retries, until one answers or all fail."""
+
+    def __init__(
+        self, forwarder: Forwarder, exchange: Exchange, decision: Decision, plan: HedgePlan
+    ) -> None:
+        self.f = forwarder
+        self.exchange = exchange
+        self.decision = decision
+        self.plan = plan
+        self.outcome = "ok"
+        """How the request ended, for `infermesh_router_outcomes`."""
+        self.pending: dict[asyncio.Task[_Ready], _Attempt] = {}
+        self.failures: list[str] = []
+        self.sequential = 0
+        """Attempts sent as the first or as retries (hedges not counted)."""
+        self.hedges = 0
+        now = forwarder._clock()
+        breakers = forwarder.breakers
+        choices = decision.choices
+        usable = [c for c in choices if breakers.available(c.target_id, now)]
+        if not usable:
+            usable = [choices[0]]  # never eject the last target: try it anyway
+        self.candidates: deque[Choice] = deque(usable)
+        self._first_reserved = usable[0] == choices[0]
+        if not self._first_reserved:
+            forwarder._release_unused(
+                decision.reservation_id, exchange.parsed, "not sent: circuit breaker open"
+            )
+
+    def _start(self, hedge: bool) -> None:
+        target = self.candidates.popleft()
+        first = not self.pending and not self.failures and self.sequential == 0 and not hedge
+        reserved = first and self._first_reserved
+        attempt = _Attempt(
+            target, self.decision.reservation_id if reserved else "", time.perf_counter(), hedge
+        )
+        self.f.breakers.acquire(target.target_id, self.f._clock())
+        if hedge:
+            self.hedges += 1
+            self.f.metrics.hedges["fired"] += 1
+        else:
+            self.sequential += 1
+        task = asyncio.ensure_future(self.f._open(attempt, self.exchange, admit=not reserved))
+        self.pending[task] = attempt
+
+    def _may_retry(self, reason: str) -> bool:
+        f = self.f
+        if not self.candidates or self.sequential >= f.settings.max_attempts:
+            return False
+        if not f.retry_budget.allows_retry():
+            f.metrics.retries_denied += 1
+            return False
+        f.metrics.count_retry(reason)
+        return True
+
+    def _failed(self, attempt: _Attempt, exc: AttemptFailed) -> None:
+        f = self.f
+        parsed = self.exchange.parsed
+        attempt.ok = False
+        attempt.error = str(exc)
+        if exc.target_fault:
+            f.retry_budget.on_failure()
+            f.breakers.record(attempt.target.target_id, False, f._clock())
+        else:
+            f.breakers.release(attempt.target.target_id)
+        self.failures.append(f"{attempt.target.target_id}: {exc}")
+        f.metrics.upstream_failures.labels(self.exchange.route.label).inc()
+        log.warning(
+            "upstream attempt failed",
+            request_id=parsed.features.request_id,
+            target=attempt.target.target_id,
+            error=str(exc),
+        )
+        f._finish(attempt, parsed)
+
+    async def run(self) -> int:
+        f = self.f
+        plan = self.plan
+        model = self.exchange.parsed.features.model
+        disconnected = self.exchange.disconnected
+        loop = asyncio.get_running_loop()
+        self._start(hedge=False)
+        hedge_at = loop.time() + plan.delay_s if plan.enabled else math.inf
+        held: tuple[_Attempt, _Ready] | None = None
+        """A 429 answer kept to relay if no other target answers."""
+        last_reason = "connect"
+        try:
+            while True:
+                if not self.pending:
+                    if held is None and self._may_retry(last_reason):
+                        self._start(hedge=False)
+                        continue
+                    if held is not None and self._may_retry("http_429"):
+                        await self._abandon(*held, "rate limited; retried elsewhere")
+                        held = None
+                        self._start(hedge=False)
+                        continue
+                    break
+                can_hedge = self.hedges < plan.max_hedges and bool(self.candidates)
+                timeout = max(0.0, hedge_at - loop.time()) if can_hedge else None
+                waiting: set[asyncio.Future[object]] = set(self.pending)  # type: ignore[arg-type]
+                if disconnected is not None:
+                    waiting.add(disconnected)  # type: ignore[arg-type]
+                done, _ = await asyncio.wait(
+                    waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if disconnected is not None and disconnected.done():
+                    self.outcome = "client_disconnected"
+                    await self._cancel_all("client disconnected")
+                    if held is not None:
+                        await self._abandon(*held, "client disconnected")
+                    return CLIENT_CLOSED
+                if not done:
+                    denied = f.hedger.may_fire(model)
+                    if denied:
+                        f.metrics.hedges[
+                            "denied_by_budget" if denied == "budget" else "denied_saturated"
+                        ] += 1
+                        hedge_at = math.inf
+                    else:
+                        self._start(hedge=True)
+                        hedge_at = loop.time() + plan.delay_s
+                    continue
+                winner: tuple[_Attempt, _Ready] | None = None
+                for task in done:
+                    attempt = self.pending.pop(task)  # type: ignore[call-overload]
+                    try:
+                        ready: _Ready = task.result()  # type: ignore[assignment]
+                    except AttemptFailed as exc:
+                        last_reason = exc.reason
+                        self._failed(attempt, exc)
+                        continue
+                    if winner is not None:
+                        await self._abandon(attempt, ready, "another attempt answered first")
+                    elif attempt.status == 429 and (self.pending or self._retry_possible()):
+                        f.retry_budget.on_failure()
+                        f.breakers.release(attempt.target.target_id)
+                        if held is not None:
+                            await self._abandon(*held, "rate limited")
+                        held = (attempt, ready)
+                    else:
+                        winner = (attempt, ready)
+                if winner is not None:
+                    if held is not None:
+                        await self._abandon(*held, "rate limited; another target answered")
+                        held = None
+                    await self._cancel_all("another attempt answered first")
+                    return await self._relay(*winner)
+        except BaseException:
+            await self._cancel_all("request cancelled")
+            if held is not None:
+                await self._abandon(*held, "request cancelled")
+            raise
+        if held is not None:
+            return await self._relay(*held)
+        parsed = self.exchange.parsed
+        raise ApiError(
+            502,
+            f"no runtime answered the request for model {parsed.features.model!r}: "
+            + " | ".join(self.failures),
+            error_type=SERVER_ERROR,
+            code="upstream_failed",
+        )
+
+    def _retry_possible(self) -> bool:
+        return (
+            bool(self.candidates)
+            and self.sequential < self.f.settings.max_attempts
+            and self.f.retry_budget.allows_retry()
+        )
+
+    async def _relay(self, attempt: _Attempt, ready: _Ready) -> int:
+        f = self.f
+        parsed = self.exchange.parsed
+        target = attempt.target.target_id
+        f.metrics.count_choice(target)
+        if attempt.hedge:
+            f.metrics.hedges["won"] += 1
+        try:
+            status = await f._relay(attempt, self.exchange, ready)
+        except BaseException:
+            attempt.ok, attempt.status = True, CLIENT_CLOSED
+            attempt.error = attempt.error or "client disconnected"
+            raise
+        finally:
+            await ready.close()
+            if attempt.status == CLIENT_CLOSED:
+                self.outcome = "client_disconnected"
+                f.breakers.release(target)
+            elif not attempt.ok:
+                self.outcome = "midstream_failure"
+                f.retry_budget.on_failure()
+                f.breakers.record(target, False, f._clock())
+            else:
+                f.retry_budget.on_success()
+                f.breakers.record(target, True, f._clock())
+                if attempt.status == 429:
+                    self.outcome = "rate_limited"
+                elif attempt.status >= 400:
+                    self.outcome = "client_error"
+            f._finish(attempt, parsed)
+        return status
+
+    async def _abandon(self, attempt: _Attempt, ready: _Ready, why: str) -> None:
+        """Close an answer that will not be relayed (its connection is dropped)."""
+        await ready.close()
+        if attempt.status != 429:
+            self.f.breakers.release(attempt.target.target_id)
+            attempt.ok, attempt.status = True, CLIENT_CLOSED
+            if attempt.hedge or why.startswith("another"):
+                self.f.metrics.hedges["cancelled"] += 1
+        else:
+            attempt.ok = False
+        attempt.error = f"cancelled: {why}" if attempt.ok else f"HTTP 429: {why}"
+        self.f._finish(attempt, self.exchange.parsed)
+
+    async def _cancel_all(self, why: str) -> None:
+        """Cancel every running attempt: each closes its upstream connection (the runtime sees
+        the disconnect and aborts); reported as cancelled, not as failures of their targets."""
+        if not self.pending:
+            return
+        tasks = list(self.pending.items())
+        self.pending.clear()
+        for task, _ in tasks:
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)
+        for task, attempt in tasks:
+            if not task.cancelled() and task.exception() is None:
+                await task.result().close()
+            self.f.breakers.release(attempt.target.target_id)
+            self.f.metrics.hedges["cancelled"] += 1
+            attempt.ok, attempt.status = True, CLIENT_CLOSED
+            attempt.error = f"cancelled: {why}"
+            self.f._finish(attempt, self.exchange.parsed)
+
+
+def _idempotent(headers: Sequence[tuple[str, str]]) -> bool:
+    """False when the client sent `x-infermesh-idempotent: false` (never hedge it)."""
+    for name, value in headers:
+        if name == IDEMPOTENT_HEADER:
+            return value.strip().lower() not in ("false", "0", "no")
+    return True
 
 
 async def _excerpt(chunks: AsyncIterator[bytes]) -> str:
