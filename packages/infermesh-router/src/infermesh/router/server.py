@@ -116,7 +116,10 @@ def build_app(
             max_body_bytes=router.max_body_bytes,
         ),
     )
-    return RouterApp(scoring, transport_factories, settings)
+    app = RouterApp(scoring, transport_factories, settings)
+    # `[router.hedging]`, `[router.retries]`, `[router.breaker]` (docs/router.md).
+    app.forwarder.configure(hedging=router.hedging, retries=router.retries, breaker=router.breaker)
+    return app
 
 
 def _has_uvloop() -> bool:
