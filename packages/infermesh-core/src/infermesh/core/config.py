@@ -120,7 +120,13 @@ class RuntimeConfig:
     name: str = ""
     poll_interval_s: float = 1.0
     timeout_s: float = 2.0
-    transport: str = "openai-http"
+    transport: str = attrs.field(
+        default=attrs.Factory(
+            lambda self: "kserve-http" if self.kind == "triton" else "openai-http", takes_self=True
+        )
+    )
+    """Transport the router uses for this runtime's targets: `kserve-http` for Triton,
+    `openai-http` for every other kind, unless set."""
     options: dict[str, Any] = attrs.field(factory=dict)
     """Adapter-specific keys, passed unparsed to the adapter."""
 
