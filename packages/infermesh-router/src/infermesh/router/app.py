@@ -16,7 +16,10 @@ from collections.abc import Mapping
 import attrs
 import orjson
 
+from infermesh.core.config import AdmissionConfig
 from infermesh.core.contracts import TransportContext, TransportFactory
+from infermesh.core.proto import scoring_pb2
+from infermesh.router.admission_gate import AdmissionGate, views_of
 from infermesh.router.agent_client import AgentUnavailable
 from infermesh.router.asgi import (
     ClientDisconnected,
@@ -56,6 +59,8 @@ class RouterSettings:
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 600.0
     max_connections: int = 1024
+    admission: AdmissionConfig = attrs.field(factory=AdmissionConfig)
+    """`[router.admission]`: SLO-class concurrency, queues and shedding (docs/admission.md)."""
     kserve: KServeSettings = attrs.field(factory=KServeSettings)
     """The KServe v2 ingress: `/v2` routes, and the gRPC server when `grpc_listen` is set."""
     gate: Gate = attrs.field(factory=Gate)
@@ -90,6 +95,14 @@ class RouterApp:
             linger_s=scoring.outcome_linger_s,
             on_dropped=self.metrics.outcomes_dropped.inc,
         )
+        fleet, policy = views_of(scoring)
+        self.admission = AdmissionGate(
+            self.settings.admission,
+            self.metrics,
+            fleet=fleet,
+            policy=policy,
+            retry_after_s=self.settings.retry_after_s,
+        )
         self.forwarder = Forwarder(
             scoring,
             transport_factories,
@@ -103,11 +116,16 @@ class RouterApp:
                 retry_after_s=self.settings.retry_after_s,
             ),
             self.metrics,
-            self.reporter.report,
+            self._report,
         )
         self.gate = self.settings.gate
         self.tracer = Tracer(self.settings.otel)
         self.websocket = WebSocketChat(self)
+
+    def _report(self, outcome: scoring_pb2.Outcome) -> None:
+        """Outcomes go to the agent; their token counts also settle the tenant's quota."""
+        self.admission.outcome(outcome)
+        self.reporter.report(outcome)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -296,7 +314,10 @@ class RouterApp:
                     upstream_path=route.value + ("?" + query.decode("latin-1") if query else ""),
                     disconnected=disconnected,
                 )
-                status = await self.forwarder.forward(exchange)
+                # Admission after parsing (it needs the model, class and tenant), before any
+                # target is chosen; leaving the block frees the slot however the request ends.
+                async with self.admission.admit(parsed.features):
+                    status = await self.forwarder.forward(exchange)
             except ApiError as error:
                 status = error.status
                 extra = [(b"x-request-id", request_id.encode("latin-1"))] if request_id else []

@@ -115,6 +115,7 @@ def build_app(
             retry_after_s=router.retry_after_s,
             max_body_bytes=router.max_body_bytes,
         ),
+        admission=router.admission,
     )
     app = RouterApp(scoring, transport_factories, settings)
     # `[router.hedging]`, `[router.retries]`, `[router.breaker]` (docs/router.md).
