@@ -73,6 +73,34 @@ def dev_group() -> None:
 )
 @click.option("--no-prefix-caching", is_flag=True, help="Disable the prefix cache.")
 @click.option("--replica-tag", default="", help="Tag put into response ids: chatcmpl-TAG-....")
+@click.option(
+    "--stall-prob",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="Share of generation requests held --stall-s before anything is answered (a GPU stall).",
+)
+@click.option(
+    "--stall-s",
+    type=click.FloatRange(min=0.0),
+    default=2.0,
+    show_default=True,
+    help="Stall length.",
+)
+@click.option(
+    "--fail-prob",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="Share of generation requests answered --fail-status at once, before any body.",
+)
+@click.option(
+    "--fail-status",
+    type=click.IntRange(429, 599),
+    default=500,
+    show_default=True,
+    help="Status of injected failures: 429 or a 5xx.",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True)
 def vllm_command(
     port: int,
@@ -90,6 +118,10 @@ def vllm_command(
     default_max_tokens: int,
     no_prefix_caching: bool,
     replica_tag: str,
+    stall_prob: float,
+    stall_s: float,
+    fail_prob: float,
+    fail_status: int,
     log_level: str,
 ) -> None:
     """Serve an emulated vLLM OpenAI server backed by the engine performance model.
@@ -120,6 +152,10 @@ def vllm_command(
             replica_tag=replica_tag,
             default_max_tokens=default_max_tokens,
             enable_prefix_caching=not no_prefix_caching,
+            stall_prob=stall_prob,
+            stall_s=stall_s,
+            fail_prob=fail_prob,
+            fail_status=fail_status,
         )
         config.engine_config()
     except ValueError as exc:

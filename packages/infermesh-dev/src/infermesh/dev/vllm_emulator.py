@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 import uuid
 from collections import Counter
@@ -51,6 +52,22 @@ class EmulatorConfig:
     """Put into response ids (`chatcmpl-<tag>-...`) so a load generator can tell replicas apart."""
     default_max_tokens: int = 64
     enable_prefix_caching: bool = True
+    stall_prob: float = 0.0
+    """Share of generation requests held `stall_s` before anything is answered (a GPU stall)."""
+    stall_s: float = 2.0
+    fail_prob: float = 0.0
+    """Share of generation requests answered `fail_status` at once, before any body."""
+    fail_status: int = 500
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("stall_prob", "fail_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if self.stall_s < 0:
+            raise ValueError(f"stall_s must be >= 0, got {self.stall_s}")
+        if not (self.fail_status == 429 or 500 <= self.fail_status <= 599):
+            raise ValueError(f"fail_status must be 429 or a 5xx status, got {self.fail_status}")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig.from_profile(
@@ -88,6 +105,9 @@ class _Emulator:
         self._id_prefix = f"{config.replica_tag}-" if config.replica_tag else ""
         self._in_flight = 0
         self._in_flight_by_adapter: Counter[str] = Counter()
+        self._faults = random.Random(config.seed)
+        self.injected: Counter[str] = Counter()
+        """`requests`, `stalls`, `faults`, `cancelled`: exported on /metrics."""
 
     @property
     def served_models(self) -> list[str]:
@@ -140,7 +160,22 @@ class _Emulator:
         )
         running = [name for name, count in self._in_flight_by_adapter.items() if count > 0]
         page = self.metrics.render(snapshot, now=time.time(), running_adapters=running)
-        return web.Response(body=page, headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(
+            body=page + self._injected_page(), headers={"Content-Type": CONTENT_TYPE}
+        )
+
+    def _injected_page(self) -> bytes:
+        """The emulator's own counters (not vLLM's): requests, injected stalls and faults, and
+        requests whose client went away before the answer ended (a cancelled hedge, say)."""
+        lines: list[str] = []
+        for name, what in _INJECTED_COUNTERS:
+            metric = f"infermesh_emulator_{name}_total"
+            lines += [
+                f"# HELP {metric} {what}",
+                f"# TYPE {metric} counter",
+                f"{metric} {self.injected[name]}",
+            ]
+        return ("\n".join(lines) + "\n").encode()
 
     async def load_lora(self, request: web.Request) -> web.Response:
         if not self.config.runtime_lora_updating:
@@ -198,6 +233,25 @@ class _Emulator:
             return _error(
                 proto.ApiError(500, self.driver.dead_reason, error_type="EngineDeadError")
             )
+        config = self.config
+        self.injected["requests"] += 1
+        if config.fail_prob and self._faults.random() < config.fail_prob:
+            self.injected["faults"] += 1
+            return _error(
+                proto.ApiError(config.fail_status, "injected fault", error_type="InjectedFault")
+            )
+        try:
+            if config.stall_prob and self._faults.random() < config.stall_prob:
+                self.injected["stalls"] += 1
+                await asyncio.sleep(config.stall_s)
+            return await self._answer(kind, parsed, request)
+        except asyncio.CancelledError:
+            self.injected["cancelled"] += 1  # the client disconnected (aiohttp cancels us)
+            raise
+
+    async def _answer(
+        self, kind: proto.Kind, parsed: proto.GenerationRequest, request: web.Request
+    ) -> web.StreamResponse:
         request_id = self._request_id(kind)
         headers = {"X-Request-Id": request.headers.get("X-Request-Id", request_id)}
         self._in_flight += 1
@@ -339,11 +393,20 @@ class _Emulator:
                 await response.write(proto.SSE_DONE)
                 await response.write_eof()
             except ConnectionResetError:
-                pass  # the client went away (a cancelled hedge, say); `finally` aborts the request
+                # The client went away (a cancelled hedge, say); `finally` aborts the request.
+                self.injected["cancelled"] += 1
             return response
         finally:
             if not finished:
                 driver.abort(request_id)
+
+
+_INJECTED_COUNTERS = (
+    ("requests", "Generation requests received (valid ones, before any injected stall or fault)."),
+    ("stalls", "Requests held stall_s before answering (--stall-prob)."),
+    ("faults", "Requests answered fail_status at once (--fail-prob)."),
+    ("cancelled", "Requests whose client disconnected before the answer ended (aborted)."),
+)
 
 
 def _stream_events(
