@@ -1,5 +1,15 @@
-"""Plugin registration of infermesh-triton.
+"""The `triton` plugin: registers the Triton runtime adapter under kind "triton".
 
-The triton adapters land in a later release (see the issue tracker); until then this distribution
-registers nothing, so installing it is harmless and `infermesh plugins` lists it as loaded.
+Registration only; importing this module does no I/O and starts nothing. Targets of a
+`[[runtimes]]` table of kind triton use the `kserve-http` transport unless the table sets one.
 """
+
+from __future__ import annotations
+
+from infermesh.core.hookspecs import RegisterRuntimeAdapter, hookimpl
+from infermesh.triton.adapter import TritonAdapter
+
+
+@hookimpl
+def infermesh_register_runtime_adapters(register: RegisterRuntimeAdapter) -> None:
+    register("triton", TritonAdapter.from_context)
