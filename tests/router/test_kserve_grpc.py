@@ -160,3 +160,18 @@ async def test_deadline_and_cancellation_reach_the_triton(
     await pending(0)
     assert stats.failure["CANCELED"] == cancelled_before + 1
     busy.cancel()
+
+
+async def test_a_target_without_grpc_url_is_reached_through_its_kserve_grpc_label(
+    rig: KServeRig, channel: grpc.aio.Channel
+) -> None:
+    ingress = rig.ingress.grpc
+    assert ingress is not None
+    ingress.grpc_targets.clear()
+    stub = kserve_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await stub.ModelReady(kserve_pb2.ModelReadyRequest(name="simple"))
+    assert "options.grpc_url" in (unknown.value.details() or "")
+    labels = {choice(rig.b.http_url, "simple").target_id: rig.b.grpc_target}
+    ingress.label_of = lambda target_id: labels.get(target_id, "")
+    assert (await stub.ModelReady(kserve_pb2.ModelReadyRequest(name="simple"))).ready

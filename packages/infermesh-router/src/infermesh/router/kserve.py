@@ -16,10 +16,11 @@ from infermesh.core.contracts import Transport
 from infermesh.core.proto import scoring_pb2
 from infermesh.router.asgi import Receive, Scope, Send
 from infermesh.router.decision import RouteScoring
-from infermesh.router.kserve_grpc import KServeGrpcIngress
+from infermesh.router.kserve_grpc import GRPC_LABEL, KServeGrpcIngress
 from infermesh.router.kserve_http import KServeHttp
 from infermesh.router.kserve_metrics import KServeMetrics
 from infermesh.router.kserve_routing import KServeRouting
+from infermesh.router.local_scoring import LocalScoring
 from infermesh.router.metrics import RouterMetrics
 
 __all__ = ["KServeIngress", "KServeSettings", "is_kserve_path"]
@@ -28,6 +29,21 @@ __all__ = ["KServeIngress", "KServeSettings", "is_kserve_path"]
 def is_kserve_path(path: str) -> bool:
     """True for the paths the KServe v2 HTTP handler answers (`/v2` and below)."""
     return path == "/v2" or path.startswith("/v2/")
+
+
+def grpc_label_lookup(scoring: RouteScoring) -> Callable[[str], str]:
+    """target id -> its `kserve_grpc` label, read from local scoring's replica of the agent's
+    state (agent mode ranks on the agent and gets no labels: "")."""
+    if not isinstance(scoring, LocalScoring):
+        return lambda target_id: ""
+    replica = scoring.replica
+
+    def label_of(target_id: str) -> str:
+        live = replica.live
+        state = live.get_target(target_id) if live is not None else None
+        return (state.labels.get(GRPC_LABEL) or "") if state is not None else ""
+
+    return label_of
 
 
 def _router_version() -> str:
@@ -86,6 +102,7 @@ class KServeIngress:
                 settings.grpc_targets,
                 self.metrics,
                 server_version=server_version,
+                label_of=grpc_label_lookup(scoring),
             )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

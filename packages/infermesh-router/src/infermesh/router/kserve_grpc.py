@@ -35,9 +35,11 @@ from infermesh.router.kserve_routing import (
 )
 from infermesh.router.kserve_wire import MalformedMessage, model_of
 
-__all__ = ["SERVICE", "KServeGrpcIngress", "UpstreamChannels", "grpc_targets_of"]
+__all__ = ["GRPC_LABEL", "SERVICE", "KServeGrpcIngress", "UpstreamChannels", "grpc_targets_of"]
 
 SERVICE = "inference.GRPCInferenceService"
+GRPC_LABEL = "kserve_grpc"
+"""The target label in which the Triton adapter publishes its server's gRPC `host:port`."""
 _FORWARDED = ("ModelReady", "ModelMetadata", "ModelInfer")
 _CALL_LABELS = {
     "ServerLive": "live",
@@ -123,7 +125,9 @@ class UpstreamChannels:
 class KServeGrpcIngress:
     """The grpc.aio server of the KServe v2 gRPC ingress (see the module docstring).
 
-    `grpc_targets` maps a runtime base URL (a target's endpoint) to its Triton gRPC address.
+    `grpc_targets` maps a runtime base URL (a target's endpoint) to its Triton gRPC address
+    (from the router's `[[runtimes]]`); `label_of(target_id)` gives the `kserve_grpc` label the
+    Triton adapter publishes on a target ("" when unknown), used for targets not in the map.
     """
 
     def __init__(
@@ -134,8 +138,10 @@ class KServeGrpcIngress:
         metrics: KServeMetrics,
         *,
         server_version: str,
+        label_of: Callable[[str], str] = lambda target_id: "",
     ) -> None:
         self.listen = listen
+        self.label_of = label_of
         self.routing = routing
         self.grpc_targets = dict(grpc_targets)
         self.metrics = metrics
@@ -280,13 +286,15 @@ class KServeGrpcIngress:
         return response
 
     def _address(self, target: Choice) -> str:
-        address = self.grpc_targets.get(target.endpoint) or self.grpc_targets.get(
-            target.endpoint.rstrip("/")
+        address = (
+            self.grpc_targets.get(target.endpoint)
+            or self.grpc_targets.get(target.endpoint.rstrip("/"))
+            or self.label_of(target.target_id)
         )
         if not address:
             raise AttemptFailed(
                 f"no gRPC endpoint is known for the Triton server at {target.endpoint}; set "
-                "grpc_url in its [[runtimes]] table"
+                "options.grpc_url in its [[runtimes]] table"
             )
         return address
 
