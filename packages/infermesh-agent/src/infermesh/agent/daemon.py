@@ -183,8 +183,7 @@ def policy_backend_name(config: Config) -> str:
     a `[raft]` table, `remote` with `[policy].voters` (and no `[raft]`), else `local`."""
     if config.raft is not None:
         return "raft"
-    policy_table: Any = getattr(config, "policy", None)
-    return "remote" if getattr(policy_table, "voters", None) else "local"
+    return "remote" if config.policy is not None and config.policy.voters else "local"
 
 
 def node_meta(config: Config, gossip_host: str = "", control_port: int | None = None) -> NodeMeta:

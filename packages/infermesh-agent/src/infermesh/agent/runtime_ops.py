@@ -63,8 +63,15 @@ class LocalRuntime:
     control: RuntimeControl
 
 
+def _base(url: str) -> str:
+    url = url.rstrip("/")
+    return url.removesuffix("/v1")
+
+
 def _same_url(a: str, b: str) -> bool:
-    return a.rstrip("/") == b.rstrip("/")
+    """Base URLs match with or without a trailing slash or OpenAI `/v1` suffix (the config's
+    `url` and a target's endpoint may differ so)."""
+    return _base(a) == _base(b)
 
 
 def pick_runtime(node: str, runtimes: Sequence[LocalRuntime], wanted: str) -> LocalRuntime:

@@ -70,8 +70,8 @@ def resolve_caller(peer: Identity, forwarded_uri: str | None) -> Identity:
         return peer
     if peer.role != "node":
         raise CallerError(
-            f"{peer.name} has a {peer.role} certificate: only node certificates may act on "
-            "behalf of another identity",
+            "only node certificates may act on behalf of another identity; "
+            f"{peer.name}'s certificate has role {peer.role}",
             permission=True,
         )
     return identity_from_uri(forwarded_uri)

@@ -250,6 +250,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
             kinds = control_mesh.check_kinds(request.kinds)
         except ValueError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        # Tell the client the subscription stands even before the first event arrives.
+        await context.send_initial_metadata(())
         async for event in control_mesh.events_for(
             journal, request.after_seq, kinds, request.follow
         ):

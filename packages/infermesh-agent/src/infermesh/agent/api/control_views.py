@@ -129,11 +129,18 @@ def model_views(
     states: Sequence[ModelState], policy: PolicySet, now: float
 ) -> list[control_pb2.Model]:
     """Every model a target serves (base models and the LoRA adapters on top of them) and every
-    pinned model, even one no target serves; ordered by name, targets by node then endpoint."""
+    pinned model, even one no target serves; ordered by name, targets by node then endpoint.
+
+    A LoRA adapter's targets are the base targets that list it, unless the runtime reports the
+    adapter as a target of its own on that endpoint (vLLM does): then that one, not both.
+    """
     served: dict[str, list[ModelState]] = {name: [] for name in policy.pins}
+    own = {(s.key.model, s.key.node, s.key.endpoint) for s in states}
     for state in states:
-        for name in dict.fromkeys((state.key.model, *state.adapters)):
-            served.setdefault(name, []).append(state)
+        served.setdefault(state.key.model, []).append(state)
+        for name in state.adapters:
+            if (name, state.key.node, state.key.endpoint) not in own:
+                served.setdefault(name, []).append(state)
     models = []
     for name in sorted(served):
         targets = sorted(served[name], key=lambda s: (s.key.node, s.key.endpoint, s.key.model))
