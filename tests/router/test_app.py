@@ -355,9 +355,10 @@ async def test_wrong_method_is_405_with_allow_and_unknown_path_is_404(mesh: Mesh
     response = await mesh.http.post("/v1/models", json={})
     assert_openai_error(response, 405, "invalid_request_error")
     assert response.headers["allow"] == "GET"
-    response = await mesh.http.get("/v1/embeddings")
+    response = await mesh.http.get("/v1/audio/speech")
     error = assert_openai_error(response, 404, "invalid_request_error")
     assert "POST /v1/chat/completions" in error["message"]
+    assert "POST /v1/embeddings" in error["message"]
 
 
 @pytest.mark.anyio

@@ -80,15 +80,23 @@ def test_hop_by_hop_headers_are_not_forwarded_and_routing_headers_are_read() -> 
             (b"x-infermesh-tenant", b"acme"),
         ]
     )
+    # traceparent is read, not forwarded as is: the router sends its own hop's.
     assert [name for name, _ in headers.forward] == [
         "authorization",
-        "traceparent",
         "x-request-id",
         "x-infermesh-slo",
         "x-infermesh-tenant",
     ]
     assert (headers.content_length, headers.request_id) == (12, "r1")
     assert (headers.slo, headers.tenant) == ("batch", "acme")
+    assert headers.traceparent == "00-abc-def-01"
+
+
+def test_the_routers_own_api_key_is_not_forwarded_when_it_checks_keys() -> None:
+    raw = [(b"authorization", b"Bearer k"), (b"content-type", b"application/json")]
+    headers = split_request_headers(raw, drop_authorization=True)
+    assert [name for name, _ in headers.forward] == ["content-type"]
+    assert headers.content_type == b"application/json"
 
 
 def test_a_malformed_content_length_is_a_400() -> None:

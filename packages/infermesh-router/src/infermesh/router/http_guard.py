@@ -37,10 +37,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     _head_pending: bool = False
     _head_bytes: int = 0
+    _head_tail: bytes = b""
+    _measuring: bool = False
+    """The next bytes belong to a request head (from the connection's start, and from the end
+    of each request message until the end of the next head)."""
     _head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._measure_next_head()
         self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -48,34 +53,49 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if not self._head_pending or self.transport.is_closing():
-            return
-        self._head_bytes += len(data)
-        if self._head_bytes > self.max_header_bytes:
-            self._refuse(
-                _response(
-                    431,
-                    "Request Header Fields Too Large",
-                    f"request headers are larger than the router's limit of "
-                    f"{self.max_header_bytes} bytes (router.http.max_header_bytes)",
-                    "request_header_fields_too_large",
+        if self._measuring and not self.transport.is_closing():
+            # Measure the head before parsing: up to the blank line that ends it, or all of
+            # `data` while it has not ended yet (the blank line may straddle two reads).
+            window = self._head_tail + data
+            end = window.find(b"\r\n\r\n")
+            size = self._head_bytes + (len(data) if end < 0 else end + 4 - len(self._head_tail))
+            if size > self.max_header_bytes:
+                self._refuse(
+                    _response(
+                        431,
+                        "Request Header Fields Too Large",
+                        f"request headers are larger than the router's limit of "
+                        f"{self.max_header_bytes} bytes (router.http.max_header_bytes)",
+                        "request_header_fields_too_large",
+                    )
                 )
-            )
+                return
+            self._head_bytes += len(data)
+            self._head_tail = window[-3:]
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if not self._head_pending:
             self._await_head()
 
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._measure_next_head()
+
     def on_headers_complete(self) -> None:
+        self._measuring = False
         self._head_pending = False
         self._stop_head_timer()
         super().on_headers_complete()
 
+    def _measure_next_head(self) -> None:
+        self._measuring = True
+        self._head_bytes = 0
+        self._head_tail = b""
+
     def _await_head(self) -> None:
         self._head_pending = True
-        self._head_bytes = 0
         self._stop_head_timer()
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timeout)
 
@@ -103,7 +123,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         )
 
     def _refuse(self, response: bytes) -> None:
-        self._head_pending = False
+        self._head_pending = self._measuring = False
         self._stop_head_timer()
         self.transport.write(response)
         self.transport.close()
