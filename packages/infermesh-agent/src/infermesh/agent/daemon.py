@@ -147,13 +147,15 @@ def _make_adapters(
 def make_policy_store(config: Config, host: PluginHost) -> PolicyStore:
     """This agent's policy store, built (no I/O) from the backend config selects.
 
-    `[raft]` present: the `raft` backend with that table as its options; absent: `local`. The
-    store owns `<agent data dir>/policy`. The agent's own `local` store is used when no plugin
-    registers one (a host loaded without the agent plugin, as in tests).
+    `[raft]` present: the `raft` backend with that table as its options; `[policy]` voters
+    instead: `remote`, reading the voters' Control API with `[control]`'s node certificate;
+    neither: `local` (`policy_backend_name`). The store owns `<agent data dir>/policy`. The
+    agent's own `local` store is used when no plugin registers one (a host loaded without the
+    agent plugin, as in tests).
     """
     from infermesh.agent.plugin import local_policy_store
 
-    backend = "raft" if config.raft is not None else "local"
+    backend = policy_backend_name(config)
     try:
         factories = host.policy_stores()
     except PluginError as exc:
@@ -161,16 +163,22 @@ def make_policy_store(config: Config, host: PluginHost) -> PolicyStore:
     factories.setdefault("local", local_policy_store)
     factory = factories.get(backend)
     if factory is None:
+        needed_for = {"raft": "the [raft] table", "remote": "[policy] voters"}.get(backend, backend)
         known = ", ".join(sorted(factories))
         raise AgentStartupError(
-            f"no policy store {backend!r} is installed (needed for the [raft] table); "
+            f"no policy store {backend!r} is installed (needed for {needed_for}); "
             f"known stores: {known}"
             f"{_plugin_hint(host)}"
         )
+    options: dict[str, Any] = {}
+    if config.raft is not None:
+        options = config.raft.store_options()
+    elif config.policy is not None:
+        options = config.policy.store_options(config.control)
     context = PolicyStoreContext(
         node=config.node.id,
         data_dir=str(Path(config.agent_data_dir()) / "policy"),
-        options=config.raft.store_options() if config.raft is not None else {},
+        options=options,
     )
     try:
         return factory(context)
