@@ -266,6 +266,8 @@ class RouterHttpConfig:
     """Largest request head (request line and headers) accepted; larger gets 431."""
     header_timeout_s: float = 10.0
     """Time a client has to send a complete request head before the connection is closed."""
+    body_timeout_s: float = 30.0
+    """Time a client has to send the whole request body once its head is in; then 408."""
     idle_timeout_s: float = 30.0
     """Idle keep-alive connections are closed after this long."""
     max_connections: int = 4096
@@ -900,7 +902,7 @@ def _policy_problems(policy: PolicyConfig, config: Config) -> list[tuple[str, st
 def _router_http_problems(http: RouterHttpConfig) -> list[tuple[str, str]]:
     """`[router.http]` checks: positive limits, TLS files given together."""
     problems: list[tuple[str, str]] = []
-    for key in ("header_timeout_s", "idle_timeout_s", "drain_timeout_s"):
+    for key in ("header_timeout_s", "body_timeout_s", "idle_timeout_s", "drain_timeout_s"):
         value = getattr(http, key)
         if not value > 0 or math.isnan(value):
             problems.append((f"router.http.{key}", f"must be > 0, got {value}"))
