@@ -66,6 +66,8 @@ class RouterSettings:
     gate: Gate = attrs.field(factory=Gate)
     """API keys and CORS (`[router.http]`); the default lets everything through."""
     otel: bool = False
+    body_timeout_s: float = 30.0
+    """A request body not complete this long after its head gets 408."""
 
 
 class RouterApp:
@@ -273,6 +275,15 @@ class RouterApp:
 
     # ------------------------------------------------------------------ inference
 
+    async def _read_body(self, receive: Receive, content_length: int | None) -> bytes:
+        """The body within `max_body_bytes` (413) and `body_timeout_s` (408)."""
+        seconds = self.settings.body_timeout_s
+        try:
+            async with asyncio.timeout(seconds):
+                return await read_body(receive, content_length, self.settings.max_body_bytes)
+        except TimeoutError:
+            raise _body_timeout(seconds) from None
+
     async def _inference(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         arrived = time.perf_counter()
         label = route.label
@@ -296,9 +307,7 @@ class RouterApp:
                     span = self.tracer.start(label, headers.traceparent, {"route": route.value})
                     trace = self.tracer.context_of(span, trace)
                 headers.forward.append(("traceparent", trace.header()))
-                body = await read_body(
-                    receive, headers.content_length, self.settings.max_body_bytes
-                )
+                body = await self._read_body(receive, headers.content_length)
                 parsed = parse_request(route, body, headers.slo, headers.tenant, request_id)
                 if parsed.features.stream:
                     disconnected = asyncio.ensure_future(receive())
@@ -330,6 +339,14 @@ class RouterApp:
             self.tracer.end(span, status)
             gauge.dec()
             self.metrics.count_request(label, status)
+
+
+def _body_timeout(seconds: float) -> ApiError:
+    return ApiError(
+        408,
+        f"request body was not received within {seconds:g} s (router.http.body_timeout_s)",
+        code="request_timeout",
+    )
 
 
 def _discard(task: asyncio.Future[Message]) -> None:

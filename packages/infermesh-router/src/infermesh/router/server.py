@@ -108,6 +108,7 @@ def build_app(
         read_timeout_s=router.read_timeout_s,
         gate=build_gate(router.http),
         otel=router.http.otel,
+        body_timeout_s=router.http.body_timeout_s,
         kserve=KServeSettings(
             grpc_listen=router.grpc_listen,
             grpc_targets=grpc_targets_of(config.runtimes),
