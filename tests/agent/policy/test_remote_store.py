@@ -20,7 +20,7 @@ import pytest
 
 from infermesh.agent import plugin as agent_plugin
 from infermesh.agent.certs import Identity, init_ca_dir, issue_to_dir
-from infermesh.agent.daemon import Agent
+from infermesh.agent.daemon import Agent, AgentStartupError
 from infermesh.agent.policy.remote import (
     Backoff,
     PolicyPermissionError,
@@ -31,7 +31,7 @@ from infermesh.agent.policy.remote import (
 )
 from infermesh.agent.tls import CALLER, server_credentials
 from infermesh.core import builtin as core_plugin
-from infermesh.core.config import AgentConfig, Config, ControlConfig, NodeConfig
+from infermesh.core.config import AgentConfig, Config, ControlConfig, NodeConfig, PolicyConfig
 from infermesh.core.plugins import PluginHost
 from infermesh.core.policy import (
     DeletePolicy,
@@ -333,3 +333,59 @@ def test_the_retry_wait_doubles_up_to_the_cap_and_resets() -> None:
     assert [backoff.next_delay() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
     backoff.reset()
     assert backoff.next_delay() == 0.1
+
+
+# --------------------------------------------------------------------------- in the agent
+
+
+def reader_agent(workdir: Path, pki: Path, *voters: str, cert: str = "reader-4") -> Agent:
+    """A non-voter agent: `[policy] voters` and the node certificate in `[control]`."""
+    config = Config(
+        node=NodeConfig(id="reader-4"),
+        agent=AgentConfig(
+            socket=str(workdir / "reader.sock"),
+            metrics_listen="",
+            shutdown_grace_s=2.0,
+            data_dir=str(workdir / "reader"),
+        ),
+        control=ControlConfig(
+            cert=str(pki / f"{cert}.pem"),
+            key=str(pki / "reader-4-key.pem"),
+            ca=str(pki / "ca.pem"),
+        ),
+        policy=PolicyConfig(voters=list(voters), watch_retry_s=0.3),
+    )
+    host = PluginHost.load(
+        entry_point_list=[], extra=[("core", core_plugin), ("agent", agent_plugin)]
+    )
+    return Agent(config, host)
+
+
+async def test_an_agent_with_policy_voters_scores_with_the_voters_policy(
+    workdir: Path, pki: Path
+) -> None:
+    source = voter(workdir, pki)
+    async with running(source) as address:
+        follower = reader_agent(workdir, pki, address)
+        assert isinstance(follower.policy, RemotePolicyStore)
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(follower.run, handle_signals=False))
+            try:
+                await source.policy.submit(DrainNode("gpu-3", "kernel upgrade", 1.0))
+                deadline = anyio.current_time() + DEADLINE_S
+                while "gpu-3" not in follower.engine.policy.drains:  # the agent's own scoring
+                    if anyio.current_time() > deadline:
+                        pytest.fail("the voter's drain never reached the reader's scoring")
+                    await anyio.sleep(0.02)
+                status = await follower.policy.status()
+            finally:
+                follower.request_stop()
+    assert (status.role, status.leader) == ("reader", address)
+
+
+async def test_an_agent_whose_node_certificate_is_missing_does_not_start(
+    workdir: Path, pki: Path
+) -> None:
+    agent = reader_agent(workdir, pki, "127.0.0.1:7960", cert="missing")
+    with pytest.raises(AgentStartupError, match=r"control\.cert: cannot read the certificate"):
+        await agent.run(handle_signals=False)
