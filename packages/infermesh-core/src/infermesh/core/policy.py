@@ -69,10 +69,11 @@ class Role(enum.Enum):
     ADMIN = "admin"
     """Everything, including ACLs."""
     OPERATOR = "operator"
-    """Drain and undrain nodes, and read everything; setting or deleting policies is for admins
-    (the Control API's role table, `infermesh.agent.api.control.ALLOWED_RPCS`)."""
+    """Read everything, drain and undrain nodes, pin and unpin models, load and unload models
+    on a node's runtime; setting or deleting policies is for admins (the Control API's role
+    table, `infermesh.agent.api.control.ALLOWED_RPCS`)."""
     VIEWER = "viewer"
-    """Read only."""
+    """Read only: policies, nodes, models and the event stream."""
 
 
 # --------------------------------------------------------------------------- the policies
