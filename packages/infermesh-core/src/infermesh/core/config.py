@@ -308,7 +308,7 @@ class HedgingConfig:
     """Hedges per request (a policy's `max_hedges` overrides)."""
     budget_ratio: float = 0.1
     """Hedge tokens each request earns: hedges stay within this share of requests."""
-    budget_burst: float = 2.0
+    budget_burst: float = 5.0
     """Most hedge tokens saved up (the bucket starts full)."""
     non_idempotent_models: list[str] = attrs.field(factory=list)
     """Models never hedged (besides requests sent with `x-infermesh-idempotent: false`)."""
