@@ -81,7 +81,10 @@ async def stalling_mesh() -> AsyncIterator[LocalMesh]:
             ReplicaSpec("h100", "stall", extra_args=("--stall-prob", "0.5", "--stall-s", "20")),
             ReplicaSpec("h100", "ok"),
             # A short default delay: the test is over before the TTFT quantile is learnt.
-            extra_config="[router.hedging]\ndefault_delay_s = 0.2\nmin_samples = 1000",
+            extra_config=(
+                "[router.hedging]\ndefault_delay_s = 0.2\nmin_samples = 1000\n"
+                "budget_ratio = 0.1\nbudget_burst = 2.0"
+            ),
         )
     ) as running:
         yield running
@@ -104,7 +107,7 @@ async def test_hedges_win_on_another_replica_within_the_budget(stalling_mesh: Lo
         await wait_for(won, "two hedges to win", timeout_s=90)
     assert statuses == [200] * sent
     fired = await router_count(mesh, "infermesh_router_hedges_total{event=fired}")
-    # The budget: 0.1 token per request, 2 saved up at the start, one per hedge.
+    # The budget as configured: 0.1 token per request, 2 saved up at the start, one per hedge.
     assert fired <= 0.1 * sent + 2
     upstream = sum([await emulator_count(mesh, name, "requests") for name in ("stall", "ok")])
     assert upstream == sent + fired
