@@ -10,7 +10,8 @@ import grpc.aio
 import pytest
 
 from infermesh.agent.api.caller import ON_BEHALF_OF
-from infermesh.agent.daemon import Agent
+from infermesh.agent.daemon import Agent, node_meta
+from infermesh.core.config import Config, ControlConfig, GossipConfig, NodeConfig
 from infermesh.core.model import GpuKey, GpuStateDelta, ModelStateDelta, TargetKey
 from infermesh.core.proto import control_pb2
 
@@ -184,3 +185,16 @@ async def test_only_node_certificates_may_act_on_behalf_of_another_identity(mesh
         "ops's certificate has role operator"
     )
     assert (await agent.policy.get()).revision == 0
+
+
+def test_the_control_api_is_advertised_at_the_gossip_host_and_its_bound_port() -> None:
+    config = Config(
+        node=NodeConfig(id="n1"),
+        control=ControlConfig(listen="0.0.0.0:0"),
+        gossip=GossipConfig(enabled=True, bind="10.0.0.5:7946"),
+    )
+    assert "control" not in dict(node_meta(config, gossip_host="10.0.0.5").apis)
+    meta = node_meta(config, gossip_host="10.0.0.5", control_port=7960)
+    assert dict(meta.apis)["control"] == "10.0.0.5:7960"
+    config.control.listen = "10.0.0.5:7961"
+    assert dict(node_meta(config).apis)["control"] == "10.0.0.5:7961"
