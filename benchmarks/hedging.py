@@ -124,7 +124,9 @@ async def run_mode(args: argparse.Namespace, hedging: bool) -> dict[str, object]
         "ttft_p50_s": percentile(ttfts, 50),
         "ttft_p95_s": percentile(ttfts, 95),
         "ttft_p99_s": percentile(ttfts, 99),
+        "ttft_p999_s": percentile(ttfts, 99.9),
         "ttft_max_s": max(ttfts) if ttfts else None,
+        "stalled_at_client": sum(1 for t in ttfts if t >= args.stall_s / 2),
         "upstream_requests": int(upstream),
         "extra_load": upstream / len(report.records) - 1.0 if report.records else None,
         "stalling_replica_requests": int(delta["r0:requests"]),
@@ -140,7 +142,7 @@ def _ms(value: object) -> str:
 
 def render(rows: list[dict[str, object]]) -> str:
     header = (
-        f"{'mode':<12} {'ok/req':>9} {'TTFT p50':>9} {'p95':>8} {'p99':>8} {'max':>8} "
+        f"{'mode':<12} {'ok/req':>9} {'TTFT p50':>9} {'p95':>8} {'p99':>8} {'max':>8} {'slow':>5} "
         f"{'upstream':>9} {'extra':>7} {'to r0':>6} {'stalls':>6} {'hedges f/w/c/denied':>20}"
     )
     lines = [header, "-" * len(header)]
@@ -151,13 +153,18 @@ def render(rows: list[dict[str, object]]) -> str:
         lines.append(
             f"{row['mode']:<12} {row['ok']:>4}/{row['requests']:<4} {_ms(row['ttft_p50_s'])} "
             f"{_ms(row['ttft_p95_s'])} {_ms(row['ttft_p99_s'])} {_ms(row['ttft_max_s'])} "
+            f"{row['stalled_at_client']:>5} "
             f"{row['upstream_requests']:>9} "
             f"{(f'{extra:+.1%}' if isinstance(extra, float) else '-'):>7} "
             f"{row['stalling_replica_requests']:>6} {row['stalls']:>6} "
             f"{h['fired']:>5}/{h['won']}/{h['cancelled']}/"
             f"{h['denied_by_budget'] + h['denied_saturated']}"
         )
-    lines.append("(TTFT in ms, at the client: first content token of a streamed chat answer)")
+    lines.append(
+        "(TTFT in ms at the client: first content token of a streamed chat answer; slow: "
+        "requests whose TTFT was at least half a stall; to r0: requests the stalling replica "
+        "got, stalls: how many it stalled)"
+    )
     return "\n".join(lines)
 
 
