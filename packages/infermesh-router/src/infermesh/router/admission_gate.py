@@ -37,6 +37,7 @@ from infermesh.router.decision import RouteScoring
 from infermesh.router.errors import ApiError
 from infermesh.router.local_scoring import LocalScoring
 from infermesh.router.metrics import LATENCY_BUCKETS_S, FastHistogram, RouterMetrics
+from infermesh.router.policy_watch import PolicyWatcher
 from infermesh.router.quotas import QuotaGrant, QuotaRefusal, TenantQuotas
 from infermesh.router.saturation import SaturationThresholds, fleet_saturation, sheds
 
@@ -65,10 +66,11 @@ class Admitted:
 
 
 def views_of(scoring: RouteScoring) -> tuple[FleetView | None, PolicySource | None]:
-    """What admission reads from a scoring mode: `local` ranks on a replica of the agent's state
-    and follows its policy, so both come from there. `agent` keeps neither in the router (its
-    ScoreTargets call happens inside the forwarder, after admission): no saturation shedding and
-    no policy overrides there, only the `[router.admission]` limits."""
+    """What admission reads from a scoring mode. `local` ranks on a replica of the agent's state
+    and follows its policy, so both come from there. `agent` keeps neither in the router, and
+    its ScoreTargets call happens inside the forwarder, after admission: (None, None) — no
+    saturation shedding there (the agent's own filters still refuse saturated targets), and the
+    gate follows the policy with its own poller (see `AdmissionGate.for_scoring`)."""
     if not isinstance(scoring, LocalScoring):
         return None, None
     local = scoring
@@ -129,6 +131,36 @@ class AdmissionGate:
         self._wakeups: dict[Waiter, asyncio.Event] = {}
         self._active: dict[str, Admitted] = {}
         self._metrics = _AdmissionMetrics(self, metrics)
+        self._poller: PolicyWatcher | None = None
+
+    @classmethod
+    def for_scoring(
+        cls,
+        config: AdmissionConfig,
+        metrics: RouterMetrics,
+        scoring: RouteScoring,
+        *,
+        retry_after_s: float = 1.0,
+    ) -> AdmissionGate:
+        """The gate of a router in this scoring mode: local mode lends its replica and policy;
+        in agent mode the gate polls the agent's policy itself (from `start`)."""
+        fleet, policy = views_of(scoring)
+        poller = None
+        if policy is None:
+            poller = PolicyWatcher(scoring.agent.target, _ignore, timeout_s=scoring.agent.timeout_s)
+            policy = _policy_of(poller)
+        gate = cls(config, metrics, fleet=fleet, policy=policy, retry_after_s=retry_after_s)
+        gate._poller = poller
+        return gate
+
+    def start(self) -> None:
+        """Start following the agent's policy, when this gate polls it itself."""
+        if self._poller is not None:
+            self._poller.start()
+
+    async def aclose(self) -> None:
+        if self._poller is not None:
+            await self._poller.aclose()
 
     # ------------------------------------------------------------------ policy
 
@@ -291,6 +323,14 @@ class AdmissionGate:
 
 
 _T = TypeVar("_T")
+
+
+def _ignore(policy: PolicySet) -> None:
+    """The gate reads `PolicyWatcher.policy` on each request; nothing to do when it changes."""
+
+
+def _policy_of(poller: PolicyWatcher) -> PolicySource:
+    return lambda: poller.policy
 
 
 def _first(value: _T | None, default: _T) -> _T:

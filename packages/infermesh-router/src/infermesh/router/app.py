@@ -19,7 +19,7 @@ import orjson
 from infermesh.core.config import AdmissionConfig
 from infermesh.core.contracts import TransportContext, TransportFactory
 from infermesh.core.proto import scoring_pb2
-from infermesh.router.admission_gate import AdmissionGate, views_of
+from infermesh.router.admission_gate import AdmissionGate
 from infermesh.router.agent_client import AgentUnavailable
 from infermesh.router.asgi import (
     ClientDisconnected,
@@ -97,12 +97,10 @@ class RouterApp:
             linger_s=scoring.outcome_linger_s,
             on_dropped=self.metrics.outcomes_dropped.inc,
         )
-        fleet, policy = views_of(scoring)
-        self.admission = AdmissionGate(
+        self.admission = AdmissionGate.for_scoring(
             self.settings.admission,
             self.metrics,
-            fleet=fleet,
-            policy=policy,
+            scoring,
             retry_after_s=self.settings.retry_after_s,
         )
         self.forwarder = Forwarder(
@@ -134,11 +132,13 @@ class RouterApp:
     async def startup(self) -> None:
         await self.agent.start()
         await self.scoring.start()
+        self.admission.start()
         self.reporter.start()
         await self.kserve.start()
 
     async def shutdown(self) -> None:
         await self.kserve.aclose()
+        await self.admission.aclose()
         await self.scoring.aclose()
         await self.reporter.aclose()
         await self.forwarder.aclose()
