@@ -472,3 +472,26 @@ def test_dev_triton_refuses_an_unknown_model() -> None:
     assert result.exit_code == 2
     assert "unknown model(s) resnet" in result.output
     assert "simple, simple_string, identity_fp32" in result.output
+
+
+async def test_the_dev_slowdown_route_slows_every_execution(triton: TritonEmulator) -> None:
+    url = triton.http_url + "/infermesh/dev/slowdown"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as response:
+            assert await response.json() == {"factor": 1.0}
+        async with session.put(url, json={"factor": 3}) as response:
+            assert response.status == 200
+            assert await response.json() == {"factor": 3.0}
+        async with session.put(url, json={"factor": 0.5}) as response:
+            assert response.status == 400
+            assert "factor must be a number >= 1" in (await response.json())["error"]
+    assert triton.core.slowdown == 3.0
+    client = triton_http.InferenceServerClient(triton.http_url.removeprefix("http://"))
+    data = np.ones((1, 16), dtype=np.int32)
+    try:
+        await client.infer("simple", simple_inputs(data, data))
+    finally:
+        await client.close()
+    page = await metrics(triton)
+    # The FAST profile executes in 1 ms; three times slower is at least 3 ms (3000 µs).
+    assert series(page, "nv_inference_compute_infer_duration_us", model="simple") >= 3000

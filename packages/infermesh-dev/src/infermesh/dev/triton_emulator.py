@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+SLOWDOWN_PATH = "/infermesh/dev/slowdown"
+"""Dev-only route: `PUT {"factor": 2.0}` makes every execution take twice as long (a throttled
+GPU), `GET` reads the factor. Lets another process (a GPU emulator) slow this Triton down."""
 JSON_TYPE = "application/json"
 
 
@@ -76,13 +79,12 @@ class _HttpFrontEnd:
         )
 
     async def model_metadata(self, request: web.Request) -> web.Response:
+        asked = _version(request)
         try:
-            spec, version = self.core.repository.resolve(
-                request.match_info["model"], _version(request)
-            )
+            spec, version = self.core.repository.resolve(request.match_info["model"], asked)
         except KServeError as exc:
             return _error(exc)
-        return web.json_response(spec.metadata(version if _version(request) else None))
+        return web.json_response(spec.metadata(version if asked else None))
 
     async def model_config(self, request: web.Request) -> web.Response:
         try:
@@ -149,6 +151,19 @@ class _HttpFrontEnd:
             headers={HEADER_LENGTH: str(len(header))},
             content_type="application/octet-stream",
         )
+
+    async def slowdown(self, request: web.Request) -> web.Response:
+        """Dev only (not a Triton route): read or set how much slower the emulated GPU runs."""
+        if request.method == "PUT":
+            try:
+                document = await request.json()
+            except ValueError:
+                return _error(invalid('the body must be JSON: {"factor": <number >= 1>}'))
+            factor = document.get("factor") if isinstance(document, dict) else None
+            if isinstance(factor, bool) or not isinstance(factor, int | float) or factor < 1:
+                return _error(invalid(f"factor must be a number >= 1, got {factor!r}"))
+            self.core.slowdown = float(factor)
+        return web.json_response({"factor": self.core.slowdown})
 
     async def repository_index(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -277,6 +292,8 @@ def build_http_app(core: TritonCore) -> web.Application:
         web.post("/v2/repository/index", front.repository_index),
         web.post("/v2/repository/models/{model}/load", front.repository_load),
         web.post("/v2/repository/models/{model}/unload", front.repository_unload),
+        web.get(SLOWDOWN_PATH, front.slowdown),
+        web.put(SLOWDOWN_PATH, front.slowdown),
     ]
     for prefix in (model, versioned):
         routes += [
