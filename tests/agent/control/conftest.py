@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import grpc
 import grpc.aio
 import pytest
@@ -96,6 +97,14 @@ async def wait_until(
         await anyio.sleep(0.02)
 
 
+def build_agent(config: Config) -> Agent:
+    host = PluginHost.load(
+        entry_point_list=[],
+        extra=[("core", core_plugin), ("agent", agent_plugin), ("vllm", vllm_plugin)],
+    )
+    return Agent(config, host)
+
+
 class Mesh:
     """Agents, emulators and client channels started by one test, all stopped at its end."""
 
@@ -145,11 +154,8 @@ class Mesh:
         )
 
     async def agent(self, config: Config) -> Agent:
-        host = PluginHost.load(
-            entry_point_list=[],
-            extra=[("core", core_plugin), ("agent", agent_plugin), ("vllm", vllm_plugin)],
-        )
-        agent = Agent(config, host)
+        # Built off the loop: the first build imports and reads files, slow on a busy machine.
+        agent = await anyio.to_thread.run_sync(build_agent, config)
         await self._tg.start(partial(agent.run, handle_signals=False))
         self.agents.append(agent)
         return agent
