@@ -342,6 +342,7 @@ class _AdmissionMetrics(Collector):
 
     def __init__(self, gate: AdmissionGate, metrics: RouterMetrics) -> None:
         self.gate = gate
+        self.metrics = metrics
         self.waits: dict[tuple[str, str], FastHistogram] = {}
         self._rejected = Counter(
             "infermesh_router_admission_rejected",
@@ -352,15 +353,23 @@ class _AdmissionMetrics(Collector):
         )
         metrics.registry.register(self)
 
+    def label(self, model: str) -> str:
+        """The `model` label: a model no replica serves is `other`, others as RouterMetrics
+        bounds them (in agent mode the router cannot tell; the bound still holds)."""
+        fleet = self.gate.fleet
+        if fleet is not None and fleet(model) == ():
+            return "other"
+        return self.metrics.model_label(model)
+
     def waited(self, model: str, slo: SloClass, seconds: float) -> None:
-        key = (model, slo.value)
+        key = (self.label(model), slo.value)
         histogram = self.waits.get(key)
         if histogram is None:
             histogram = self.waits[key] = FastHistogram(LATENCY_BUCKETS_S)
         histogram.observe(seconds)
 
     def rejected(self, features: RequestFeatures, reason: str) -> None:
-        self._rejected.labels(features.model, features.slo_class.value, reason).inc()
+        self._rejected.labels(self.label(features.model), features.slo_class.value, reason).inc()
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "slo_class"]
@@ -382,7 +391,11 @@ class _AdmissionMetrics(Collector):
             "Requests waiting for a slot, by model and SLO class.",
             labels=labels,
         )
-        levels = {(m, s.value): (f, q) for m, s, f, q in self.gate.queues.levels()}
+        levels: dict[tuple[str, str], tuple[int, int]] = {}
+        for model, slo_class, running, waiting in self.gate.queues.levels():
+            key = (self.metrics.model_label(model), slo_class.value)
+            before = levels.get(key, (0, 0))
+            levels[key] = (before[0] + running, before[1] + waiting)
         for key in sorted(set(levels) | set(self.waits)):
             running, waiting = levels.get(key, (0, 0))
             in_flight.add_metric(list(key), running)
