@@ -9,6 +9,12 @@ import grpc.aio
 import pytest
 
 from infermesh.agent.daemon import Agent
+from infermesh.agent.runtime_ops import (
+    LocalRuntime,
+    OperationError,
+    pick_runtime,
+    runtime_error_status,
+)
 from infermesh.core.proto import control_pb2, control_pb2_grpc
 
 from .conftest import DEADLINE_S, Mesh, wait_until
@@ -183,3 +189,45 @@ async def test_a_load_for_another_node_is_forwarded_to_its_agent_on_behalf_of_th
     await wait_until(
         lambda: bool(events_of(first, 0, "loaded", "sql")), "n1 to record the adapter on n2"
     )
+
+
+class _Runtime:
+    async def load(self, model: str, source: str) -> None: ...
+
+    async def unload(self, model: str) -> None: ...
+
+    async def warm(self, model: str) -> None: ...
+
+
+def test_a_node_with_several_runtimes_needs_one_named_by_url_or_name() -> None:
+    runtimes = [
+        LocalRuntime("a", "http://10.0.0.1:8000", _Runtime()),
+        LocalRuntime("b", "http://10.0.0.1:8001/v1", _Runtime()),
+    ]
+    with pytest.raises(OperationError) as several:
+        pick_runtime("n1", runtimes, "")
+    assert several.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert str(several.value) == (
+        "node n1 has 2 runtimes that can load models; choose one with runtime: "
+        "http://10.0.0.1:8000, http://10.0.0.1:8001/v1"
+    )
+    assert pick_runtime("n1", runtimes, "http://10.0.0.1:8001/").name == "b"
+    assert pick_runtime("n1", runtimes, "http://10.0.0.1:8000/v1").name == "a"
+    assert pick_runtime("n1", runtimes, "b").name == "b"
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("vLLM at u could not unload LoRA adapter 'x': HTTP 404: cannot be found", "NOT_FOUND"),
+        ("vLLM at u could not load ...: HTTP 400: already loaded", "FAILED_PRECONDITION"),
+        (
+            "... HTTP 404: Not Found (the LoRA routes are missing: start vLLM with ...)",
+            "FAILED_PRECONDITION",
+        ),
+        ("vLLM at u could not load ...: HTTP 500: engine died", "UNAVAILABLE"),
+        ("vLLM at u could not load ...: no answer from u in 5s", "UNAVAILABLE"),
+    ],
+)
+def test_a_runtimes_refusal_maps_to_the_status_an_operator_expects(message: str, code: str) -> None:
+    assert runtime_error_status(message) == grpc.StatusCode[code]
