@@ -495,3 +495,40 @@ async def test_the_dev_slowdown_route_slows_every_execution(triton: TritonEmulat
     page = await metrics(triton)
     # The FAST profile executes in 1 ms; three times slower is at least 3 ms (3000 µs).
     assert series(page, "nv_inference_compute_infer_duration_us", model="simple") >= 3000
+
+
+async def test_a_client_that_goes_away_counts_as_a_canceled_failure(start: StartTriton) -> None:
+    slow = GpuProfile(
+        name="a10",
+        gpu_name="test",
+        prefill_tokens_per_s=1_000_000.0,
+        step_base_s=5.0,
+        step_per_seq_s=0.0,
+        num_gpu_blocks=1024,
+        max_model_len=2048,
+    )
+    triton = await start(profile=slow)
+    body = {
+        "inputs": [
+            {"name": "INPUT0", "shape": [1, 16], "datatype": "INT32", "data": [1] * 16},
+            {"name": "INPUT1", "shape": [1, 16], "datatype": "INT32", "data": [1] * 16},
+        ]
+    }
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(TimeoutError):
+            async with session.post(
+                triton.http_url + "/v2/models/simple/infer",
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=0.3),
+            ):
+                pass
+    deadline = time.monotonic() + 10
+    while (
+        series(
+            await metrics(triton), "nv_inference_request_failure", model="simple", reason="CANCELED"
+        )
+        < 1
+    ):
+        assert time.monotonic() < deadline, "the abandoned request was never counted"
+        await asyncio.sleep(0.05)
+    assert series(await metrics(triton), "nv_inference_request_success", model="simple") == 0

@@ -330,7 +330,7 @@ class Repository:
 
     def finish_load(self, name: str) -> None:
         entry = self._entries[name]
-        if entry.state != READY:
+        if entry.state == LOADING:  # not if it was unloaded while loading
             self._mark_ready(entry)
 
     def unload(self, name: str) -> None:

@@ -127,7 +127,11 @@ class TritonCore:
             batch = spec.batch_size(inputs)
             exec_s = self.config.profile.step_s(batch, 0) * self.slowdown
             if exec_s > 0:
-                await asyncio.sleep(exec_s)
+                try:
+                    await asyncio.sleep(exec_s)
+                except asyncio.CancelledError:  # the client went away mid-execution
+                    stats.failure["CANCELED"] += 1
+                    raise
             try:
                 computed = spec.compute(inputs)
             except KServeError:
