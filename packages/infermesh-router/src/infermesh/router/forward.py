@@ -64,6 +64,7 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
     name.encode() for name in (HOP_BY_HOP - {"content-length"}) | {"x-request-id"}
 )
 _EMPTY_POLICY = PolicySet()
+_LOST_RACE = "another attempt answered first"
 
 
 @attrs.frozen
@@ -321,6 +322,10 @@ class Forwarder:
             status = await race.run()
         except ApiError:
             race.outcome = "upstream_failed"
+            raise
+        except BaseException:
+            if race.outcome == "ok":
+                race.outcome = "client_disconnected"  # the client left (or the server stops)
             raise
         finally:
             model = self.metrics.model_label(features.model)
@@ -616,7 +621,7 @@ class _Race:
                         self._failed(attempt, exc)
                         continue
                     if winner is not None:
-                        await self._abandon(attempt, ready, "another attempt answered first")
+                        await self._abandon(attempt, ready, _LOST_RACE)
                     elif attempt.status == 429 and (self.pending or self._retry_possible()):
                         f.retry_budget.on_failure()
                         f.breakers.release(attempt.target.target_id)
@@ -629,7 +634,7 @@ class _Race:
                     if held is not None:
                         await self._abandon(*held, "rate limited; another target answered")
                         held = None
-                    await self._cancel_all("another attempt answered first")
+                    await self._cancel_all(_LOST_RACE)
                     return await self._relay(*winner)
         except BaseException:
             await self._cancel_all("request cancelled")
@@ -692,7 +697,7 @@ class _Race:
         if attempt.status != 429:
             self.f.breakers.release(attempt.target.target_id)
             attempt.ok, attempt.status = True, CLIENT_CLOSED
-            if attempt.hedge or why.startswith("another"):
+            if why == _LOST_RACE:
                 self.f.metrics.hedges["cancelled"] += 1
         else:
             attempt.ok = False
@@ -704,6 +709,7 @@ class _Race:
         the disconnect and aborts); reported as cancelled, not as failures of their targets."""
         if not self.pending:
             return
+        lost_race = why == _LOST_RACE
         tasks = list(self.pending.items())
         self.pending.clear()
         for task, _ in tasks:
@@ -713,7 +719,8 @@ class _Race:
             if not task.cancelled() and task.exception() is None:
                 await task.result().close()
             self.f.breakers.release(attempt.target.target_id)
-            self.f.metrics.hedges["cancelled"] += 1
+            if lost_race:
+                self.f.metrics.hedges["cancelled"] += 1
             attempt.ok, attempt.status = True, CLIENT_CLOSED
             attempt.error = f"cancelled: {why}"
             self.f._finish(attempt, self.exchange.parsed)
