@@ -8,7 +8,7 @@ at the learnt p95 TTFT, budget 10% of requests). Prints a table and one JSON lin
 of stdout): client TTFT p50/p95/p99, upstream requests per client request (the extra load), the
 router's hedge counters, and how many stalls the stalling replica served.
 
-    uv run python benchmarks/hedging.py [--requests 400] [--concurrency 8]
+    uv run python benchmarks/hedging.py [--requests 1000] [--concurrency 8]
 
 Every process it starts listens on 127.0.0.1 and is stopped on exit. It never asserts timings:
 it measures and reports. See docs/benchmarks.md.
@@ -41,7 +41,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--requests", type=int, default=400, help="measured requests per mode")
+    parser.add_argument("--requests", type=int, default=1000, help="measured requests per mode")
     parser.add_argument("--warmup", type=int, default=60, help="requests before measuring")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per answer")
