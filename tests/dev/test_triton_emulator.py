@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -532,3 +535,30 @@ async def test_a_client_that_goes_away_counts_as_a_canceled_failure(start: Start
         assert time.monotonic() < deadline, "the abandoned request was never counted"
         await asyncio.sleep(0.05)
     assert series(await metrics(triton), "nv_inference_request_success", model="simple") == 0
+
+
+async def test_tritons_own_grpc_client_works_against_the_emulator(
+    triton: TritonEmulator,
+) -> None:
+    script = Path(__file__).with_name("triton_grpc_client.py")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        triton.grpc_target,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    seen = json.loads(stdout)
+    assert (seen["live"], seen["ready"], seen["server"]) == (True, True, "triton")
+    assert seen["inputs"] == ["INPUT0", "INPUT1"]
+    assert seen["sum"] == [[i + 2 for i in range(16)]]
+    assert seen["difference"] == [[i - 2 for i in range(16)]]
+    assert seen["id"] == "tc-1"
+    assert seen["index"] == ["identity_fp32", "simple", "simple_string"]
+    assert (seen["ready_after_unload"], seen["ready_after_load"]) == (False, True)
+    assert seen["unknown_model"] == [
+        "StatusCode.NOT_FOUND",
+        "Request for unknown model: 'nope' is not found",
+    ]
