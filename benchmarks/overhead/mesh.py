@@ -27,12 +27,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHAT_PATH = "/v1/chat/completions"
 HOST = "127.0.0.1"
 
-SERVERS = ("uvicorn", "granian")
+SERVERS = ("uvicorn", "granian", "hypercorn")
 UPSTREAMS = ("builtin", "aiohttp", "httpx", "httpx2")
 """`builtin` is the router's own `openai-http` client; the others are benchmark plugins."""
 ALL_VARIANTS = (
     "uvicorn+builtin",
     "granian+builtin",
+    "hypercorn+builtin",
     "uvicorn+aiohttp",
     "uvicorn+httpx",
     "uvicorn+httpx2",

@@ -1,7 +1,7 @@
 """Serve the InferMesh router app with a chosen ingress server and upstream client.
 
     python -m benchmarks.overhead.router_variant --config C --listen H:P --agent T \
-        --server uvicorn|granian --upstream builtin|aiohttp|httpx|httpx2
+        --server uvicorn|granian|hypercorn --upstream builtin|aiohttp|httpx|httpx2
 
 The app, agent client and plugins are built exactly as `infermesh router run` builds them
 (`infermesh.router.server.build_app`); only the server that runs it, and for aiohttp/httpx the
@@ -103,12 +103,25 @@ def serve_uvicorn(config: Config, upstream: str) -> None:
     uvicorn.Server(uvicorn_config(app, address, port, config.logging.level)).run()
 
 
+def serve_hypercorn(config: Config, upstream: str) -> None:
+    """`router.server = "hypercorn"` as `infermesh router run` serves it (HTTP/1.1 + HTTP/2)."""
+    import uvloop
+
+    from infermesh.router.server import hypercorn_config
+    from infermesh.router.server import serve_hypercorn as serve
+
+    address, port = parse_host_port(config.router.listen)
+    plugins = _host()
+    app = build_app(config, transport_factories(plugins, upstream), plugins.scorers())
+    uvloop.run(serve(app, hypercorn_config(app, address, port, config.router.http)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--config", required=True)
     parser.add_argument("--listen", required=True)
     parser.add_argument("--agent", required=True)
-    parser.add_argument("--server", choices=("uvicorn", "granian"), required=True)
+    parser.add_argument("--server", choices=("uvicorn", "granian", "hypercorn"), required=True)
     parser.add_argument(
         "--upstream", choices=("builtin", "aiohttp", "httpx", "httpx2"), required=True
     )
@@ -116,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _load(args.config, args.listen, args.agent)
     if args.server == "uvicorn":
         serve_uvicorn(config, args.upstream)
+        return 0
+    if args.server == "hypercorn":
+        serve_hypercorn(config, args.upstream)
         return 0
     # granian builds the app in its worker process from these.
     os.environ[_ENV_PREFIX + "CONFIG"] = args.config
