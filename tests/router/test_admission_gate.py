@@ -232,3 +232,14 @@ async def test_metrics_show_waits_refusals_and_levels() -> None:
     )
     assert 'infermesh_router_admission_queue_wait_seconds_count{model="llama",' in text
     assert 'infermesh_router_admission_in_flight{model="llama",slo_class="standard"} 0.0' in text
+
+
+async def test_a_request_refused_by_admission_is_not_charged_to_its_tenant() -> None:
+    policy = policy_of(PolicyKind.QUOTAS, ("acme", TenantQuota(requests_per_s=1)))
+    gate = AdmissionGate(config(max_queue=0), RouterMetrics(), policy=lambda: policy)
+    async with gate.admit(request(tenant="other")):
+        with pytest.raises(ApiError, match="max_queue"):
+            async with gate.admit(request(tenant="acme")):
+                pass
+    async with gate.admit(request(tenant="acme")):
+        pass

@@ -97,3 +97,12 @@ def test_idle_tenants_with_full_buckets_are_forgotten() -> None:
     for i in range(5000):
         quotas.release(granted(quotas.acquire(f"tenant-{i}", 0, float(i))), float(i))
     assert quotas.tracked() < 5000
+
+
+def test_a_refunded_request_gives_back_its_request_tokens_and_concurrency() -> None:
+    quotas = TenantQuotas({"acme": TenantQuota(requests_per_s=1, tokens_per_s=50, concurrent=1)})
+    grant = granted(quotas.acquire("acme", 50, 0.0))
+    quotas.refund(grant, 0.0)
+    quotas.release(grant, 0.0, completion_tokens=1000)  # after a refund: nothing more
+    assert quotas.in_flight("acme") == 0
+    granted(quotas.acquire("acme", 50, 0.0))

@@ -165,23 +165,22 @@ class AdmissionQueues:
         return self._pump(ticket.model, gate, now)
 
     def expire(self, now: float) -> list[Waiter]:
-        """Remove every waiter whose deadline has passed (state EXPIRED, with a Retry-After)."""
+        """Remove every waiter whose deadline has passed (state EXPIRED, with a Retry-After).
+
+        A class's waiters arrive in order and share its `max_queue_wait_s`, so their deadlines
+        are in queue order: each queue is cut at its first waiter not yet due.
+        """
         expired: list[Waiter] = []
         for model, gate in list(self._models.items()):
             for slo, lane in gate.lanes.items():
-                if not _any_due(lane, now):
-                    continue
-                kept: deque[Waiter] = deque()
-                for waiter in lane.queue:
-                    if waiter.deadline <= now:
-                        waiter.state = WaiterState.EXPIRED
-                        waiter.retry_after_s = self._drain_estimate_s(
-                            lane, self.limits(model, slo), len(kept) + 1
-                        )
-                        expired.append(waiter)
-                    else:
-                        kept.append(waiter)
-                lane.queue = kept
+                queue = lane.queue
+                while queue and queue[0].deadline <= now:
+                    waiter = queue.popleft()
+                    waiter.state = WaiterState.EXPIRED
+                    waiter.retry_after_s = self._drain_estimate_s(
+                        lane, self.limits(model, slo), len(queue) + 1
+                    )
+                    expired.append(waiter)
             if gate.idle():
                 del self._models[model]
         return expired
@@ -221,7 +220,7 @@ class AdmissionQueues:
     def next_deadline(self) -> float | None:
         """The earliest deadline of any waiter (None when nobody waits)."""
         heads = [
-            min(w.deadline for w in lane.queue)
+            lane.queue[0].deadline
             for gate in self._models.values()
             for lane in gate.lanes.values()
             if lane.queue
@@ -273,8 +272,3 @@ class AdmissionQueues:
         frees about every `hold_s`, and there are `max_concurrent` (at least 1) of them."""
         slots = max(1, min(limits.max_concurrent, self.model_limit))
         return max(1.0, lane.hold_s * position / slots)
-
-
-def _any_due(lane: _ClassLane, now: float) -> bool:
-    # Deadlines within a class are FIFO-ordered unless a policy shortened max_queue_wait_s.
-    return any(waiter.deadline <= now for waiter in lane.queue)

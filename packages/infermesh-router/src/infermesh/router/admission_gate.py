@@ -10,6 +10,7 @@ waits, wakes waiters and counts. It never touches the request or the response.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -201,12 +202,14 @@ class AdmissionGate:
         admitted = Admitted(features)
         grant = self._take_quota(features)
         admitted.grant = grant
+        let_in = False
         try:
             if self.config.enabled and self._admission_applies(features):
                 admitted.ticket = await self._take_slot(features)
                 admitted.queued_s = admitted.ticket.queued_s
             if features.request_id:
                 self._active[features.request_id] = admitted
+            let_in = True
             yield admitted
         finally:
             if features.request_id:
@@ -214,7 +217,10 @@ class AdmissionGate:
             now = self.clock()
             if admitted.ticket is not None:
                 self._wake(self.queues.release(admitted.ticket, now))
-            self.quotas.release(grant, now, admitted.prompt_tokens, admitted.completion_tokens)
+            if let_in:
+                self.quotas.release(grant, now, admitted.prompt_tokens, admitted.completion_tokens)
+            else:  # refused (or gone) before forwarding: the tenant is not charged
+                self.quotas.refund(grant, now)
 
     def outcome(self, outcome: scoring_pb2.Outcome) -> None:
         """An attempt of an admitted request ended: note its real token counts for the quota."""
@@ -268,22 +274,21 @@ class AdmissionGate:
             self._metrics.waited(model, slo, 0.0)
             return verdict
         if isinstance(verdict, Refusal):
-            self._refuse(features, verdict.reason, verdict.message, verdict.retry_after_s)
+            raise self._refusal(features, verdict.reason, verdict.message, verdict.retry_after_s)
         assert isinstance(verdict, Queued)
         return await self._wait(features, verdict.waiter)
 
     async def _wait(self, features: RequestFeatures, waiter: Waiter) -> Ticket:
         woken = self._wakeups[waiter] = asyncio.Event()
         try:
-            try:
-                async with asyncio.timeout(max(0.0, waiter.deadline - self.clock())):
-                    await woken.wait()
-            except TimeoutError:
-                self._wake(self.queues.expire(self.clock()))
-            if waiter.state is WaiterState.QUEUED:
-                # The timer fired a hair before the deadline by the core's clock.
-                waiter.deadline = min(waiter.deadline, self.clock())
-                self._wake(self.queues.expire(self.clock()))
+            while waiter.state is WaiterState.QUEUED:
+                remaining_s = waiter.deadline - self.clock()
+                if remaining_s <= 0:
+                    self._wake(self.queues.expire(self.clock()))
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining_s):
+                        await woken.wait()
         except BaseException:
             self._wake(self.queues.abandon(waiter, self.clock()))
             raise
@@ -293,7 +298,7 @@ class AdmissionGate:
             self._metrics.waited(features.model, features.slo_class, waiter.ticket.queued_s)
             return waiter.ticket
         limits = self.limits(features.model, features.slo_class)
-        self._refuse(
+        raise self._refusal(
             features,
             "queue_timeout",
             f"{features.slo_class.value} request to model {features.model!r} waited "
@@ -301,13 +306,12 @@ class AdmissionGate:
             "retry after the Retry-After delay",
             waiter.retry_after_s,
         )
-        raise AssertionError("unreachable")
 
-    def _refuse(
+    def _refusal(
         self, features: RequestFeatures, reason: str, message: str, retry_after_s: float
-    ) -> None:
+    ) -> ApiError:
         self._metrics.rejected(features, reason)
-        raise ApiError(
+        return ApiError(
             429,
             message,
             error_type=OVERLOADED_TYPE,

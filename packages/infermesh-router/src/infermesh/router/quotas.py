@@ -166,6 +166,25 @@ class TenantQuotas:
             correction = (prompt_tokens - grant.charged_tokens) if prompt_tokens else 0
             state.tokens.level -= correction + completion_tokens
 
+    def refund(self, grant: QuotaGrant, now: float) -> None:
+        """The request was refused after its quota was taken (e.g. shed for saturation): give
+        back its request, its tokens and its concurrency. Does nothing after `release`."""
+        if grant.released:
+            return
+        grant.released = True
+        state = self._tenants.get(grant.tenant)
+        if state is None:
+            return
+        state.in_flight = max(0, state.in_flight - 1)
+        if state.requests is not None:
+            state.requests.refill(now)
+            state.requests.level = min(state.requests.capacity, state.requests.level + 1.0)
+        if state.tokens is not None:
+            state.tokens.refill(now)
+            state.tokens.level = min(
+                state.tokens.capacity, state.tokens.level + grant.charged_tokens
+            )
+
     def in_flight(self, tenant: str) -> int:
         state = self._tenants.get(tenant)
         return state.in_flight if state is not None else 0
