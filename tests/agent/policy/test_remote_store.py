@@ -71,27 +71,42 @@ def pki(workdir: Path) -> Path:
     return directory
 
 
-def voter(workdir: Path, pki: Path, listen: str = "127.0.0.1:0") -> Agent:
-    """A voter agent (a one-node local store) serving the Control API on `listen`."""
+def make_agent(
+    workdir: Path,
+    pki: Path,
+    name: str,
+    *,
+    listen: str = "",
+    cert: str = "",
+    policy: PolicyConfig | None = None,
+) -> Agent:
+    """An in-process agent `name` with its node certificate (`cert`, default its own) in
+    `[control]`, serving the Control API when `listen` is set."""
     config = Config(
-        node=NodeConfig(id="voter-1"),
+        node=NodeConfig(id=name),
         agent=AgentConfig(
-            socket=str(workdir / "voter.sock"),
+            socket=str(workdir / f"{name}.sock"),
             metrics_listen="",
             shutdown_grace_s=2.0,
-            data_dir=str(workdir / "voter"),
+            data_dir=str(workdir / name),
         ),
         control=ControlConfig(
             listen=listen,
-            cert=str(pki / "voter-1.pem"),
-            key=str(pki / "voter-1-key.pem"),
+            cert=str(pki / f"{cert or name}.pem"),
+            key=str(pki / f"{name}-key.pem"),
             ca=str(pki / "ca.pem"),
         ),
+        policy=policy,
     )
     host = PluginHost.load(
         entry_point_list=[], extra=[("core", core_plugin), ("agent", agent_plugin)]
     )
     return Agent(config, host)
+
+
+def voter(workdir: Path, pki: Path, listen: str = "127.0.0.1:0") -> Agent:
+    """A voter agent (a one-node local store) serving the Control API on `listen`."""
+    return make_agent(workdir, pki, "voter-1", listen=listen)
 
 
 @asynccontextmanager
@@ -338,27 +353,10 @@ def test_the_retry_wait_doubles_up_to_the_cap_and_resets() -> None:
 # --------------------------------------------------------------------------- in the agent
 
 
-def reader_agent(workdir: Path, pki: Path, *voters: str, cert: str = "reader-4") -> Agent:
+def reader_agent(workdir: Path, pki: Path, *voters: str, cert: str = "") -> Agent:
     """A non-voter agent: `[policy] voters` and the node certificate in `[control]`."""
-    config = Config(
-        node=NodeConfig(id="reader-4"),
-        agent=AgentConfig(
-            socket=str(workdir / "reader.sock"),
-            metrics_listen="",
-            shutdown_grace_s=2.0,
-            data_dir=str(workdir / "reader"),
-        ),
-        control=ControlConfig(
-            cert=str(pki / f"{cert}.pem"),
-            key=str(pki / "reader-4-key.pem"),
-            ca=str(pki / "ca.pem"),
-        ),
-        policy=PolicyConfig(voters=list(voters), watch_retry_s=0.3),
-    )
-    host = PluginHost.load(
-        entry_point_list=[], extra=[("core", core_plugin), ("agent", agent_plugin)]
-    )
-    return Agent(config, host)
+    policy = PolicyConfig(voters=list(voters), watch_retry_s=0.3)
+    return make_agent(workdir, pki, "reader-4", cert=cert, policy=policy)
 
 
 async def test_an_agent_with_policy_voters_scores_with_the_voters_policy(
