@@ -261,6 +261,17 @@ async def test_load_of_an_unknown_model_and_control_mode_none_are_refused(
         async with session.post(explicit.http_url + path.format("nope")) as response:
             assert response.status == 400
             assert "failed to load 'nope'" in (await response.json())["error"]
+        bad_config = {"parameters": {"config": "{not json"}}
+        async with session.post(
+            explicit.http_url + path.format("simple"), json=bad_config
+        ) as response:
+            assert response.status == 400
+            assert "parameter 'config' must be" in (await response.json())["error"]
+        good_config = {"parameters": {"config": '{"max_batch_size": 8}'}}
+        async with session.post(
+            explicit.http_url + path.format("simple"), json=good_config
+        ) as response:
+            assert response.status == 200
         async with session.post(fixed.http_url + path.format("simple")) as response:
             assert response.status == 503
             assert "--model-control-mode=explicit" in (await response.json())["error"]

@@ -8,6 +8,7 @@ statistics, and loads and unloads models. Holds no sockets: the front ends only 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -167,8 +168,16 @@ class TritonCore:
     async def load(self, name: str, parameters: Mapping[str, object] | None = None) -> None:
         """Load (or reload) `name`; returns when it is ready, like Triton's load call."""
         config = (parameters or {}).get("config")
-        if config is not None and not isinstance(config, str):
-            raise invalid("load parameter 'config' must be a string holding the JSON model config")
+        if config is not None:
+            try:
+                parsed = json.loads(config) if isinstance(config, str) else None
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                raise invalid(
+                    f"failed to load '{name}': parameter 'config' must be a string holding the "
+                    "model configuration as a JSON object"
+                )
         self.repository.begin_load(name)
         if self.config.load_s > 0:
             await asyncio.sleep(self.config.load_s)
