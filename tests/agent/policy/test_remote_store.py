@@ -45,6 +45,7 @@ from infermesh.core.policy import (
     SetPolicy,
     TenantQuota,
     UndrainNode,
+    command_from_document,
 )
 from infermesh.core.proto import control_pb2, control_pb2_grpc
 from infermesh.dev.harness import free_port
@@ -248,20 +249,34 @@ async def test_a_write_made_for_a_caller_is_checked_against_the_callers_role(
 
 
 class OlderVoter(control_pb2_grpc.ControlServicer):
-    """A voter from before SubscribeEvents: GetPolicy only (every other RPC is UNIMPLEMENTED)."""
+    """A voter from before SubscribeEvents and PinModel: GetPolicy and SetPolicy only (every
+    other RPC answers UNIMPLEMENTED)."""
 
     def __init__(self) -> None:
         self.policy = PolicySet()
 
-    async def GetPolicy(
-        self, request: control_pb2.GetPolicyRequest, context: Any
-    ) -> control_pb2.PolicyDocument:
+    def document(self) -> control_pb2.PolicyDocument:
         return control_pb2.PolicyDocument(
             revision=self.policy.revision, json=json.dumps(self.policy.to_document())
         )
 
+    async def GetPolicy(
+        self, request: control_pb2.GetPolicyRequest, context: Any
+    ) -> control_pb2.PolicyDocument:
+        return self.document()
 
-async def test_a_voter_without_subscribe_events_is_polled(workdir: Path, pki: Path) -> None:
+    async def SetPolicy(
+        self, request: control_pb2.SetPolicyRequest, context: Any
+    ) -> control_pb2.PolicyDocument:
+        document = {"op": "set", "kind": request.kind, "name": request.name}
+        command = command_from_document({**document, "value": json.loads(request.value_json)})
+        self.policy = self.policy.apply(command)
+        return self.document()
+
+
+@asynccontextmanager
+async def older_voter(pki: Path) -> AsyncIterator[tuple[OlderVoter, str]]:
+    """An OlderVoter serving mutual TLS on loopback, and its address."""
     older = OlderVoter()  # type: ignore[abstract]  # deliberately lacks the newer RPCs
     server = grpc.aio.server()
     control_pb2_grpc.add_ControlServicer_to_server(older, server)
@@ -269,12 +284,24 @@ async def test_a_voter_without_subscribe_events_is_polled(workdir: Path, pki: Pa
     port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     try:
-        async with reader(workdir, pki, f"127.0.0.1:{port}") as store:
-            older.policy = older.policy.apply(DrainNode("gpu-5", "old voter", 1.0))
-            policy = await until_revision(store, 1)
+        yield older, f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+async def test_a_voter_without_subscribe_events_is_polled(workdir: Path, pki: Path) -> None:
+    async with older_voter(pki) as (older, address), reader(workdir, pki, address) as store:
+        older.policy = older.policy.apply(DrainNode("gpu-5", "old voter", 1.0))
+        policy = await until_revision(store, 1)
     assert policy.drains["gpu-5"].reason == "old voter"
+
+
+async def test_a_pin_is_set_with_set_policy_on_a_voter_without_pin_model(
+    workdir: Path, pki: Path
+) -> None:
+    async with older_voter(pki) as (older, address), reader(workdir, pki, address) as store:
+        pinned = await store.submit(SetPolicy(PolicyKind.PINS, "llama", Pin(("gpu-1",), 1)))
+    assert pinned.pins["llama"] == older.policy.pins["llama"] == Pin(("gpu-1",), 1)
 
 
 # --------------------------------------------------------------------------- bad settings
