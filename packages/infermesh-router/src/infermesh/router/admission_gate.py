@@ -207,13 +207,13 @@ class AdmissionGate:
             if self.config.enabled and self._admission_applies(features):
                 admitted.ticket = await self._take_slot(features)
                 admitted.queued_s = admitted.ticket.queued_s
-            if features.request_id:
-                self._active[features.request_id] = admitted
+            # A client may reuse an x-request-id: the first request with it gets the token counts.
+            self._active.setdefault(features.request_id, admitted)
             let_in = True
             yield admitted
         finally:
-            if features.request_id:
-                self._active.pop(features.request_id, None)
+            if self._active.get(features.request_id) is admitted:
+                del self._active[features.request_id]
             now = self.clock()
             if admitted.ticket is not None:
                 self._wake(self.queues.release(admitted.ticket, now))
