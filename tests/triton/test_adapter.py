@@ -143,6 +143,7 @@ async def test_load_and_unload_through_runtime_control(triton: TritonEmulator) -
 async def test_control_refusals_carry_tritons_message_and_status(triton: TritonEmulator) -> None:
     adapter = TritonAdapter(context(triton.http_url, metrics_url=triton.metrics_url))
     try:
+        await adapter.load("simple", '{"max_batch_size": 8}')  # a configuration override
         with pytest.raises(TritonControlError, match=r"HTTP 400: failed to load 'resnet'"):
             await adapter.load("resnet", "repository")
         with pytest.raises(TritonControlError, match="Triton loads models from its own repository"):
