@@ -22,6 +22,7 @@ from infermesh.dev.triton_emulator import (
     TritonEmulatorConfig,
     start_triton_emulator,
 )
+from infermesh.triton import adapter as adapter_module
 from infermesh.triton.adapter import TritonAdapter, metrics_url_of
 from infermesh.triton.control import TritonControlError
 
@@ -266,3 +267,11 @@ def test_bad_options_are_config_errors_naming_the_runtime(
     with pytest.raises(ConfigError, match="runtime 'triton0' \\(kind triton\\)") as error:
         TritonAdapter(context(url, **options))
     assert message in str(error.value)
+
+
+async def test_large_pages_are_read_off_the_event_loop(
+    triton: TritonEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(adapter_module, "THREAD_PARSE_CHARS", 0)  # every page counts as large
+    async with watching(triton) as watch:
+        await watch.until("simple", lambda: healthy(watch.state("simple")))
