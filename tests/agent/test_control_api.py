@@ -16,6 +16,7 @@ import pytest
 from infermesh.agent.api.control import ControlService
 from infermesh.agent.certs import Identity, init_ca_dir, issue_to_dir
 from infermesh.agent.policy.local import LocalPolicyStore
+from infermesh.agent.policy.remote import PolicyPermissionError
 from infermesh.agent.tls import ClientIdentityInterceptor, channel_credentials, server_credentials
 from infermesh.core.policy import AclEntry, NotLeaderError, PolicyStoreContext, Role, SetPolicy
 from infermesh.core.policy import PolicyKind as Kind
@@ -207,6 +208,22 @@ async def test_a_write_without_a_leader_is_unavailable_and_says_so(
     assert refused.value.details() == (
         "the change was not committed (no quorum within 5 s); no leader is known; retry later"
     )
+
+
+async def test_a_voter_refusing_a_forwarded_write_is_permission_denied_with_its_reason(
+    pki: Path, address: str, store: LocalPolicyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a non-voter's `remote` store raises when the voter it forwarded to refuses the caller.
+    async def voter_refuses(command: object) -> None:
+        raise PolicyPermissionError("voter 10.0.0.1:7960: ci-bot has role viewer")
+
+    monkeypatch.setattr(store, "submit", voter_refuses)
+    async with _channel(pki, address, "ci-bot") as channel:
+        control = control_pb2_grpc.ControlStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await control.DrainNode(control_pb2.DrainNodeRequest(node="gpu-1"), timeout=DEADLINE_S)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert refused.value.details() == "voter 10.0.0.1:7960: ci-bot has role viewer"
 
 
 async def test_a_client_without_a_certificate_is_refused_quickly(pki: Path, address: str) -> None:

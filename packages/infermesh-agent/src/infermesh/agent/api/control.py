@@ -318,6 +318,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
         try:
             command: PolicyCommand = command_from_document(document)
             policy = await self._store.submit(command)
+        except PermissionError as exc:  # a voter refused a write this agent forwarded
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except PolicyError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except NotLeaderError as exc:
