@@ -6,6 +6,7 @@ import pytest
 
 from infermesh.core.model import SloClass
 from infermesh.router.admission import (
+    KEEP_MODELS,
     AdmissionQueues,
     ClassLimits,
     Queued,
@@ -172,12 +173,15 @@ def test_releasing_twice_frees_one_slot() -> None:
     assert gate.in_flight(MODEL, STANDARD) == 1
 
 
-def test_a_model_with_nothing_running_or_waiting_is_forgotten() -> None:
+def test_idle_models_are_forgotten_once_many_models_were_seen() -> None:
     gate = queues(max_concurrent=1)
     holder = ticket(gate.arrive(MODEL, STANDARD, 0.0))
     assert list(gate.levels()) != []
     gate.release(holder, 1.0)
     assert list(gate.levels()) == []
+    for index in range(KEEP_MODELS * 2):
+        gate.release(ticket(gate.arrive(f"model-{index}", STANDARD, 2.0)), 2.0)
+    assert gate.tracked_models() <= KEEP_MODELS
 
 
 def test_raised_limits_admit_waiters_on_pump() -> None:

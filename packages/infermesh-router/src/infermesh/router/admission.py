@@ -31,6 +31,8 @@ PRIORITY_ORDER = tuple(sorted(SloClass, key=lambda slo: slo.priority))
 DEFAULT_HOLD_S = 1.0
 """Assumed time a request holds its slot before any has finished (for Retry-After)."""
 HOLD_EWMA_ALPHA = 0.2
+KEEP_MODELS = 256
+"""Models whose state is kept while idle; past this, idle ones are forgotten."""
 
 
 @attrs.frozen
@@ -130,14 +132,16 @@ class AdmissionQueues:
 
     def arrive(self, model: str, slo: SloClass, now: float) -> Ticket | Queued | Refusal:
         """A request for `model` of class `slo` asks for a slot."""
-        gate = self._models.setdefault(model, _ModelGate())
+        gate = self._models.get(model)
+        if gate is None:
+            if len(self._models) >= KEEP_MODELS:
+                self._forget_idle()
+            gate = self._models[model] = _ModelGate()
         lane = gate.lanes[slo]
         limits = self.limits(model, slo)
         if not lane.queue and self._has_room(gate, lane, limits):
             return self._admit(gate, lane, model, slo, now, now)
         if len(lane.queue) >= limits.max_queue:
-            if gate.idle():
-                del self._models[model]
             retry_after_s = self._drain_estimate_s(lane, limits, len(lane.queue) + 1)
             return Refusal(
                 "queue_full",
@@ -181,8 +185,6 @@ class AdmissionQueues:
                         lane, self.limits(model, slo), len(queue) + 1
                     )
                     expired.append(waiter)
-            if gate.idle():
-                del self._models[model]
         return expired
 
     def abandon(self, waiter: Waiter, now: float) -> list[Waiter]:
@@ -196,8 +198,6 @@ class AdmissionQueues:
             gate = self._models.get(waiter.model)
             if gate is not None:
                 gate.lanes[waiter.slo_class].queue.remove(waiter)
-                if gate.idle():
-                    del self._models[waiter.model]
         return []
 
     def pump(self, now: float) -> list[Waiter]:
@@ -217,6 +217,10 @@ class AdmissionQueues:
         gate = self._models.get(model)
         return len(gate.lanes[slo].queue) if gate is not None else 0
 
+    def tracked_models(self) -> int:
+        """Models whose slots, queues and hold estimates are held in memory."""
+        return len(self._models)
+
     def next_deadline(self) -> float | None:
         """The earliest deadline of any waiter (None when nobody waits)."""
         heads = [
@@ -228,12 +232,19 @@ class AdmissionQueues:
         return min(heads) if heads else None
 
     def levels(self) -> Iterator[tuple[str, SloClass, int, int]]:
-        """(model, class, in flight, queued) for every model with requests."""
+        """(model, class, in flight, queued) for every model with requests running or waiting."""
         for model, gate in self._models.items():
+            if gate.idle():
+                continue
             for slo, lane in gate.lanes.items():
                 yield model, slo, lane.in_flight, len(lane.queue)
 
     # ------------------------------------------------------------------ internals
+
+    def _forget_idle(self) -> None:
+        # Idle models keep their slot-hold estimates until this many models have been seen.
+        for model in [name for name, gate in self._models.items() if gate.idle()]:
+            del self._models[model]
 
     def _has_room(self, gate: _ModelGate, lane: _ClassLane, limits: ClassLimits) -> bool:
         return lane.in_flight < limits.max_concurrent and gate.in_flight < self.model_limit
@@ -263,8 +274,6 @@ class AdmissionQueues:
                 waiter.ticket = self._admit(gate, lane, model, slo, waiter.arrived_at, now)
                 waiter.state = WaiterState.ADMITTED
                 admitted.append(waiter)
-        if gate.idle():
-            del self._models[model]
         return admitted
 
     def _drain_estimate_s(self, lane: _ClassLane, limits: ClassLimits, position: int) -> float:

@@ -26,6 +26,7 @@ from infermesh.core.model import ModelState, RequestFeatures, SloClass
 from infermesh.core.policy import PolicySet
 from infermesh.core.proto import scoring_pb2
 from infermesh.router.admission import (
+    KEEP_MODELS,
     AdmissionQueues,
     ClassLimits,
     Queued,
@@ -131,6 +132,7 @@ class AdmissionGate:
         self.quotas = TenantQuotas()
         self._wakeups: dict[Waiter, asyncio.Event] = {}
         self._active: dict[str, Admitted] = {}
+        self._saturation: dict[str, tuple[Sequence[ModelState], float | None]] = {}
         self._metrics = _AdmissionMetrics(self, metrics)
         self._poller: PolicyWatcher | None = None
 
@@ -251,7 +253,7 @@ class AdmissionGate:
             return True
         if not replicas:
             return False  # no replica serves the model: the forwarder answers 404
-        saturation = fleet_saturation(replicas, self.thresholds)
+        saturation = self._saturation_of(features.model, replicas)
         shed_at = self.limits(features.model, features.slo_class).shed_at_load
         if sheds(saturation, shed_at):
             self._metrics.rejected(features, "saturated")
@@ -266,6 +268,18 @@ class AdmissionGate:
                 retry_after_s=self.retry_after_s,
             )
         return True
+
+    def _saturation_of(self, model: str, replicas: Sequence[ModelState]) -> float | None:
+        # The state store hands out the same tuple of candidates until one of them changes, so
+        # the mean is computed once per change, not once per request.
+        cached = self._saturation.get(model)
+        if cached is not None and cached[0] is replicas:
+            return cached[1]
+        saturation = fleet_saturation(replicas, self.thresholds)
+        if len(self._saturation) >= KEEP_MODELS:
+            self._saturation.clear()
+        self._saturation[model] = (replicas, saturation)
+        return saturation
 
     async def _take_slot(self, features: RequestFeatures) -> Ticket:
         model, slo = features.model, features.slo_class
