@@ -23,7 +23,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from infermesh.core.config import RouterHttpConfig
 from infermesh.router.app import RouterApp, RouterSettings
 from infermesh.router.plugin import openai_http_transport
-from infermesh.router.server import build_gate, hypercorn_config, uvicorn_config
+from infermesh.router.server import build_gate, hypercorn_app, hypercorn_config, uvicorn_config
 
 from .conftest import (
     MAX_BODY_BYTES,
@@ -112,7 +112,7 @@ async def _hypercorn(app: RouterApp, http: RouterHttpConfig) -> AsyncIterator[in
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) the socket
     config.graceful_timeout = 1.0
     stop = asyncio.Event()
-    asgi: object = app
+    asgi: object = hypercorn_app(app, config)
     task = asyncio.create_task(
         hypercorn_serve(asgi, config, shutdown_trigger=stop.wait, mode="asgi")  # type: ignore[arg-type]
     )

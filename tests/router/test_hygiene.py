@@ -276,9 +276,10 @@ async def test_slow_request_heads_are_cut_off_with_408() -> None:
             assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
 
 
-async def test_oversized_request_heads_get_431() -> None:
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+async def test_oversized_request_heads_get_431(server: str) -> None:
     http = RouterHttpConfig(max_header_bytes=2048)
-    async with running(http=http) as router:
+    async with running(server, http=http) as router:
         head = b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 3000 + b"\r\n\r\n"
         answer = await _raw_exchange(router.url, head)
         assert answer.startswith(b"HTTP/1.1 431")
@@ -286,6 +287,16 @@ async def test_oversized_request_heads_get_431() -> None:
         assert body["error"]["code"] == "request_header_fields_too_large"
         async with plain_http_client(router.url) as client:
             assert (await client.get("/health")).status_code == 200
+
+
+async def test_hypercorn_closes_slow_request_heads() -> None:
+    http = RouterHttpConfig(header_timeout_s=0.5)
+    async with running("hypercorn", http=http) as router:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n" + b"x-pad: " + b"a" * 400
+        # Hypercorn closes the connection without an answer; the router keeps serving.
+        assert await _raw_exchange(router.url, head, slow=True) == b""
+        async with plain_http_client(router.url) as client:
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
 
 
 async def test_a_flood_of_idle_connections_is_shed_and_the_router_recovers() -> None:

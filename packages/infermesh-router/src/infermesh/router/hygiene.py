@@ -17,8 +17,9 @@ What a client sees:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -28,7 +29,9 @@ from infermesh.router.errors import ApiError
 __all__ = [
     "CorsPolicy",
     "Gate",
+    "HeadLimit",
     "Headers",
+    "head_size",
     "load_api_keys",
 ]
 
@@ -194,3 +197,48 @@ def check_content_type(content_type: bytes) -> None:
         "application/json",
         code="unsupported_media_type",
     )
+
+
+def head_size(scope: Mapping[str, Any]) -> int:
+    """Bytes of the request head as HTTP/1.1 would carry it: request line and header lines."""
+    size = len(scope.get("raw_path") or scope["path"].encode()) + len(
+        scope.get("query_string", b"")
+    )
+    for name, value in scope["headers"]:
+        size += len(name) + len(value) + 4
+    return size + 16
+
+
+class HeadLimit:
+    """ASGI wrapper refusing request heads over `max_bytes` with 431 (WebSocket: close 1009).
+
+    For servers that only limit heads still being received (hypercorn's h11 and h2 limits);
+    uvicorn's guarded protocol measures heads itself.
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind in ("http", "websocket") and head_size(scope) > self.max_bytes:
+            if kind == "websocket":
+                await send({"type": "websocket.close", "code": 1009})
+                return
+            error = ApiError(
+                431,
+                f"request headers are larger than the router's limit of {self.max_bytes} bytes "
+                "(router.http.max_header_bytes)",
+                code="request_header_fields_too_large",
+            )
+            body = error.body()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            await send({"type": "http.response.start", "status": 431, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)

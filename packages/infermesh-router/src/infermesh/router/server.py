@@ -31,7 +31,7 @@ from infermesh.router.agent_scoring import AgentScoring
 from infermesh.router.app import RouterApp, RouterSettings
 from infermesh.router.decision import RouteScoring
 from infermesh.router.http_guard import guarded_protocol
-from infermesh.router.hygiene import Gate, load_api_keys
+from infermesh.router.hygiene import Gate, HeadLimit, load_api_keys
 from infermesh.router.kserve import KServeSettings
 from infermesh.router.kserve_grpc import grpc_targets_of
 from infermesh.router.local_scoring import LocalScoring
@@ -42,6 +42,7 @@ __all__ = [
     "build_app",
     "build_gate",
     "build_scoring",
+    "hypercorn_app",
     "hypercorn_config",
     "serve",
     "uvicorn_config",
@@ -195,6 +196,13 @@ def hypercorn_config(
     return config
 
 
+def hypercorn_app(app: RouterApp, config: HypercornConfig) -> HeadLimit:
+    """The app as hypercorn serves it: with the request-head size limit (`max_header_bytes`,
+    which `hypercorn_config` also sets as h11's limit) checked per request, since hypercorn only
+    limits heads still being received."""
+    return HeadLimit(app, config.h11_max_incomplete_size)
+
+
 async def serve_hypercorn(app: RouterApp, config: HypercornConfig) -> None:
     """Serve until SIGTERM/SIGINT, then drain (hypercorn's graceful_timeout)."""
     stop = asyncio.Event()
@@ -202,7 +210,7 @@ async def serve_hypercorn(app: RouterApp, config: HypercornConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     shutdown_trigger: Callable[..., Any] = stop.wait
-    asgi: Any = app
+    asgi: Any = hypercorn_app(app, config)
     await hypercorn_serve(asgi, config, shutdown_trigger=shutdown_trigger, mode="asgi")
 
 
