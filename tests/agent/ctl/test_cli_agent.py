@@ -16,6 +16,7 @@ import signal
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -83,12 +84,8 @@ def cli() -> click.Group:
     return build_cli(host)
 
 
-@pytest.fixture
-async def agent(workdir: Path, pki: Path) -> AsyncIterator[Agent]:
-    # The agent logs to stdout by default, and CliRunner captures stdout process-wide.
-    configure_logging("warning", "json", stream=io.StringIO())  # undone by tests/conftest.py
-    emulator = await start_emulator(EmulatorConfig(model=MODEL, profile=FAST_GPU))
-    config = Config(
+def agent_config(workdir: Path, pki: Path, runtimes: Sequence[str] = ()) -> Config:
+    return Config(
         node=NodeConfig(id="n1", zone="z1"),
         agent=AgentConfig(
             socket=str(workdir / "n1.sock"),
@@ -103,21 +100,48 @@ async def agent(workdir: Path, pki: Path) -> AsyncIterator[Agent]:
             ca=str(pki / "ca.pem"),
         ),
         runtimes=[
-            RuntimeConfig(kind="vllm", url=emulator.url, poll_interval_s=0.05, timeout_s=1.0)
+            RuntimeConfig(kind="vllm", url=url, poll_interval_s=0.05, timeout_s=1.0)
+            for url in runtimes
         ],
     )
+
+
+def build_agent(config: Config) -> Agent:
     host = PluginHost.load(
         entry_point_list=[],
         extra=[("core", core_plugin), ("agent", agent_plugin), ("vllm", vllm_plugin)],
     )
-    running = Agent(config, host)
+    return Agent(config, host)
+
+
+@asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[Agent]:
+    # The agent logs to stdout by default, and CliRunner captures stdout process-wide.
+    configure_logging("warning", "json", stream=io.StringIO())  # undone by tests/conftest.py
+    # Loading plugins and reading the TLS files is synchronous work; keep it off the loop.
+    running = await anyio.to_thread.run_sync(build_agent, config)
+    async with anyio.create_task_group() as tg:
+        await tg.start(partial(running.run, handle_signals=False))
+        try:
+            yield running
+        finally:
+            running.request_stop()
+
+
+@pytest.fixture
+async def agent(workdir: Path, pki: Path) -> AsyncIterator[Agent]:
+    """An agent with the Control API and no runtime."""
+    async with serving(agent_config(workdir, pki)) as running:
+        yield running
+
+
+@pytest.fixture
+async def vllm_agent(workdir: Path, pki: Path) -> AsyncIterator[Agent]:
+    """An agent with the Control API watching one emulated vLLM server of MODEL."""
+    emulator = await start_emulator(EmulatorConfig(model=MODEL, profile=FAST_GPU))
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(partial(running.run, handle_signals=False))
-            try:
-                yield running
-            finally:
-                running.request_stop()
+        async with serving(agent_config(workdir, pki, [emulator.url])) as running:
+            yield running
     finally:
         await emulator.aclose()
 
@@ -208,9 +232,9 @@ async def test_an_operator_drains_the_node_and_nodes_list_shows_it(
 
 
 async def test_models_pin_unpin_and_load_unload_an_adapter_with_its_events(
-    cli: click.Group, agent: Agent, pki: Path
+    cli: click.Group, vllm_agent: Agent, pki: Path
 ) -> None:
-    ops, viewer = Operator(cli, agent, pki, "ops"), Operator(cli, agent, pki, "grafana")
+    ops, viewer = Operator(cli, vllm_agent, pki, "ops"), Operator(cli, vllm_agent, pki, "grafana")
     await wait_for_model(viewer)
 
     pinned = await ops("models", "pin", MODEL, "n1", "--min-replicas", "1")
