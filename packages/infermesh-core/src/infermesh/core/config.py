@@ -129,6 +129,10 @@ class RuntimeConfig:
     `openai-http` for every other kind, unless set."""
     options: dict[str, Any] = attrs.field(factory=dict)
     """Adapter-specific keys, passed unparsed to the adapter."""
+    gpus: list[str] = attrs.field(factory=list)
+    """UUIDs of the GPUs (or MIG instances) this runtime runs on, e.g. `["GPU-3f2a..."]`: its
+    targets are as healthy as the worst of them. Empty: what the adapter discovers (Triton's
+    `gpu_uuid` labels), else every GPU of the node counts for scoring but none excludes."""
 
 
 @attrs.define
@@ -749,6 +753,10 @@ def _value_problems(config: Config) -> list[tuple[str, str]]:
             )
         at_least(f"{key}.poll_interval_s", source.poll_interval_s, 0, strict=True)
         at_least(f"{key}.timeout_s", source.timeout_s, 0, strict=True)
+        if isinstance(source, RuntimeConfig):
+            for j, uuid in enumerate(source.gpus):
+                if not uuid.strip() or "," in uuid:
+                    problems.append((f"{key}.gpus[{j}]", f"expected a GPU UUID, got {uuid!r}"))
     for name, weight in config.scoring.weights.items():
         at_least(f"scoring.weights.{name}", weight, 0)
     at_least("scoring.stale_after_s", config.scoring.stale_after_s, 0, strict=True)
