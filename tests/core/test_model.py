@@ -175,10 +175,6 @@ def test_deltas_are_hashable_and_compare_by_value() -> None:
         ({"remapped_rows_failure": True}, "row remapping failed"),
         ({"remapped_rows_pending": True}, "row remapping pending (GPU reset required)"),
         ({"xid_last": 79}, "XID 79 reported"),
-        (
-            {"clock_event_reasons": frozenset({"hw_thermal_slowdown", "hw_slowdown"})},
-            "throttled: hw_slowdown, hw_thermal_slowdown",
-        ),
     ],
 )
 def test_gpu_health_names_the_problem(changes: dict[str, Any], reason: str) -> None:
@@ -192,6 +188,13 @@ def test_application_xids_and_benign_clock_events_leave_a_gpu_healthy() -> None:
     idle_clocks = GpuState(key=GPU, clock_event_reasons=frozenset({"gpu_idle", "sw_power_cap"}))
     assert app_fault.health == (True, "ok")
     assert idle_clocks.health == (True, "ok")
+
+
+def test_throttling_is_not_a_fault_but_is_named() -> None:
+    events = frozenset({"hw_thermal_slowdown", "hw_slowdown", "gpu_idle"})
+    gpu = GpuState(key=GPU, clock_event_reasons=events)
+    assert gpu.health == (True, "ok")
+    assert gpu.throttle_reasons == ("hw_slowdown", "hw_thermal_slowdown")
 
 
 def test_first_gpu_problem_wins() -> None:

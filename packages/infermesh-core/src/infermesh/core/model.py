@@ -262,7 +262,10 @@ class ModelStateDelta:
 
 # Clock-event (throttle) reasons that mean the GPU is slowed by something other than idling
 # or an application clock setting; names follow NVML's nvmlClocksEventReason* constants.
+# A throttled GPU still computes correctly: scoring sends it less work (infermesh.core.scoring.
+# gpu_health) rather than excluding it.
 SEVERE_CLOCK_EVENTS = frozenset({"hw_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown"})
+THROTTLE_CLOCK_EVENTS = SEVERE_CLOCK_EVENTS | {"sw_thermal_slowdown", "sw_power_cap"}
 
 # XIDs that NVIDIA attributes to the application (graphics engine exception, MMU fault, stopped
 # processing, preemptive cleanup): one bad client kernel must not take the GPU out of rotation.
@@ -302,7 +305,9 @@ class GpuState:
 
     @property
     def health(self) -> tuple[bool, str]:
-        """(healthy, reason): uncorrectable ECC, row remapping, a hardware XID or severe throttling.
+        """(healthy, reason): False on a fault that makes results or the device unreliable —
+        uncorrectable ECC, row remapping, or an XID not caused by the application (XID 79: the
+        GPU fell off the bus). Throttling is not a fault: it is in `throttle_reasons`.
 
         The first problem found is the reason; a healthy GPU's reason is "ok".
         """
@@ -314,10 +319,12 @@ class GpuState:
             return False, "row remapping pending (GPU reset required)"
         if self.xid_last and self.xid_last not in APPLICATION_XIDS:
             return False, f"XID {self.xid_last} reported"
-        severe = sorted(self.clock_event_reasons & SEVERE_CLOCK_EVENTS)
-        if severe:
-            return False, "throttled: " + ", ".join(severe)
         return True, "ok"
+
+    @property
+    def throttle_reasons(self) -> tuple[str, ...]:
+        """The active clock events that slow this GPU down (thermal or power), sorted."""
+        return tuple(sorted(self.clock_event_reasons & THROTTLE_CLOCK_EVENTS))
 
     @property
     def healthy(self) -> bool:
