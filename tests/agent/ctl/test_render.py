@@ -190,3 +190,9 @@ def test_events_show_seq_time_kind_action_subject_node_and_message() -> None:
     ]
     assert render.event_line(None).split() == list(render.EVENT_COLUMNS)
     assert render.message_dict(event)["attributes"] == {"by": "spiffe://infermesh/operator/ci-bot"}
+
+
+def test_names_and_reasons_are_printed_as_given_not_as_markup() -> None:
+    reply = node_list()
+    reply.nodes[1].drain_reason = "[bold]ticket[/bold] :fire:"
+    assert "yes ([bold]ticket[/bold] :fire:)" in text(render.nodes_view(reply))

@@ -50,7 +50,10 @@ class Output:
         self.json_output = json_output
         self._stream = stream if stream is not None else sys.stdout
         width = None if self._stream.isatty() else _PIPE_WIDTH
-        self._console = Console(file=self._stream, width=width, highlight=False)
+        # Names, reasons and messages come from users: print them as they are, never as markup.
+        self._console = Console(
+            file=self._stream, width=width, highlight=False, markup=False, emoji=False
+        )
 
     def document(self, value: Any) -> None:
         """One JSON document (the whole answer of a command)."""

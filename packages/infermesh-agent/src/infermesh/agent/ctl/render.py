@@ -114,6 +114,11 @@ def _health(healthy: bool, reason: str) -> str:
     return f"no ({reason})" if reason else "no"
 
 
+def _add_row(table: Table, *cells: str) -> None:
+    """Cells as plain text: a node name or drain reason like `[x]` is not rich markup."""
+    table.add_row(*(Text(cell) for cell in cells))
+
+
 def _table(*columns: str, title: str | None = None) -> Table:
     table = Table(title=title, title_justify="left", header_style="bold", box=None, pad_edge=False)
     for column in columns:
@@ -150,7 +155,8 @@ def nodes_view(reply: control_pb2.NodeList) -> RenderableType:
     table = _table("NODE", "STATE", "ZONE", "DRAINED", "TARGETS", "GPUS", "RTT")
     for node in reply.nodes:
         name = f"{node.name} (self)" if node.is_self else node.name
-        table.add_row(
+        _add_row(
+            table,
             name,
             node.state or NONE,
             node.zone or NONE,
@@ -178,7 +184,7 @@ def _targets_table(targets: Iterable[control_pb2.Target], *, with_node: bool) ->
             f"{target.waiting:g}",
             _percent(target.kv_cache_usage),
         ]
-        table.add_row(*row, _names(target.adapters), f"{target.age_s:.1f} s")
+        _add_row(table, *row, _names(target.adapters), f"{target.age_s:.1f} s")
     return table
 
 
@@ -187,7 +193,8 @@ def _gpus_table(gpus: Iterable[control_pb2.Gpu]) -> Table:
         "INDEX", "NAME", "UUID", "MIG", "UTIL", "MEMORY", "TEMP", "POWER", "HEALTHY", title="GPUs"
     )
     for gpu in gpus:
-        table.add_row(
+        _add_row(
+            table,
             str(gpu.index),
             gpu.name,
             gpu.uuid,
@@ -206,7 +213,7 @@ def _fields(rows: Iterable[tuple[str, str]]) -> Table:
     grid.add_column(style="bold")
     grid.add_column(overflow="fold")
     for label, value in rows:
-        grid.add_row(label, value)
+        _add_row(grid, label, value)
     return grid
 
 
@@ -250,7 +257,9 @@ def _pin(model: control_pb2.Model) -> str:
 def models_table(reply: control_pb2.ModelList) -> RenderableType:
     table = _table("MODEL", "TARGETS", "HEALTHY", "PINNED NODES")
     for model in reply.models:
-        table.add_row(model.name, str(len(model.targets)), str(model.healthy_targets), _pin(model))
+        _add_row(
+            table, model.name, str(len(model.targets)), str(model.healthy_targets), _pin(model)
+        )
     footer = f"policy revision {reply.policy_revision} (answered by {reply.answered_by})"
     return Group(table, Text(""), Text(footer))
 
@@ -276,7 +285,7 @@ def entries_table(reply: control_pb2.PolicyEntryList) -> RenderableType:
     table = _table("KIND", "NAME", "VALUE")
     for entry in reply.entries:
         value = json.dumps(json.loads(entry.value_json or "{}"), sort_keys=True)
-        table.add_row(entry.kind, entry.name, value)
+        _add_row(table, entry.kind, entry.name, value)
     if not reply.entries:
         return Text(f"no policy entries (revision {reply.revision})")
     return Group(table, Text(""), Text(f"revision {reply.revision}"))
@@ -302,7 +311,7 @@ def _event_cells(event: control_pb2.Event) -> list[str]:
 def events_table(events: Iterable[control_pb2.Event]) -> Table:
     table = _table(*EVENT_COLUMNS)
     for event in events:
-        table.add_row(*_event_cells(event))
+        _add_row(table, *_event_cells(event))
     return table
 
 
