@@ -87,6 +87,12 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
             ExitCode.FAILED,
             "the agent could not do it: the change was not committed (no leader)",
         ),
+        (
+            UNAVAILABLE,
+            "Socket closed",
+            ExitCode.UNREACHABLE,
+            "(the connection was closed; did the agent stop?)",
+        ),
         (grpc.StatusCode.INTERNAL, "boom", ExitCode.FAILED, "internal: boom"),
         (
             grpc.StatusCode.FAILED_PRECONDITION,

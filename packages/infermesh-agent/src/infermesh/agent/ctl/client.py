@@ -1,8 +1,9 @@
 """The CLI's connection to an agent's Control API: a mutual-TLS channel from the resolved settings,
-and calls whose failures come back as `CtlError`s (see `errors.rpc_error`).
+and calls whose failures come back as `CtlError`s (see `rpc_errors.rpc_error`).
 
 Synchronous on purpose: a command makes one or a few calls and then exits. Imported only when a
-command runs (after `options.quiet_grpc_core`), so `infermesh --help` does not load gRPC.
+command runs (`options.run`, after it quiets gRPC core's logging), so `infermesh --help` does
+not load gRPC.
 """
 
 from __future__ import annotations

@@ -84,6 +84,8 @@ def _connection_error(target: CallTarget, details: str) -> CtlError | None:
         )
     if _connection_failed(details):
         return _unreachable(target, details)
+    if "Socket closed" in details:
+        return _unreachable(target, "the connection was closed; did the agent stop?")
     return None
 
 
