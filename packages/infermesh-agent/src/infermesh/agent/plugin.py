@@ -1,5 +1,6 @@
-"""The agent's plugin: `infermesh agent`, `infermesh certs`, and the `local`, `raft` and
-`remote` policy stores.
+"""The agent's plugin: `infermesh agent`, `infermesh certs`, the `local`, `raft` and `remote`
+policy stores, and the mapped runtime adapters (`tgi`, `sglang`, `torchserve`, `tfserving`,
+`ovms`, `generic`).
 
 The built-in scorers live in infermesh-core (`infermesh.core.scoring`) and are registered by
 core's plugin, so a router scoring locally has them without installing the agent. Nothing here
@@ -9,7 +10,14 @@ PySyncObj only when a raft store is built.
 
 from __future__ import annotations
 
-from infermesh.core.hookspecs import RegisterCommand, RegisterPolicyStore, hookimpl
+from infermesh.agent.runtimes.generic.mapping import SHIPPED
+from infermesh.core.contracts import AdapterContext, RuntimeAdapter, RuntimeAdapterFactory
+from infermesh.core.hookspecs import (
+    RegisterCommand,
+    RegisterPolicyStore,
+    RegisterRuntimeAdapter,
+    hookimpl,
+)
 from infermesh.core.policy import PolicyStore, PolicyStoreContext
 
 
@@ -56,3 +64,22 @@ def infermesh_register_policy_stores(register: RegisterPolicyStore) -> None:
     register("local", local_policy_store)
     register("raft", raft_policy_store)
     register("remote", remote_policy_store)
+
+
+def mapped_runtime(kind: str) -> RuntimeAdapterFactory:
+    """The factory of a mapped runtime kind; aiohttp is imported when an adapter is built."""
+
+    def build(context: AdapterContext) -> RuntimeAdapter:
+        from infermesh.agent.runtimes.generic.adapter import GenericAdapter
+
+        return GenericAdapter(context, kind)
+
+    return build
+
+
+@hookimpl
+def infermesh_register_runtime_adapters(register: RegisterRuntimeAdapter) -> None:
+    """Mapped runtimes: TGI, SGLang, TorchServe, TF Serving and OVMS with their shipped
+    mappings, and `generic` with the operator's mapping file (`options.mapping`)."""
+    for kind in (*SHIPPED, "generic"):
+        register(kind, mapped_runtime(kind))

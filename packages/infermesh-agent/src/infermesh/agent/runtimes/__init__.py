@@ -1,0 +1,1 @@
+"""Runtime adapters that ship with the agent (see `generic/`)."""
