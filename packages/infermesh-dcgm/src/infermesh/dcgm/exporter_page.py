@@ -1,0 +1,292 @@
+"""Read a dcgm-exporter /metrics page into per-GPU and per-MIG-instance GpuStates (sans-I/O).
+
+Only the DCGM fields InferMesh uses are parsed (one prefix test drops every other line). Units
+are normalised: utilisation % -> 0..1, framebuffer MiB -> bytes, power W, temperature °C.
+A series the exporter does not write (not in its collectors CSV, unsupported by the GPU, or a
+DCGM blank value) leaves that field at GpuState's default; it is never an error.
+
+MIG: a series with `GPU_I_ID` belongs to one GPU instance, keyed `<GPU UUID>/gi<GPU_I_ID>`
+(the same key the NVML adapter uses). Fields an instance has no series of (temperature, power,
+clock events, XID, ECC, row remapping: device-wide in DCGM) come from its GPU's series, so a
+hot or failing GPU shows on every instance carved out of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TypeVar
+
+import attrs
+
+from infermesh.core.model import GpuKey, GpuState, Labels
+from infermesh.core.prometheus import MetricsParseError, Sample, parse_samples
+from infermesh.dcgm.clock_events import reasons_from_bitmask
+
+__all__ = [
+    "DeviceReading",
+    "ExporterPageError",
+    "ExporterReading",
+    "device_state",
+    "gpu_states",
+    "mig_key",
+    "read_exporter_page",
+]
+
+MIB = 1024 * 1024
+# DCGM's blank/not-found/not-supported sentinels are just below 2**63; older exporters printed
+# them (e.g. DCGM_FI_DEV_MEMORY_TEMP 9223372036854775794). Anything this large means "no value".
+BLANK_THRESHOLD = 9.2e18
+
+UTIL = "DCGM_FI_DEV_GPU_UTIL"
+GR_ACTIVE = "DCGM_FI_PROF_GR_ENGINE_ACTIVE"
+FB_USED = "DCGM_FI_DEV_FB_USED"
+FB_FREE = "DCGM_FI_DEV_FB_FREE"
+FB_RESERVED = "DCGM_FI_DEV_FB_RESERVED"
+TEMP = "DCGM_FI_DEV_GPU_TEMP"
+POWER = "DCGM_FI_DEV_POWER_USAGE"
+POWER_LIMIT = "DCGM_FI_DEV_POWER_MGMT_LIMIT"
+ENFORCED_LIMIT = "DCGM_FI_DEV_ENFORCED_POWER_LIMIT"
+CLOCK_EVENTS = "DCGM_FI_DEV_CLOCKS_EVENT_REASONS"
+THROTTLE = "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS"
+XID = "DCGM_FI_DEV_XID_ERRORS"
+ECC_DBE = "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"
+ECC_SBE = "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL"
+REMAP_PENDING = "DCGM_FI_DEV_ROW_REMAP_PENDING"
+REMAP_FAILURE = "DCGM_FI_DEV_ROW_REMAP_FAILURE"
+
+FAMILIES = (
+    UTIL,
+    GR_ACTIVE,
+    FB_USED,
+    FB_FREE,
+    FB_RESERVED,
+    TEMP,
+    POWER,
+    POWER_LIMIT,
+    ENFORCED_LIMIT,
+    CLOCK_EVENTS,
+    THROTTLE,
+    XID,
+    ECC_DBE,
+    ECC_SBE,
+    REMAP_PENDING,
+    REMAP_FAILURE,
+)
+
+# Fields a MIG instance takes from its GPU when it has no series of its own.
+_DEVICE_WIDE = (
+    "utilization",
+    "temperature_c",
+    "power_w",
+    "power_limit_w",
+    "clock_event_reasons",
+    "xid_last",
+    "ecc_dbe_volatile",
+    "ecc_sbe_volatile",
+    "remapped_rows_pending",
+    "remapped_rows_failure",
+)
+
+
+_T = TypeVar("_T")
+
+
+class ExporterPageError(ValueError):
+    """The page is not a dcgm-exporter exposition InferMesh can read; says why."""
+
+
+def mig_key(gpu_uuid: str, gpu_instance_id: int | str) -> str:
+    """The `gpu_uuid` of a MIG instance in GpuKey: `<GPU UUID>/gi<GPU instance id>`."""
+    return f"{gpu_uuid}/gi{gpu_instance_id}"
+
+
+@attrs.define
+class DeviceReading:
+    """What one page says about one GPU or MIG instance; None means "no series"."""
+
+    uuid: str
+    index: int = 0
+    model_name: str = ""
+    hostname: str = ""
+    pci_bus_id: str = ""
+    mig_profile: str = ""
+    gpu_instance_id: str = ""
+    utilization: float | None = None
+    memory_used_bytes: int | None = None
+    memory_free_bytes: int | None = None
+    memory_reserved_bytes: int | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    clock_event_reasons: frozenset[str] | None = None
+    xid_last: int | None = None
+    ecc_dbe_volatile: int | None = None
+    ecc_sbe_volatile: int | None = None
+    """Correctable ECC errors: read and shown by `nvml_check`, not part of GpuState."""
+    remapped_rows_pending: bool | None = None
+    remapped_rows_failure: bool | None = None
+
+    @property
+    def key_uuid(self) -> str:
+        return mig_key(self.uuid, self.gpu_instance_id) if self.gpu_instance_id else self.uuid
+
+    @property
+    def memory_total_bytes(self) -> int | None:
+        """used + free + reserved (reserved counts 0 when the exporter predates the field)."""
+        if self.memory_used_bytes is None or self.memory_free_bytes is None:
+            return None
+        return self.memory_used_bytes + self.memory_free_bytes + (self.memory_reserved_bytes or 0)
+
+
+@attrs.frozen
+class ExporterReading:
+    """The GPUs (and MIG instances) of one page, by their GpuKey `gpu_uuid`."""
+
+    devices: Mapping[str, DeviceReading]
+
+
+def _value(sample: Sample) -> float | None:
+    value = sample.value
+    if math.isnan(value) or math.isinf(value) or abs(value) >= BLANK_THRESHOLD:
+        return None
+    return value
+
+
+def _device(devices: dict[str, DeviceReading], sample: Sample) -> DeviceReading:
+    labels = sample.labels
+    uuid = labels.get("UUID") or labels.get("uuid")  # `uuid` with --use-old-namespace
+    if not uuid:
+        raise ExporterPageError(
+            f"a {sample.name} series has no UUID label (labels: {dict(labels)}); "
+            "is this a dcgm-exporter page?"
+        )
+    instance = labels.get("GPU_I_ID", "")
+    key = mig_key(uuid, instance) if instance else uuid
+    device = devices.get(key)
+    if device is None:
+        gpu = labels.get("gpu", "")
+        device = DeviceReading(
+            uuid=uuid,
+            index=int(gpu) if gpu.isdigit() else 0,
+            model_name=labels.get("modelName") or labels.get("model_name", ""),
+            hostname=labels.get("Hostname") or labels.get("hostname", ""),
+            pci_bus_id=labels.get("pci_bus_id", ""),
+            mig_profile=labels.get("GPU_I_PROFILE", "") if instance else "",
+            gpu_instance_id=instance,
+        )
+        devices[key] = device
+    return device
+
+
+def read_exporter_page(text: str) -> ExporterReading:
+    """The GPUs on a dcgm-exporter page. Raises ExporterPageError for a page it cannot read."""
+    try:
+        found = parse_samples(text, FAMILIES)
+    except MetricsParseError as exc:
+        raise ExporterPageError(f"malformed exposition: {exc}") from None
+    devices: dict[str, DeviceReading] = {}
+    for family in FAMILIES:
+        for sample in found[family]:
+            device = _device(devices, sample)
+            value = _value(sample)
+            if value is not None:
+                _assign(device, family, value)
+    if not devices and text.strip() and "DCGM_FI_" not in text:
+        raise ExporterPageError(
+            "no DCGM_FI_* series on the page; is the URL dcgm-exporter's /metrics?"
+        )
+    return ExporterReading(devices=devices)
+
+
+def _assign(device: DeviceReading, family: str, value: float) -> None:
+    if family == UTIL:
+        device.utilization = min(1.0, max(0.0, value / 100.0))
+    elif family == GR_ACTIVE:
+        if device.utilization is None:  # DCGM_FI_DEV_GPU_UTIL wins where both are present
+            device.utilization = min(1.0, max(0.0, value))
+    elif family == FB_USED:
+        device.memory_used_bytes = max(0, int(value * MIB))
+    elif family == FB_FREE:
+        device.memory_free_bytes = max(0, int(value * MIB))
+    elif family == FB_RESERVED:
+        device.memory_reserved_bytes = max(0, int(value * MIB))
+    elif family == TEMP:
+        device.temperature_c = value
+    elif family == POWER:
+        device.power_w = max(0.0, value)
+    elif family == POWER_LIMIT or (family == ENFORCED_LIMIT and device.power_limit_w is None):
+        device.power_limit_w = max(0.0, value)
+    elif family == CLOCK_EVENTS or (family == THROTTLE and device.clock_event_reasons is None):
+        device.clock_event_reasons = reasons_from_bitmask(max(0, int(value)))
+    elif family == XID:
+        device.xid_last = max(0, int(value))
+    elif family == ECC_DBE:
+        device.ecc_dbe_volatile = max(0, int(value))
+    elif family == ECC_SBE:
+        device.ecc_sbe_volatile = max(0, int(value))
+    elif family == REMAP_PENDING:
+        device.remapped_rows_pending = value > 0
+    elif family == REMAP_FAILURE:
+        device.remapped_rows_failure = value > 0
+
+
+def _inherit(instance: DeviceReading, parent: DeviceReading | None) -> DeviceReading:
+    if parent is None:
+        return instance
+    missing = {
+        name: getattr(parent, name)
+        for name in _DEVICE_WIDE
+        if getattr(instance, name) is None and getattr(parent, name) is not None
+    }
+    return attrs.evolve(instance, **missing) if missing else instance
+
+
+def device_state(device: DeviceReading, node: str, now: float) -> GpuState:
+    """The GpuState of one reading; absent series keep GpuState's defaults."""
+    key = GpuKey(node=node, gpu_uuid=device.key_uuid)
+    custom = {"gpu_model": device.model_name, "hostname": device.hostname}
+    custom["pci_bus_id"] = device.pci_bus_id
+    if device.gpu_instance_id:
+        custom["parent_gpu_uuid"] = device.uuid
+        custom["gpu_instance_id"] = device.gpu_instance_id
+    defaults = GpuState(key=key)
+    return GpuState(
+        key=key,
+        labels=Labels(
+            node=node,
+            gpu_uuid=key.gpu_uuid,
+            mig_profile=device.mig_profile,
+            custom={name: value for name, value in custom.items() if value},
+        ),
+        index=device.index,
+        name=device.model_name,
+        mig_profile=device.mig_profile,
+        utilization=_or(device.utilization, defaults.utilization),
+        memory_used_bytes=_or(device.memory_used_bytes, defaults.memory_used_bytes),
+        memory_total_bytes=_or(device.memory_total_bytes, defaults.memory_total_bytes),
+        temperature_c=_or(device.temperature_c, defaults.temperature_c),
+        power_w=_or(device.power_w, defaults.power_w),
+        power_limit_w=_or(device.power_limit_w, defaults.power_limit_w),
+        clock_event_reasons=_or(device.clock_event_reasons, defaults.clock_event_reasons),
+        ecc_dbe_volatile=_or(device.ecc_dbe_volatile, defaults.ecc_dbe_volatile),
+        xid_last=_or(device.xid_last, defaults.xid_last),
+        remapped_rows_pending=_or(device.remapped_rows_pending, defaults.remapped_rows_pending),
+        remapped_rows_failure=_or(device.remapped_rows_failure, defaults.remapped_rows_failure),
+        last_updated=now,
+    )
+
+
+def _or(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
+
+
+def gpu_states(reading: ExporterReading, node: str, now: float) -> dict[GpuKey, GpuState]:
+    """One GpuState per GPU and per MIG instance on the page, keyed by GpuKey."""
+    states = {}
+    for device in reading.devices.values():
+        if device.gpu_instance_id:
+            device = _inherit(device, reading.devices.get(device.uuid))
+        state = device_state(device, node, now)
+        states[state.key] = state
+    return states
