@@ -1,4 +1,4 @@
-"""The `infermesh dev` command group (`dev vllm`, `dev triton`, `dev up`) and `infermesh demo`.
+"""The `infermesh dev` command group (`dev vllm`, `dev triton`, `dev dcgm`, `dev up`), `demo`.
 
 Option parsing and error reporting only; heavy modules are imported inside each command so that
 `infermesh --help` stays fast.
@@ -30,7 +30,7 @@ def _profile_list(text: str) -> list[str]:
 
 @click.group("dev")
 def dev_group() -> None:
-    """Development kit: emulated vLLM and Triton servers and a local mesh of real processes."""
+    """Development kit: emulated vLLM, Triton and dcgm-exporter servers and a local mesh."""
 
 
 @dev_group.command("vllm")
@@ -237,6 +237,97 @@ def triton_command(
     )
     try:
         run_triton_emulator(config, host, http_port, grpc_port, metrics_port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}: {exc.strerror or exc}") from None
+
+
+def _replica_map(values: tuple[str, ...]) -> dict[str, list[str]]:
+    mapping: dict[str, list[str]] = {}
+    for value in values:
+        gpu, sep, url = value.partition("=")
+        if not sep or not gpu.strip() or not url.strip().startswith(("http://", "https://")):
+            raise click.BadParameter(
+                f"{value!r} is not GPU=URL (GPU: a UUID or an index; URL: an emulated vLLM's "
+                "base URL, e.g. 0=http://127.0.0.1:8001)",
+                param_hint="--replica",
+            )
+        mapping.setdefault(gpu.strip(), []).append(url.strip())
+    return mapping
+
+
+@dev_group.command("dcgm")
+@click.option("--port", type=click.IntRange(0, 65535), default=9400, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--gpus", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--uuid", "uuids", multiple=True, help="UUID of GPU 0, 1, ... [derived from --seed].")
+@click.option("--mig", "mig", multiple=True, help="MIG profile created on every GPU (repeatable).")
+@click.option("--model-name", default="NVIDIA H100 80GB HBM3", show_default=True)
+@click.option("--hostname", default="emulated-node", show_default=True)
+@click.option(
+    "--hostname-label",
+    type=click.Choice(["Hostname", "hostname", "none"]),
+    default="Hostname",
+    show_default=True,
+    help="`Hostname` as releases up to 4.5.3-4.8.2 write it, `hostname` as later ones, or none.",
+)
+@click.option(
+    "--replica",
+    "replicas",
+    multiple=True,
+    help="GPU=URL: an emulated vLLM on that GPU (UUID or index); its speed follows the GPU.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+def dcgm_command(
+    port: int,
+    host: str,
+    gpus: int,
+    uuids: tuple[str, ...],
+    mig: tuple[str, ...],
+    model_name: str,
+    hostname: str,
+    hostname_label: str,
+    replicas: tuple[str, ...],
+    seed: int,
+    log_level: str,
+) -> None:
+    """Serve an emulated NVIDIA dcgm-exporter whose GPUs can throttle, heat up or report an XID.
+
+    GET /metrics is the exposition; POST /control/gpus/UUID {"state": "throttle"|"hot"|"xid"|
+    "ecc"|"recover"} changes a GPU, and slows the --replica emulators on it through their
+    /dev/speed route. GET /control/gpus lists the GPUs and their UUIDs.
+    """
+    from infermesh.core.logging import configure_logging
+    from infermesh.dev.dcgm_emulator import DcgmEmulatorConfig, run_dcgm_emulator
+    from infermesh.dev.dcgm_fleet import ControlError, DcgmFleet, DcgmFleetConfig
+
+    configure_logging(log_level.lower(), "auto", component="dcgm-emulator")
+    try:
+        fleet = DcgmFleetConfig(
+            gpus=gpus,
+            model_name=model_name,
+            mig=mig,
+            hostname=hostname,
+            hostname_label="" if hostname_label == "none" else hostname_label,
+            seed=seed,
+            uuids=uuids,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    known = [gpu.uuid for gpu in DcgmFleet(fleet).gpus]
+    mapping: dict[str, tuple[str, ...]] = {}
+    for gpu, urls in _replica_map(replicas).items():
+        uuid = known[int(gpu)] if gpu.isdigit() and int(gpu) < len(known) else gpu
+        if uuid not in known:
+            raise click.BadParameter(
+                f"no emulated GPU {gpu!r}; use an index below {gpus} or one of {', '.join(known)}",
+                param_hint="--replica",
+            )
+        mapping[uuid] = (*mapping.get(uuid, ()), *urls)
+    try:
+        run_dcgm_emulator(DcgmEmulatorConfig(fleet=fleet, replicas=mapping), host, port)
+    except ControlError as exc:
+        raise click.UsageError(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}: {exc.strerror or exc}") from None
 
