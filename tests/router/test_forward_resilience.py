@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import orjson
@@ -12,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from infermesh.core.config import BreakerConfig, HedgingConfig, RetryConfig
+from infermesh.router.local_scoring import LocalScoring
 
 from .conftest import Mesh, target_id, wait_until
 
@@ -168,3 +170,49 @@ async def test_the_retry_budget_stops_retries_when_spent(mesh: Mesh) -> None:
     second = await mesh.http.post("/v1/chat/completions", json=CHAT)
     assert second.status_code == 502  # 1 token after this failure: no retry
     assert mesh.app.metrics.retries_denied == 1
+
+
+async def test_a_policy_that_disables_hedging_for_the_model_is_followed(local_mesh: Mesh) -> None:
+    mesh = local_mesh
+    assert isinstance(mesh.app.scoring, LocalScoring)
+    mesh.app.forwarder.configure(hedging=HedgingConfig(default_delay_s=0.01))
+    document = {"hedging": {"m-off": {"model": "m", "enabled": False}}}
+    mesh.app.scoring.policy_watcher.received(7, json.dumps(document))
+    async with odd_runtime("stall") as stall:
+        await mesh.route("m", [stall.endpoint, mesh.b.endpoint])
+        call = asyncio.ensure_future(mesh.http.post("/v1/chat/completions", json=STREAM))
+        await wait_until(lambda: stall.received == 1, "the stalling runtime to get the request")
+        await asyncio.sleep(0.05)  # well past the configured hedge delay
+        assert mesh.app.metrics.hedges["fired"] == 0
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+
+async def test_latency_histograms_and_outcomes_per_model_and_slo_class(mesh: Mesh) -> None:
+    mesh.a.release_rest.clear()  # the rest of the stream comes after the first token is out
+    headers = {"x-infermesh-slo": "latency"}
+    async with mesh.http.stream(
+        "POST", "/v1/chat/completions", json=STREAM, headers=headers
+    ) as response:
+        chunks = response.aiter_bytes()
+        assert b"Hel" in await anext(chunks)
+        mesh.a.release_rest.set()
+        assert b"".join([chunk async for chunk in chunks]).endswith(b"[DONE]\n\n")
+    unknown = await mesh.http.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+    assert unknown.status_code == 404
+    labels = 'model="m",slo_class="latency"'
+    ok = 'infermesh_router_outcomes_total{model="m",outcome="ok",slo_class="latency"} 1.0'
+    # The router counts a request once its handler returns, just after the client's last byte.
+    await wait_until(lambda: ok in mesh.app.metrics.render().decode(), "the outcome to count")
+    page = mesh.app.metrics.render().decode()
+    for family in ("time_to_first_token", "e2e_latency"):
+        assert f"infermesh_router_{family}_seconds_count{{{labels}}} 1.0" in page
+    gaps = f"infermesh_router_inter_token_latency_seconds_count{{{labels}}} "
+    assert float(page.split(gaps, 1)[1].split("\n", 1)[0]) >= 1, "chunk gaps of the stream"
+    assert (
+        'infermesh_router_outcomes_total{model="other",outcome="unknown_model",'
+        'slo_class="standard"} 1.0'
+    ) in page
+    chosen = target_id("m", mesh.a.endpoint)
+    assert f'infermesh_router_target_choices_total{{target="{chosen}"}} 1.0' in page
