@@ -219,6 +219,7 @@ async def test_an_operator_drains_the_node_and_nodes_list_shows_it(
     assert header.split() == ["NODE", "STATE", "ZONE", "DRAINED", "TARGETS", "GPUS", "RTT"]
     assert row.split()[:6] == ["n1", "(self)", "alive", "z1", "yes", "(kernel"]
     assert "policy store: local; role single; no leader known; revision 1" in listed.stdout
+    assert all(line == line.rstrip() for line in listed.stdout.splitlines())
     assert isinstance(as_json, dict)
     (node,) = as_json["nodes"]
     assert (node["name"], node["drained"], node["drain_reason"]) == ("n1", True, "kernel upgrade")

@@ -65,7 +65,11 @@ class Output:
         self._stream.flush()
 
     def show(self, renderable: RenderableType | str) -> None:
-        self._console.print(renderable)
+        """A table or text, without the padding rich leaves at the end of each line."""
+        with self._console.capture() as captured:
+            self._console.print(renderable)
+        lines = captured.get().splitlines()
+        self._stream.write("".join(line.rstrip() + "\n" for line in lines))
 
     def line(self, text: str) -> None:
         """Plain text, unstyled and unwrapped, flushed at once (rows of a followed stream)."""
