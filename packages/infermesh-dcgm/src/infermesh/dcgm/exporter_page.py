@@ -15,23 +15,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TypeVar
 
 import attrs
 
-from infermesh.core.model import GpuKey, GpuState, Labels
+from infermesh.core.model import GpuKey, GpuState
 from infermesh.core.prometheus import MetricsParseError, Sample, parse_samples
 from infermesh.dcgm.clock_events import reasons_from_bitmask
+from infermesh.dcgm.reading import DeviceReading, device_state, inherit, mig_key
 
-__all__ = [
-    "DeviceReading",
-    "ExporterPageError",
-    "ExporterReading",
-    "device_state",
-    "gpu_states",
-    "mig_key",
-    "read_exporter_page",
-]
+__all__ = ["ExporterPageError", "ExporterReading", "gpu_states", "read_exporter_page"]
 
 MIB = 1024 * 1024
 # DCGM's blank/not-found/not-supported sentinels are just below 2**63; older exporters printed
@@ -74,69 +66,9 @@ FAMILIES = (
     REMAP_FAILURE,
 )
 
-# Fields a MIG instance takes from its GPU when it has no series of its own.
-_DEVICE_WIDE = (
-    "utilization",
-    "temperature_c",
-    "power_w",
-    "power_limit_w",
-    "clock_event_reasons",
-    "xid_last",
-    "ecc_dbe_volatile",
-    "ecc_sbe_volatile",
-    "remapped_rows_pending",
-    "remapped_rows_failure",
-)
-
-
-_T = TypeVar("_T")
-
 
 class ExporterPageError(ValueError):
     """The page is not a dcgm-exporter exposition InferMesh can read; says why."""
-
-
-def mig_key(gpu_uuid: str, gpu_instance_id: int | str) -> str:
-    """The `gpu_uuid` of a MIG instance in GpuKey: `<GPU UUID>/gi<GPU instance id>`."""
-    return f"{gpu_uuid}/gi{gpu_instance_id}"
-
-
-@attrs.define
-class DeviceReading:
-    """What one page says about one GPU or MIG instance; None means "no series"."""
-
-    uuid: str
-    index: int = 0
-    model_name: str = ""
-    hostname: str = ""
-    pci_bus_id: str = ""
-    mig_profile: str = ""
-    gpu_instance_id: str = ""
-    utilization: float | None = None
-    memory_used_bytes: int | None = None
-    memory_free_bytes: int | None = None
-    memory_reserved_bytes: int | None = None
-    temperature_c: float | None = None
-    power_w: float | None = None
-    power_limit_w: float | None = None
-    clock_event_reasons: frozenset[str] | None = None
-    xid_last: int | None = None
-    ecc_dbe_volatile: int | None = None
-    ecc_sbe_volatile: int | None = None
-    """Correctable ECC errors: read and shown by `nvml_check`, not part of GpuState."""
-    remapped_rows_pending: bool | None = None
-    remapped_rows_failure: bool | None = None
-
-    @property
-    def key_uuid(self) -> str:
-        return mig_key(self.uuid, self.gpu_instance_id) if self.gpu_instance_id else self.uuid
-
-    @property
-    def memory_total_bytes(self) -> int | None:
-        """used + free + reserved (reserved counts 0 when the exporter predates the field)."""
-        if self.memory_used_bytes is None or self.memory_free_bytes is None:
-            return None
-        return self.memory_used_bytes + self.memory_free_bytes + (self.memory_reserved_bytes or 0)
 
 
 @attrs.frozen
@@ -231,62 +163,12 @@ def _assign(device: DeviceReading, family: str, value: float) -> None:
         device.remapped_rows_failure = value > 0
 
 
-def _inherit(instance: DeviceReading, parent: DeviceReading | None) -> DeviceReading:
-    if parent is None:
-        return instance
-    missing = {
-        name: getattr(parent, name)
-        for name in _DEVICE_WIDE
-        if getattr(instance, name) is None and getattr(parent, name) is not None
-    }
-    return attrs.evolve(instance, **missing) if missing else instance
-
-
-def device_state(device: DeviceReading, node: str, now: float) -> GpuState:
-    """The GpuState of one reading; absent series keep GpuState's defaults."""
-    key = GpuKey(node=node, gpu_uuid=device.key_uuid)
-    custom = {"gpu_model": device.model_name, "hostname": device.hostname}
-    custom["pci_bus_id"] = device.pci_bus_id
-    if device.gpu_instance_id:
-        custom["parent_gpu_uuid"] = device.uuid
-        custom["gpu_instance_id"] = device.gpu_instance_id
-    defaults = GpuState(key=key)
-    return GpuState(
-        key=key,
-        labels=Labels(
-            node=node,
-            gpu_uuid=key.gpu_uuid,
-            mig_profile=device.mig_profile,
-            custom={name: value for name, value in custom.items() if value},
-        ),
-        index=device.index,
-        name=device.model_name,
-        mig_profile=device.mig_profile,
-        utilization=_or(device.utilization, defaults.utilization),
-        memory_used_bytes=_or(device.memory_used_bytes, defaults.memory_used_bytes),
-        memory_total_bytes=_or(device.memory_total_bytes, defaults.memory_total_bytes),
-        temperature_c=_or(device.temperature_c, defaults.temperature_c),
-        power_w=_or(device.power_w, defaults.power_w),
-        power_limit_w=_or(device.power_limit_w, defaults.power_limit_w),
-        clock_event_reasons=_or(device.clock_event_reasons, defaults.clock_event_reasons),
-        ecc_dbe_volatile=_or(device.ecc_dbe_volatile, defaults.ecc_dbe_volatile),
-        xid_last=_or(device.xid_last, defaults.xid_last),
-        remapped_rows_pending=_or(device.remapped_rows_pending, defaults.remapped_rows_pending),
-        remapped_rows_failure=_or(device.remapped_rows_failure, defaults.remapped_rows_failure),
-        last_updated=now,
-    )
-
-
-def _or(value: _T | None, default: _T) -> _T:
-    return default if value is None else value
-
-
 def gpu_states(reading: ExporterReading, node: str, now: float) -> dict[GpuKey, GpuState]:
     """One GpuState per GPU and per MIG instance on the page, keyed by GpuKey."""
     states = {}
     for device in reading.devices.values():
         if device.gpu_instance_id:
-            device = _inherit(device, reading.devices.get(device.uuid))
+            device = inherit(device, reading.devices.get(device.uuid))
         state = device_state(device, node, now)
         states[state.key] = state
     return states

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from infermesh.core.hookspecs import RegisterGpuAdapter, hookimpl
 from infermesh.dcgm.exporter import DcgmExporterAdapter
+from infermesh.dcgm.nvml import NvmlAdapter
 
 
 @hookimpl
 def infermesh_register_gpu_adapters(register: RegisterGpuAdapter) -> None:
     register("dcgm", DcgmExporterAdapter.from_context)
+    register("nvml", NvmlAdapter.from_context)
