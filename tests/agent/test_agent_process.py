@@ -77,7 +77,13 @@ async def test_agent_process_scores_serves_metrics_and_stops_cleanly_on_sigterm(
     async with process:
         try:
             ready = await wait_for_log(log_path, "agent ready", process)
-            assert ready["scorers"] == {"kv": 1.0, "net_penalty": 1.0, "prefix": 5.0, "queue": 2.0}
+            assert ready["scorers"] == {
+                "gpu_health": 2.0,
+                "kv": 1.0,
+                "net_penalty": 1.0,
+                "prefix": 5.0,
+                "queue": 2.0,
+            }
             async with grpc.aio.insecure_channel(unix_target(socket_path)) as channel:
                 health = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service="infermesh.v1.Scoring")
@@ -141,6 +147,8 @@ async def test_agent_process_rejects_an_unknown_scorer_weight_before_binding(
         env=child_env(),
     )
     assert result.returncode == 1
-    expected = b"unknown scorer(s) 'queu'; registered scorers: kv, net_penalty, prefix, queue"
+    expected = (
+        b"unknown scorer(s) 'queu'; registered scorers: gpu_health, kv, net_penalty, prefix, queue"
+    )
     assert expected in result.stderr
     assert not socket_path.parent.exists()

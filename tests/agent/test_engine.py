@@ -83,14 +83,15 @@ def test_every_ranked_target_carries_one_reason_per_scorer_with_its_weight() -> 
     mesh.put(key("a"), running=2, waiting=1, kv_cache_usage=0.5)
     (target,) = mesh.rank().targets
     reasons = {r.scorer: r for r in target.reasons}
-    assert set(reasons) == {"queue", "kv", "prefix", "net_penalty"}
+    assert set(reasons) == {"queue", "kv", "prefix", "net_penalty", "gpu_health"}
     weights = {name: reason.weight for name, reason in reasons.items()}
-    assert weights == {"queue": 2, "kv": 1, "prefix": 3, "net_penalty": 1}
+    assert weights == {"queue": 2, "kv": 1, "prefix": 3, "net_penalty": 1, "gpu_health": 2}
     assert "running 2, waiting 1" in reasons["queue"].reason
     assert reasons["kv"].reason == "KV cache 50% used"
     assert reasons["prefix"].score == 0.5
     assert reasons["net_penalty"].score == 1.0  # no RTT estimator: every target counts as local
-    weighted = sum(r.score * r.weight for r in target.reasons) / 7
+    assert reasons["gpu_health"].reason == "no GPU telemetry"
+    weighted = sum(r.score * r.weight for r in target.reasons) / 9
     assert target.score == pytest.approx(weighted)
 
 
@@ -263,13 +264,15 @@ def test_weights_come_from_config_and_zero_disables_a_scorer() -> None:
         "kv": 4.0,
         "queue": 2.0,
         "net_penalty": 1.0,
+        "gpu_health": 2.0,
     }
 
 
 def test_an_unknown_weight_name_is_a_clear_startup_error() -> None:
     registered = {s.name: s for s in builtin_scorers()}
     with pytest.raises(
-        ScoringSetupError, match=r"unknown scorer\(s\) 'qeue'.*kv, net_penalty, prefix, queue"
+        ScoringSetupError,
+        match=r"unknown scorer\(s\) 'qeue'.*gpu_health, kv, net_penalty, prefix, queue",
     ):
         resolve_scorers(registered, ScoringConfig(weights={"qeue": 1.0}))
 
@@ -279,7 +282,15 @@ def test_an_unknown_weight_name_is_a_clear_startup_error() -> None:
     [
         (ScoringConfig(weights={"kv": -1.0}), "scoring.weights.kv: weight must be"),
         (
-            ScoringConfig(weights={"kv": 0.0, "queue": 0.0, "prefix": 0.0, "net_penalty": 0.0}),
+            ScoringConfig(
+                weights={
+                    "kv": 0.0,
+                    "queue": 0.0,
+                    "prefix": 0.0,
+                    "net_penalty": 0.0,
+                    "gpu_health": 0.0,
+                }
+            ),
             "every scorer",
         ),
         (ScoringConfig(prefix_load_factor=0.5), "prefix_load_factor must be >= 1"),
@@ -307,4 +318,5 @@ def test_the_built_in_scorers_register_through_the_plugin_hook() -> None:
         "kv": 1.0,
         "prefix": 3.0,
         "net_penalty": 1.0,
+        "gpu_health": 2.0,
     }

@@ -112,13 +112,14 @@ def test_gpu_state_round_trips_with_derived_health() -> None:
         power_limit_w=700.0,
         clock_event_reasons=frozenset({"hw_slowdown", "sw_power_cap"}),
         ecc_dbe_volatile=0,
+        xid_last=79,
         last_updated=10.0,
         version=3,
     )
     message = gpu_state_to_pb(state)
     assert message.vram_headroom == pytest.approx(0.5)
     assert not message.healthy
-    assert "hw_slowdown" in message.health_reason
+    assert message.health_reason == "XID 79 reported"
     assert gpu_state_from_pb(message) == state
 
 

@@ -79,7 +79,13 @@ def infermesh_register_commands(register):
 """
 
 
-CORE_SCORERS = {"queue": "core", "kv": "core", "prefix": "core", "net_penalty": "core"}
+CORE_SCORERS = {
+    "queue": "core",
+    "kv": "core",
+    "prefix": "core",
+    "net_penalty": "core",
+    "gpu_health": "core",
+}
 """The built-in scorers core's own plugin registers whenever it is loaded."""
 
 

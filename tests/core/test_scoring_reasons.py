@@ -50,6 +50,7 @@ def test_ranked_reasons_read_as_the_eagerly_formatted_text() -> None:
             "load 3 < capacity 4 (minimum; bounded-load 3)",
             "queue": "work left 3750ms (running 1, waiting 1, in-flight 1); mean 1875ms",
             "net_penalty": "rtt unknown: treated as local",
+            "gpu_health": "no GPU telemetry",
         },
         "n0": {
             "kv": "KV cache 0% used",
@@ -57,6 +58,7 @@ def test_ranked_reasons_read_as_the_eagerly_formatted_text() -> None:
             "(load 0, capacity 4 (minimum; bounded-load 3))",
             "queue": "work left 0ms (running 0, waiting 0, in-flight 0); mean 1875ms",
             "net_penalty": "rtt unknown: treated as local",
+            "gpu_health": "no GPU telemetry",
         },
     }
 

@@ -22,6 +22,7 @@ from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import Scorer, ScoreResult, TargetView
 from infermesh.core.model import ModelState, RequestFeatures, finite_or_none
 from infermesh.core.policy import Drain, PolicySet, ScoringPolicy
+from infermesh.core.scoring.gpu_health import gpu_exclusion_reason
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.state import StateStore
 
@@ -315,11 +316,11 @@ class ScoringEngine:
                 why = f"label {name}={actual or ''} does not match filter {name}={wanted}"
                 return Exclusion(state.key.target_id, why)
         if state.labels.gpu_uuid:
-            for gpu in self.store.gpus_for(state):
-                healthy, reason = gpu.health
-                if not healthy:
-                    why = f"GPU {gpu.key.gpu_uuid} unhealthy: {reason}"
-                    return Exclusion(state.key.target_id, why)
+            # Only a target mapped to its GPUs: without the mapping, one faulty GPU of the
+            # node would take every replica of the node out.
+            gpu_fault = gpu_exclusion_reason(self.store.gpus_for(state))
+            if gpu_fault is not None:
+                return Exclusion(state.key.target_id, gpu_fault)
         return None
 
     @staticmethod

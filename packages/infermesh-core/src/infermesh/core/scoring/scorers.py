@@ -1,4 +1,5 @@
-"""The built-in scorers: queue (work left), KV-cache headroom, prefix affinity, network RTT.
+"""The built-in scorers: queue (work left), KV-cache headroom, prefix affinity, network RTT,
+GPU health (infermesh.core.scoring.gpu_health).
 
 Each is a plain Scorer registered through `infermesh_register_scorers`, exactly as a third-party
 scorer would be. Pure functions of (request, candidate views): no clock, no I/O, no state.
@@ -16,8 +17,11 @@ import attrs
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
+from infermesh.core.scoring.capacity import Speed, service_s, tokens_per_request
+from infermesh.core.scoring.gpu_health import GpuHealthScorer
 
 __all__ = [
+    "GpuHealthScorer",
     "KvHeadroomScorer",
     "NetPenaltyScorer",
     "PrefixAffinityScorer",
@@ -40,6 +44,10 @@ class QueueScorer:
     score = 1 / (1 + work_left / reference) where reference is the mean work left across the
     candidates (at least WORK_FLOOR_S): an idle target scores 1, one with the mean load 0.5, a
     saturated one near 0.
+
+    Work left is in seconds of each target's own measured speed (infermesh.core.scoring.
+    capacity): a GPU that decodes twice as fast drains the same queue in half the time, so it
+    gets about twice the work.
     """
 
     name = "queue"
@@ -47,22 +55,46 @@ class QueueScorer:
 
     def score(self, request: RequestFeatures, targets: Sequence[TargetView]) -> list[ScoreResult]:
         work: list[float] = []
+        speeds: list[tuple[float, Speed] | None] = []
+        # Capacity by measured throughput: each target's work in seconds of its own speed.
+        tokens = tokens_per_request(targets, request) if targets else None
         for view in targets:
             w = view.expected_work_left_s
+            measured: tuple[float, Speed] | None = None
+            if tokens is not None:
+                per_request_s, speed = service_s(view.state, tokens)
+                if speed is not None:
+                    w *= per_request_s / view.state.request_service_s
+                    measured = (per_request_s, speed)
+            speeds.append(measured)
             work.append(min(w, WORK_CEILING_S) if w >= 0.0 else 0.0)  # NaN -> 0
         if not work:
             return []
         mean_s = sum(work) / len(work)
-        reference_s = max(mean_s, WORK_FLOOR_S)
+        ref_s = max(mean_s, WORK_FLOOR_S)
         deferred = ScoreResult.deferred
         return [
-            deferred(1.0 / (1.0 + w / reference_s), _queue_reason, w, view, mean_s)
-            for view, w in zip(targets, work, strict=True)
+            deferred(1.0 / (1.0 + w / ref_s), _queue_reason, w, view, mean_s, measured, tokens)
+            for view, w, measured in zip(targets, work, speeds, strict=True)
         ]
 
 
-def _queue_reason(work_s: float, view: TargetView, mean_s: float) -> str:
-    return f"work left {work_s * 1000.0:.0f}ms ({_load_text(view)}); mean {mean_s * 1000.0:.0f}ms"
+def _queue_reason(
+    work_s: float,
+    view: TargetView,
+    mean_s: float,
+    measured: tuple[float, Speed] | None = None,
+    tokens: float | None = None,
+) -> str:
+    text = f"work left {work_s * 1000.0:.0f}ms ({_load_text(view)}); mean {mean_s * 1000.0:.0f}ms"
+    if measured is not None and tokens is not None:
+        per_request_s, speed = measured
+        text += (
+            f"; {per_request_s * 1000.0:.0f}ms per request at its measured "
+            f"{speed.tokens_per_s:.3g} tokens/s per sequence ({speed.source}, "
+            f"~{tokens:.0f} tokens per request)"
+        )
+    return text
 
 
 def _load_text(view: TargetView) -> str:
@@ -259,7 +291,13 @@ def _rtt_reason(rtt_s: float) -> str:
 
 
 def builtin_scorers() -> list[
-    QueueScorer | KvHeadroomScorer | PrefixAffinityScorer | NetPenaltyScorer
+    QueueScorer | KvHeadroomScorer | PrefixAffinityScorer | NetPenaltyScorer | GpuHealthScorer
 ]:
     """Fresh instances of the built-in scorers (what the agent's plugin registers)."""
-    return [QueueScorer(), KvHeadroomScorer(), PrefixAffinityScorer(), NetPenaltyScorer()]
+    return [
+        QueueScorer(),
+        KvHeadroomScorer(),
+        PrefixAffinityScorer(),
+        NetPenaltyScorer(),
+        GpuHealthScorer(),
+    ]

@@ -1,0 +1,83 @@
+"""Capacity by measured throughput: each target's work left in seconds of its own speed.
+
+A request's service time on a target is its decode length (tokens) at the target's measured
+per-sequence decode rate. The rate is what the runtime reports for that target:
+
+1. `1 / itl_s` — the windowed mean inter-token latency (vLLM's time per output token);
+2. else `generation_tokens_per_s / running` — tokens generated per second over the last
+   scrape window, per running sequence.
+
+The decode length is the model's typical generated tokens per request, estimated over the
+model's candidates as the median of `(e2e_s - ttft_s) / itl_s` (decode time over time per
+token: both exclude queueing), else the request's `max_output_tokens`. So a GPU that decodes
+twice as fast has half the service time and, at equal queues, half the work left: the queue
+scorer then sends it twice the work. A target without a measured rate keeps its measured
+end-to-end latency (`ModelState.request_service_s`), as does every target while no decode
+length is known.
+
+Pure functions of the telemetry: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import attrs
+
+from infermesh.core.contracts import TargetView
+from infermesh.core.model import ModelState, RequestFeatures
+
+__all__ = ["Speed", "decode_rate", "service_s", "tokens_per_request"]
+
+
+@attrs.frozen
+class Speed:
+    """A target's measured decode rate and where it came from (for reasons)."""
+
+    tokens_per_s: float
+    """Tokens per second per running sequence."""
+    source: str
+    """`itl` or `generation rate`."""
+
+
+def decode_rate(state: ModelState) -> Speed | None:
+    """The target's measured per-sequence decode rate, or None when nothing measures it."""
+    itl_s = state.itl_s
+    if itl_s is not None and itl_s > 0 and math.isfinite(itl_s):
+        return Speed(1.0 / itl_s, "itl")
+    generated = state.generation_tokens_per_s
+    if state.running >= 1 and generated > 0 and math.isfinite(generated):
+        return Speed(generated / state.running, "generation rate")
+    return None
+
+
+def _decode_tokens(state: ModelState) -> float | None:
+    e2e_s, ttft_s, itl_s = state.e2e_s, state.ttft_s, state.itl_s
+    if e2e_s is None or ttft_s is None or itl_s is None or itl_s <= 0:
+        return None
+    tokens = (e2e_s - ttft_s) / itl_s
+    return tokens if tokens >= 1 and math.isfinite(tokens) else None
+
+
+def tokens_per_request(views: Sequence[TargetView], request: RequestFeatures) -> float | None:
+    """Typical generated tokens per request of the candidates' model: the median over the
+    targets that measure it, else the request's `max_output_tokens`, else None."""
+    measured = sorted(t for t in (_decode_tokens(v.state) for v in views) if t is not None)
+    if measured:
+        middle = len(measured) // 2
+        if len(measured) % 2:
+            return measured[middle]
+        return (measured[middle - 1] + measured[middle]) / 2.0
+    if request.max_output_tokens > 0:
+        return float(request.max_output_tokens)
+    return None
+
+
+def service_s(state: ModelState, tokens: float | None) -> tuple[float, Speed | None]:
+    """Seconds one request takes on `state`'s target at its own measured speed, and the speed
+    used (None: the end-to-end latency or its default was used)."""
+    speed = decode_rate(state) if tokens is not None else None
+    if speed is None or tokens is None:
+        return state.request_service_s, None
+    return tokens / speed.tokens_per_s, speed
