@@ -49,10 +49,12 @@ from infermesh.agent.tls import (
 from infermesh.core.config import Config, ControlConfig, GpuConfig, RuntimeConfig, parse_host_port
 from infermesh.core.contracts import AdapterContext, GpuAdapter, RuntimeAdapter, RuntimeControl
 from infermesh.core.logging import get_logger
+from infermesh.core.model import ModelStateDelta
 from infermesh.core.plugins import PluginError, PluginHost
 from infermesh.core.policy import PolicySet, PolicyStore, PolicyStoreContext
 from infermesh.core.proto import control_pb2, control_pb2_grpc
 from infermesh.core.scoring.engine import ScoringEngine, ScoringSetupError
+from infermesh.core.scoring.gpu_map import GpuAssigner, gpu_label
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.state import StateStore
 
@@ -489,9 +491,11 @@ class Agent:
                     if signals is not None:
                         tg.start_soon(self._watch_signals, signals)
                     tg.start_soon(self._watch_policy)
-                    for name, runtime in self.runtime_adapters:
+                    for (name, runtime), runtime_config in zip(
+                        self.runtime_adapters, self.config.runtimes, strict=True
+                    ):
                         tg.start_soon(
-                            self._pump, name, runtime.deltas, self.store.apply_model_delta
+                            self._pump, name, runtime.deltas, self._model_applier(runtime_config)
                         )
                     for name, gpu in self.gpu_adapters:
                         tg.start_soon(self._pump, name, gpu.deltas, self.store.apply_gpu_delta)
@@ -629,6 +633,15 @@ class Agent:
             else:
                 log.info("shutting down", signal=name)
                 self.request_stop()
+
+    def _model_applier(self, runtime: RuntimeConfig) -> Callable[[ModelStateDelta], bool]:
+        """How one runtime's deltas reach the store: with its configured GPUs as their
+        `gpu_uuid` label when `gpus` is set."""
+        apply = self.store.apply_model_delta
+        if not runtime.gpus:
+            return apply
+        assigner = GpuAssigner(gpu_label(runtime.gpus), self.store.get_model)
+        return lambda delta: apply(assigner.assign(delta))
 
     async def _pump(
         self,
