@@ -46,6 +46,11 @@ class TokenBucket:
         """Seconds until `level` reaches `need` (0 when it has); call `refill` first."""
         return max(0.0, (need - self.level) / self.rate)
 
+    def add(self, amount: float, now: float) -> None:
+        """Put back (or, negative, take) `amount`, never above `capacity`."""
+        self.refill(now)
+        self.level = min(self.capacity, self.level + amount)
+
     def is_full(self) -> bool:
         return self.level >= self.capacity
 
@@ -154,36 +159,29 @@ class TenantQuotas:
     ) -> None:
         """The request is over: free its concurrency and charge the tokens it really used
         (`prompt_tokens` 0 keeps the estimate). Releasing twice does nothing."""
-        if grant.released:
-            return
-        grant.released = True
-        state = self._tenants.get(grant.tenant)
-        if state is None:
-            return
-        state.in_flight = max(0, state.in_flight - 1)
-        if state.tokens is not None:
-            state.tokens.refill(now)
+        state = self._close(grant)
+        if state is not None and state.tokens is not None:
             correction = (prompt_tokens - grant.charged_tokens) if prompt_tokens else 0
-            state.tokens.level -= correction + completion_tokens
+            state.tokens.add(-(correction + completion_tokens), now)
 
     def refund(self, grant: QuotaGrant, now: float) -> None:
         """The request was refused after its quota was taken (e.g. shed for saturation): give
         back its request, its tokens and its concurrency. Does nothing after `release`."""
+        state = self._close(grant)
+        if state is not None and state.requests is not None:
+            state.requests.add(1.0, now)
+        if state is not None and state.tokens is not None:
+            state.tokens.add(grant.charged_tokens, now)
+
+    def _close(self, grant: QuotaGrant) -> _TenantState | None:
+        """Mark the grant done and free its concurrency; its tenant's state, if still held."""
         if grant.released:
-            return
+            return None
         grant.released = True
         state = self._tenants.get(grant.tenant)
-        if state is None:
-            return
-        state.in_flight = max(0, state.in_flight - 1)
-        if state.requests is not None:
-            state.requests.refill(now)
-            state.requests.level = min(state.requests.capacity, state.requests.level + 1.0)
-        if state.tokens is not None:
-            state.tokens.refill(now)
-            state.tokens.level = min(
-                state.tokens.capacity, state.tokens.level + grant.charged_tokens
-            )
+        if state is not None:
+            state.in_flight = max(0, state.in_flight - 1)
+        return state
 
     def in_flight(self, tenant: str) -> int:
         state = self._tenants.get(tenant)
