@@ -168,3 +168,32 @@ async def test_websocket_needs_the_api_key_when_keys_are_configured(tmp_path: Pa
             f"{router.ws_url}/v1/ws/chat/completions", additional_headers=headers
         ) as ws:
             assert (await _ws_request(ws, CHAT))[-1]["type"] == "done"
+
+
+async def test_hypercorn_upgrades_http1_to_h2c() -> None:
+    async with running("hypercorn") as router:
+        host, port = router.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(
+                b"GET /health HTTP/1.1\r\nhost: router\r\n"
+                b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+                b"http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+            )
+            await writer.drain()
+            async with asyncio.timeout(WAIT_S):
+                status_line = await reader.readline()
+        finally:
+            writer.close()
+        assert status_line.startswith(b"HTTP/1.1 101")
+
+
+async def test_websocket_from_an_origin_outside_cors_origins_is_refused() -> None:
+    http = RouterHttpConfig(cors_origins=["https://app.example"])
+    async with running(http=http) as router:
+        url = f"{router.ws_url}/v1/ws/chat/completions"
+        with pytest.raises(websockets.exceptions.InvalidStatus):
+            async with connect(url, origin="https://evil.example"):  # type: ignore[arg-type]
+                pass
+        async with connect(url, origin="https://app.example") as ws:  # type: ignore[arg-type]
+            assert (await _ws_request(ws, CHAT))[-1]["type"] == "done"
