@@ -106,3 +106,18 @@ def test_a_mapping_file_is_read_from_disk(tmp_path: Path) -> None:
     path = tmp_path / "llamacpp.toml"
     path.write_text(GOOD, encoding="utf-8")
     assert load_mapping_file(path).runtime == "llamacpp"
+
+
+def test_the_example_mapping_in_the_docs_is_valid() -> None:
+    docs = Path(__file__).parents[3] / "docs" / "adapters-generic.md"
+    text = docs.read_text(encoding="utf-8")
+    start = text.index("# /etc/infermesh/llamacpp.toml")
+    example = text[start : text.index("```", start)]
+    mapping = parse_mapping(example, "docs example")
+    assert mapping.runtime == "llamacpp"
+    assert set(mapping.signals) == {
+        "running",
+        "waiting",
+        "prompt_tokens_per_s",
+        "generation_tokens_per_s",
+    }
