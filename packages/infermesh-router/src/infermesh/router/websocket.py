@@ -6,7 +6,8 @@ frame) per message; the router routes it like the HTTP endpoint, always streamin
   (`{"object": "chat.completion.chunk", ...}`);
 - then `{"type": "done", "request_id": ...}` when the response is complete;
 - or, instead of `done`, `{"type": "error", "status": N, "request_id": ..., "error": {...}}` with
-  the OpenAI error object, for a bad request, no target, or a runtime failing mid-stream.
+  the OpenAI error object, for a bad request, a refusal by admission (429), no target, or a
+  runtime failing mid-stream.
 Requests on one connection are answered in order, one at a time; the connection stays open
 after an error. Closing the WebSocket cancels the request in flight upstream (the runtime sees
 the connection close and frees its slot). API keys and CORS origins are checked at the
@@ -247,7 +248,7 @@ class WebSocketChat:
                 upstream_path=route.value,
                 disconnected=closed,
             )
-            task = asyncio.ensure_future(app.forwarder.forward(exchange))
+            task = asyncio.ensure_future(self._admitted(exchange))
             watch: list[asyncio.Future[Any]] = [task, closed]
             await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():
@@ -269,6 +270,12 @@ class WebSocketChat:
             await frames.error(error.status, orjson.loads(error.body()))
         finally:
             app.metrics.count_request("ws", status)
+
+    async def _admitted(self, exchange: Exchange) -> int:
+        """Admission as for HTTP requests (a refusal is an error message with status 429), then
+        the Forwarder."""
+        async with self.app.admission.admit(exchange.parsed.features):
+            return await self.app.forwarder.forward(exchange)
 
 
 def _streaming(body: bytes) -> bytes:
