@@ -229,6 +229,9 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.speed_factor = 1.0
+        """Fraction of the profile's speed (0 < f <= 1): every step lasts 1/f as long, as on a
+        throttled GPU. Set at run time by the emulator's dev-only `POST /dev/speed`."""
         self.pool = BlockPool(
             config.num_gpu_blocks, enable_prefix_caching=config.enable_prefix_caching
         )
@@ -346,7 +349,7 @@ class Engine:
             )
 
         prefill_tokens = sum(num_new for seq, num_new in scheduled if seq.in_prefill)
-        end_s = now + self.config.step_s(len(scheduled), prefill_tokens)
+        end_s = now + self.config.step_s(len(scheduled), prefill_tokens) / self.speed_factor
         return self._finish_step(now, end_s, scheduled, preemptions, prefix_queries, prefix_hits)
 
     def _finish_step(

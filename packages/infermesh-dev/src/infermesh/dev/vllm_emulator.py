@@ -17,6 +17,7 @@ from collections import Counter
 import attrs
 from aiohttp import web
 
+from infermesh.core.logging import get_logger
 from infermesh.dev import openai_protocol as proto
 from infermesh.dev.driver import EngineDriver
 from infermesh.dev.engine import Engine, EngineConfig, EngineRequest, EngineSnapshot
@@ -26,6 +27,8 @@ from infermesh.dev.profiles import DEFAULT_MODEL, GpuProfile, get_profile
 from infermesh.dev.tokens import filler_text, filler_token
 
 __all__ = ["DEFAULT_MODEL", "EmulatorConfig", "EmulatorServer", "build_app", "start_emulator"]
+
+log = get_logger("infermesh.dev.vllm_emulator")
 
 EMULATED_VLLM_VERSION = "0.33.0"
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
@@ -198,6 +201,26 @@ class _Emulator:
         except proto.ApiError as error:
             return _error(error)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def set_speed(self, request: web.Request) -> web.Response:
+        """Dev-only `POST /dev/speed {"factor": F}`: run at F (0 < F <= 1) of the profile's
+        speed from the next engine step on, as on a throttled GPU (the dcgm-exporter emulator
+        calls it when it throttles, heats or recovers a GPU). Not a vLLM route."""
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        factor = body.get("factor") if isinstance(body, dict) else None
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor <= 1:
+            message = f'expected a JSON body {{"factor": F}} with 0 < F <= 1, got {body!r}'
+            return web.json_response({"error": message}, status=400)
+        if self.driver is None:
+            message = f"profile {self.config.profile.name!r} answers instantly: it has no speed"
+            return web.json_response({"error": message}, status=409)
+        before = self.driver.engine.speed_factor
+        self.driver.engine.speed_factor = float(factor)
+        log.info("engine speed changed", factor=float(factor), previous=before)
+        return web.json_response({"factor": float(factor), "previous": before})
 
     # ------------------------------------------------------------------ generation
 
@@ -499,6 +522,7 @@ def build_app(config: EmulatorConfig) -> web.Application:
             web.post("/v1/embeddings", emulator.embeddings),
             web.post("/v1/load_lora_adapter", emulator.load_lora),
             web.post("/v1/unload_lora_adapter", emulator.unload_lora),
+            web.post("/dev/speed", emulator.set_speed),
         ]
     )
     return app
