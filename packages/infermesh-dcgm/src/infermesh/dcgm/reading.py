@@ -2,7 +2,8 @@
 
 Shared by the dcgm-exporter and NVML adapters so both key, label and fill GpuStates the same
 way: a GPU is keyed by its UUID, a MIG instance by `<GPU UUID>/gi<GPU instance id>`, and a field
-the source did not give keeps GpuState's default.
+the source did not give keeps GpuState's default. `memory_used_bytes` includes the framebuffer
+the driver reserves, so `vram_headroom` is what a workload can still allocate.
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ class DeviceReading:
         return mig_key(self.uuid, self.gpu_instance_id) if self.gpu_instance_id else self.uuid
 
     @property
+    def memory_taken_bytes(self) -> int | None:
+        """used + reserved: what no workload can allocate (NVML v1's `used` counts both)."""
+        if self.memory_used_bytes is None:
+            return None
+        return self.memory_used_bytes + (self.memory_reserved_bytes or 0)
+
+    @property
     def memory_total_bytes(self) -> int | None:
         """used + free + reserved (reserved counts 0 when the exporter predates the field)."""
         if self.memory_used_bytes is None or self.memory_free_bytes is None:
@@ -116,7 +124,7 @@ def device_state(device: DeviceReading, node: str, now: float) -> GpuState:
         name=device.model_name,
         mig_profile=device.mig_profile,
         utilization=_or(device.utilization, defaults.utilization),
-        memory_used_bytes=_or(device.memory_used_bytes, defaults.memory_used_bytes),
+        memory_used_bytes=_or(device.memory_taken_bytes, defaults.memory_used_bytes),
         memory_total_bytes=_or(device.memory_total_bytes, defaults.memory_total_bytes),
         temperature_c=_or(device.temperature_c, defaults.temperature_c),
         power_w=_or(device.power_w, defaults.power_w),
