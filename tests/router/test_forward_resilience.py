@@ -87,15 +87,16 @@ async def test_a_stalled_first_attempt_is_hedged_and_the_loser_cancelled_upstrea
     assert mesh.app.metrics.hedges["fired"] == mesh.app.metrics.hedges["won"] == 1
 
 
+@pytest.mark.parametrize("body", [CHAT, STREAM], ids=["json", "stream"])
 async def test_a_non_idempotent_request_is_not_hedged_and_a_client_leaving_cancels_it(
-    mesh: Mesh,
+    mesh: Mesh, body: dict[str, object]
 ) -> None:
     mesh.app.forwarder.configure(hedging=HedgingConfig(default_delay_s=0.01))
     async with odd_runtime("stall") as stall:
         await mesh.route("m", [stall.endpoint, mesh.b.endpoint])
         call = asyncio.ensure_future(
             mesh.http.post(
-                "/v1/chat/completions", json=STREAM, headers={"x-infermesh-idempotent": "false"}
+                "/v1/chat/completions", json=body, headers={"x-infermesh-idempotent": "false"}
             )
         )
         await wait_until(lambda: stall.received == 1, "the stalling runtime to get the request")

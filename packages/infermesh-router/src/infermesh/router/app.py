@@ -309,8 +309,9 @@ class RouterApp:
                 headers.forward.append(("traceparent", trace.header()))
                 body = await self._read_body(receive, headers.content_length)
                 parsed = parse_request(route, body, headers.slo, headers.tenant, request_id)
-                if parsed.features.stream:
-                    disconnected = asyncio.ensure_future(receive())
+                # Watch for the client leaving, so that its upstream request is cancelled too
+                # (before the first byte for every request; mid-response for streams).
+                disconnected = asyncio.ensure_future(receive())
                 query: bytes = scope.get("query_string", b"")
                 exchange = Exchange(
                     route=route,

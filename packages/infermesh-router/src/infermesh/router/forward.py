@@ -103,7 +103,7 @@ class Exchange:
     upstream_path: str = ""
     """Path and query to append to a target's endpoint."""
     disconnected: asyncio.Future[Message] | None = None
-    """Completes when the client goes away (streamed requests only)."""
+    """Completes when the client goes away (None: not watched)."""
 
 
 @attrs.define
