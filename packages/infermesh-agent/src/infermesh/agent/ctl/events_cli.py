@@ -2,6 +2,7 @@
 `--follow` the new ones as they happen.
 
 Only turns flags into a SubscribeEvents request and events into output (see `render`).
+Protobuf and rich are imported inside the command bodies, so `infermesh --help` stays quick.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from infermesh.agent.ctl import render
 from infermesh.agent.ctl.options import Invocation, Output, common_options, run
-from infermesh.core.proto import control_pb2
 
 if TYPE_CHECKING:
     from infermesh.agent.ctl.client import ControlClient
@@ -52,6 +51,9 @@ def events_command(
     """
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         request = control_pb2.SubscribeEventsRequest(
             after_seq=after_seq, follow=follow, kinds=list(kinds)
         )

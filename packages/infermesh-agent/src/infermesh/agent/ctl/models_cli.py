@@ -2,6 +2,7 @@
 loading (for vLLM: LoRA adapters) through a node's runtime.
 
 Only turns flags into Control API requests and replies into output (see `render`).
+Protobuf and rich are imported inside the command bodies, so `infermesh --help` stays quick.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from infermesh.agent.ctl import render
 from infermesh.agent.ctl.options import Invocation, Output, common_options, run
-from infermesh.core.proto import control_pb2
 
 if TYPE_CHECKING:
     from infermesh.agent.ctl.client import ControlClient
@@ -39,6 +38,9 @@ def list_command(invocation: Invocation) -> None:
     """Every model served somewhere or pinned: targets, routable targets and pinned nodes."""
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         reply = client.call(client.stub.ListModels, control_pb2.ListModelsRequest())
         if out.json_output:
             out.document(render.message_dict(reply))
@@ -55,6 +57,9 @@ def describe_command(model: str, invocation: Invocation) -> None:
     """One model: its pin and every target serving it (exit 3: unknown model)."""
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         reply = client.call(client.stub.GetModel, control_pb2.GetModelRequest(model=model))
         if out.json_output:
             out.document(render.message_dict(reply))
@@ -81,6 +86,9 @@ def pin_command(
     """Serve MODEL only from NODES (operator role); replaces an earlier pin."""
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         request = control_pb2.PinModelRequest(
             model=model, nodes=list(nodes), min_replicas=min_replicas
         )
@@ -103,6 +111,9 @@ def unpin_command(model: str, invocation: Invocation) -> None:
     """Let MODEL be served from any node again (exit 2 when it is not pinned)."""
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         reply = client.call(client.stub.UnpinModel, control_pb2.UnpinModelRequest(model=model))
         if out.json_output:
             out.document(render.policy_dict(reply))
@@ -128,6 +139,9 @@ def load_command(model: str, node: str, source: str, runtime: str, invocation: I
     """
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         request = control_pb2.LoadModelRequest(
             node=node, model=model, source=source, runtime=runtime
         )
@@ -149,6 +163,9 @@ def unload_command(model: str, node: str, runtime: str, invocation: Invocation) 
     """Unload MODEL from NODE's runtime (operator role)."""
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         request = control_pb2.UnloadModelRequest(node=node, model=model, runtime=runtime)
         reply = client.call(client.stub.UnloadModel, request)
         if out.json_output:

@@ -1,6 +1,7 @@
 """`infermesh nodes list|describe|drain|undrain`: the nodes an agent knows and their drains.
 
 Only turns flags into Control API requests and replies into output (see `render`).
+Protobuf and rich are imported inside the command bodies, so `infermesh --help` stays quick.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from infermesh.agent.ctl import render
 from infermesh.agent.ctl.options import Invocation, Output, common_options, run
-from infermesh.core.proto import control_pb2
 
 if TYPE_CHECKING:
     from infermesh.agent.ctl.client import ControlClient
@@ -33,6 +32,9 @@ def list_command(invocation: Invocation) -> None:
     """
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         reply = client.call(client.stub.ListNodes, control_pb2.ListNodesRequest())
         if out.json_output:
             out.document(render.message_dict(reply))
@@ -49,6 +51,9 @@ def describe_command(node: str, invocation: Invocation) -> None:
     """One node: its gossip state, APIs, runtimes, drain, targets and GPUs (exit 3: unknown)."""
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         reply = client.call(client.stub.GetNode, control_pb2.GetNodeRequest(node=node))
         if out.json_output:
             out.document(render.message_dict(reply))
@@ -66,6 +71,9 @@ def drain_command(node: str, reason: str, invocation: Invocation) -> None:
     """Send no new requests to NODE; requests already running there finish (operator role)."""
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         request = control_pb2.DrainNodeRequest(node=node, reason=reason)
         reply = client.call(client.stub.DrainNode, request)
         if out.json_output:
@@ -87,6 +95,9 @@ def undrain_command(node: str, invocation: Invocation) -> None:
     """Let NODE take new requests again (exit 2 when it is not drained)."""
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         request = control_pb2.UndrainNodeRequest(node=node)
         reply = client.call(client.stub.UndrainNode, request)
         if out.json_output:

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 import attrs
 import click
-from rich.console import Console, RenderableType
 
 from infermesh.agent.ctl.errors import CtlError
 from infermesh.agent.ctl.profile import ConnectionFlags, resolve_settings
 
 if TYPE_CHECKING:
+    from rich.console import RenderableType
+
     from infermesh.agent.ctl.client import ControlClient
 
 __all__ = ["Invocation", "Output", "common_options", "fail", "run"]
@@ -49,6 +50,8 @@ class Output:
     def __init__(self, json_output: bool, stream: TextIO | None = None) -> None:
         self.json_output = json_output
         self._stream = stream if stream is not None else sys.stdout
+        from rich.console import Console  # only when a command runs: keeps `--help` quick
+
         width = None if self._stream.isatty() else _PIPE_WIDTH
         # Names, reasons and messages come from users: print them as they are, never as markup.
         self._console = Console(

@@ -2,6 +2,7 @@
 
 Only turns flags and files into Control API requests and replies into output; reading the input
 of `set` is `policy_input`'s job, done before any connection is made.
+Protobuf and rich are imported inside the command bodies, so `infermesh --help` stays quick.
 """
 
 from __future__ import annotations
@@ -11,13 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.json import JSON
 
-from infermesh.agent.ctl import render
 from infermesh.agent.ctl.errors import CtlError
 from infermesh.agent.ctl.options import Invocation, Output, common_options, fail, run
-from infermesh.agent.ctl.policy_input import parse_entries, read_input
-from infermesh.core.proto import control_pb2
 
 if TYPE_CHECKING:
     from infermesh.agent.ctl.client import ControlClient
@@ -36,11 +33,16 @@ def get_command(invocation: Invocation) -> None:
     """The whole policy in force on the agent, as a policy document (with its revision)."""
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         reply = client.call(client.stub.GetPolicy, control_pb2.GetPolicyRequest())
         document = render.policy_dict(reply)["policy"]
         if out.json_output:
             out.document(document)
         else:
+            from rich.json import JSON
+
             out.show(JSON(json.dumps(document, sort_keys=True)))
 
     run(invocation, body)
@@ -54,6 +56,9 @@ def list_command(kind: str, invocation: Invocation) -> None:
     or of every kind."""
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         request = control_pb2.ListPoliciesRequest(kind=kind)
         reply = client.call(client.stub.ListPolicies, request)
         if out.json_output:
@@ -93,6 +98,8 @@ def set_command(
     infermesh policy set pins llama --value '{"nodes": ["gpu-1", "gpu-2"]}'
     infermesh policy set --file policy.toml
     """
+    from infermesh.agent.ctl.policy_input import parse_entries, read_input
+
     try:
         parsed, source = read_input(file, value)
         entries = parse_entries(parsed, source, kind, name)
@@ -100,6 +107,8 @@ def set_command(
         fail(error)
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.core.proto import control_pb2
+
         applied: list[dict[str, object]] = []
         for done, entry in enumerate(entries):
             request = control_pb2.SetPolicyRequest(
@@ -131,6 +140,9 @@ def delete_command(kind: str, name: str, invocation: Invocation) -> None:
     """Remove the policy entry NAME of KIND (admin role; exit 2 when there is none)."""
 
     def body(client: ControlClient, out: Output) -> None:
+        from infermesh.agent.ctl import render
+        from infermesh.core.proto import control_pb2
+
         request = control_pb2.DeletePolicyRequest(kind=kind, name=name)
         reply = client.call(client.stub.DeletePolicy, request)
         if out.json_output:
