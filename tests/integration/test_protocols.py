@@ -120,12 +120,13 @@ async def test_websocket_streams_a_chat_and_close_aborts_upstream(h2_mesh: Local
     await wait_for(aborted, "the emulator to see the request aborted", TIMEOUT_S)
 
 
-@pytest.fixture
-async def draining_mesh() -> AsyncIterator[LocalMesh]:
-    mesh_spec = spec(
-        ReplicaSpec("a10", "r1"), env=(("INFERMESH_ROUTER__HTTP__DRAIN_TIMEOUT_S", "60"),)
+@pytest.fixture(params=["uvicorn", "hypercorn"])
+async def draining_mesh(request: pytest.FixtureRequest) -> AsyncIterator[LocalMesh]:
+    env = (
+        ("INFERMESH_ROUTER__HTTP__DRAIN_TIMEOUT_S", "60"),
+        ("INFERMESH_ROUTER__SERVER", request.param),
     )
-    async with LocalMesh(mesh_spec) as running:
+    async with LocalMesh(spec(ReplicaSpec("a10", "r1"), env=env)) as running:
         yield running
 
 
