@@ -479,3 +479,24 @@ class LineReader:
                 self._buffer += await self._stream.receive()
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode()
+
+
+async def test_a_policy_file_stops_at_the_first_refused_entry_saying_what_was_set(
+    cli: click.Group, agent: Agent, pki: Path, workdir: Path
+) -> None:
+    admin = Operator(cli, agent, pki, "alice")
+    policy_file = workdir / "policy.toml"
+    # The first entry takes alice's admin role away, so the agent refuses the second.
+    policy_file.write_text(
+        '[acls.alice]\nrole = "viewer"\n\n[quotas.acme]\nrequests_per_s = 5\n'
+        "\n[quotas.other]\nrequests_per_s = 5\n"
+    )
+
+    result = await admin("policy", "set", "--file", str(policy_file))
+
+    assert result.exit_code == ExitCode.REFUSED
+    assert result.stdout == "set acls/alice (policy revision 1)\n"
+    assert result.stderr.startswith(f"infermesh: error: quotas/acme from the file {policy_file}:")
+    assert "alice has role viewer, which may not call SetPolicy" in result.stderr
+    assert "(1 of 3 entries were set before it)" in result.stderr
+    assert (await agent.policy.get()).revision == 1
