@@ -8,8 +8,8 @@ per-sequence decode rate. The rate is what the runtime reports for that target:
    scrape window, per running sequence.
 
 The decode length is the model's typical generated tokens per request, estimated over the
-model's candidates as the median of `(e2e_s - ttft_s) / itl_s` (decode time over time per
-token: both exclude queueing), else the request's `max_output_tokens`. So a GPU that decodes
+model's candidates as the median of `(e2e_s - ttft_s) * rate` (decode time at the decode rate:
+neither includes queueing), else the request's `max_output_tokens`. So a GPU that decodes
 twice as fast has half the service time and, at equal queues, half the work left: the queue
 scorer then sends it twice the work. A target without a measured rate keeps its measured
 end-to-end latency (`ModelState.request_service_s`), as does every target while no decode
@@ -53,10 +53,13 @@ def decode_rate(state: ModelState) -> Speed | None:
 
 
 def _decode_tokens(state: ModelState) -> float | None:
-    e2e_s, ttft_s, itl_s = state.e2e_s, state.ttft_s, state.itl_s
-    if e2e_s is None or ttft_s is None or itl_s is None or itl_s <= 0:
+    e2e_s, ttft_s = state.e2e_s, state.ttft_s
+    if e2e_s is None or ttft_s is None:
         return None
-    tokens = (e2e_s - ttft_s) / itl_s
+    speed = decode_rate(state)
+    if speed is None:
+        return None
+    tokens = (e2e_s - ttft_s) * speed.tokens_per_s
     return tokens if tokens >= 1 and math.isfinite(tokens) else None
 
 

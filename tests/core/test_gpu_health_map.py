@@ -1,0 +1,36 @@
+"""Which GPUs serve which replica: `[[runtimes]] gpus` becomes its targets' `gpu_uuid` label."""
+
+from __future__ import annotations
+
+from infermesh.core.model import Labels, ModelStateDelta, TargetKey
+from infermesh.core.scoring.gpu_map import GpuAssigner, gpu_label
+from infermesh.core.scoring.state import StateStore
+
+KEY = TargetKey("m", "n1", "http://a")
+
+
+def test_the_label_lists_the_configured_uuids_in_order() -> None:
+    assert gpu_label(["GPU-b", " GPU-a ", ""]) == "GPU-b,GPU-a"
+
+
+def test_configured_gpus_label_every_target_of_the_runtime_and_override_discovery() -> None:
+    store = StateStore()
+    assign = GpuAssigner("GPU-1,GPU-2", store.get_model).assign
+    # A first delta without labels gets labels naming the GPUs.
+    store.apply_model_delta(assign(ModelStateDelta(KEY, 1, {"running": 1.0})))
+    state = store.get_model(KEY)
+    assert state is not None
+    assert state.labels.gpu_uuid == "GPU-1,GPU-2"
+    # Later deltas without labels keep them; labels from the adapter get the configured GPUs.
+    store.apply_model_delta(assign(ModelStateDelta(KEY, 2, {"running": 2.0})))
+    discovered = Labels(runtime="triton", gpu_uuid="GPU-9")
+    store.apply_model_delta(assign(ModelStateDelta(KEY, 3, {"labels": discovered})))
+    state = store.get_model(KEY)
+    assert state is not None
+    assert (state.labels.runtime, state.labels.gpu_uuid) == ("triton", "GPU-1,GPU-2")
+    assert [g.key.gpu_uuid for g in store.gpus_for(state)] == []  # no GPU telemetry yet
+
+
+def test_without_configured_gpus_deltas_pass_unchanged() -> None:
+    delta = ModelStateDelta(KEY, 1, {"labels": Labels(gpu_uuid="GPU-9")})
+    assert GpuAssigner("", StateStore().get_model).assign(delta) is delta
