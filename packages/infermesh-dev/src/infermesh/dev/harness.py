@@ -68,6 +68,8 @@ class ReplicaSpec:
     port: int = 0
     extra_args: tuple[str, ...] = ()
     """More `infermesh dev vllm` flags, e.g. `("--max-num-seqs", "4")`."""
+    gpus: tuple[str, ...] = ()
+    """UUIDs of the GPUs this replica runs on (its `[[runtimes]] gpus`), e.g. emulated ones."""
 
     def __attrs_post_init__(self) -> None:
         get_profile(self.profile)  # fail early on a typo
@@ -256,6 +258,8 @@ def render_config(
             f"url = {_toml_str(replica.url)}",
             f"poll_interval_s = {spec.poll_interval_s}",
         ]
+        if replica.spec.gpus:
+            lines.append(f"gpus = [{', '.join(_toml_str(u) for u in replica.spec.gpus)}]")
     if spec.gossip is not None:
         lines += ["", *render_gossip(spec.gossip, gossip_port or spec.gossip.port)]
     if spec.extra_config:
