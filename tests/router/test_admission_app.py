@@ -98,3 +98,32 @@ async def test_a_failed_request_frees_its_slot(mesh: Mesh) -> None:
     assert in_flight(gate) == 0
     mesh.a.mode = "ok"
     assert (await mesh.http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+async def test_saturated_replicas_shed_batch_but_not_latency_in_both_scoring_modes(
+    mesh: Mesh,
+) -> None:
+    await mesh.route("m", [mesh.a.endpoint])
+    gate = AdmissionGate.for_scoring(AdmissionConfig(), RouterMetrics(), mesh.app.scoring)
+    mesh.app.admission = gate
+    gate.start()  # agent mode: polls the agent's model states
+    try:
+        await mesh.publish(mesh.agent.state_of("m", mesh.a.endpoint, waiting=100.0))
+
+        def sees_queue() -> bool:
+            fleet = gate.fleet("m") if gate.fleet is not None else None
+            return any(state.waiting == 100.0 for state in fleet or ())
+
+        await wait_until(sees_queue, "admission to see the replica's queue")
+        shed = await mesh.http.post(
+            "/v1/chat/completions", json=CHAT, headers={"x-infermesh-slo": "batch"}
+        )
+        assert shed.status_code == 429
+        assert shed.json()["error"]["code"] == "overloaded"
+        assert "saturated" in shed.json()["error"]["message"]
+        latency = await mesh.http.post(
+            "/v1/chat/completions", json=CHAT, headers={"x-infermesh-slo": "latency"}
+        )
+        assert latency.status_code == 200
+    finally:
+        await gate.aclose()

@@ -35,8 +35,10 @@ from infermesh.router.admission import (
     Waiter,
     WaiterState,
 )
+from infermesh.router.agent_poll import AgentPoller
 from infermesh.router.decision import RouteScoring
 from infermesh.router.errors import ApiError
+from infermesh.router.fleet_watch import FleetWatcher
 from infermesh.router.local_scoring import LocalScoring
 from infermesh.router.metrics import LATENCY_BUCKETS_S, FastHistogram, RouterMetrics
 from infermesh.router.policy_watch import PolicyWatcher
@@ -69,10 +71,9 @@ class Admitted:
 
 def views_of(scoring: RouteScoring) -> tuple[FleetView | None, PolicySource | None]:
     """What admission reads from a scoring mode. `local` ranks on a replica of the agent's state
-    and follows its policy, so both come from there. `agent` keeps neither in the router, and
-    its ScoreTargets call happens inside the forwarder, after admission: (None, None) — no
-    saturation shedding there (the agent's own filters still refuse saturated targets), and the
-    gate follows the policy with its own poller (see `AdmissionGate.for_scoring`)."""
+    and follows its policy, so both come from there. `agent` keeps neither in the router (and
+    its ScoreTargets call happens inside the forwarder, after admission): (None, None), and
+    `AdmissionGate.for_scoring` polls the agent for both."""
     if not isinstance(scoring, LocalScoring):
         return None, None
     local = scoring
@@ -134,7 +135,7 @@ class AdmissionGate:
         self._active: dict[str, Admitted] = {}
         self._saturation: dict[str, tuple[Sequence[ModelState], float | None]] = {}
         self._metrics = _AdmissionMetrics(self, metrics)
-        self._poller: PolicyWatcher | None = None
+        self._pollers: list[AgentPoller] = []
 
     @classmethod
     def for_scoring(
@@ -146,24 +147,32 @@ class AdmissionGate:
         retry_after_s: float = 1.0,
     ) -> AdmissionGate:
         """The gate of a router in this scoring mode: local mode lends its replica and policy;
-        in agent mode the gate polls the agent's policy itself (from `start`)."""
+        in agent mode the gate polls the agent's model states and policy itself (from `start`,
+        every second: saturation there is up to a second older than in local mode)."""
         fleet, policy = views_of(scoring)
-        poller = None
-        if policy is None:
-            poller = PolicyWatcher(scoring.agent.target, _ignore, timeout_s=scoring.agent.timeout_s)
-            policy = _policy_of(poller)
-        gate = cls(config, metrics, fleet=fleet, policy=policy, retry_after_s=retry_after_s)
-        gate._poller = poller
+        if fleet is not None and policy is not None:
+            return cls(config, metrics, fleet=fleet, policy=policy, retry_after_s=retry_after_s)
+        agent = scoring.agent
+        fleet_watcher = FleetWatcher(agent.target, timeout_s=agent.timeout_s)
+        policy_watcher = PolicyWatcher(agent.target, _ignore, timeout_s=agent.timeout_s)
+        gate = cls(
+            config,
+            metrics,
+            fleet=fleet_watcher.fleet,
+            policy=_policy_of(policy_watcher),
+            retry_after_s=retry_after_s,
+        )
+        gate._pollers = [fleet_watcher, policy_watcher]
         return gate
 
     def start(self) -> None:
-        """Start following the agent's policy, when this gate polls it itself."""
-        if self._poller is not None:
-            self._poller.start()
+        """Start polling the agent, when this gate does so itself (agent scoring mode)."""
+        for poller in self._pollers:
+            poller.start()
 
     async def aclose(self) -> None:
-        if self._poller is not None:
-            await self._poller.aclose()
+        for poller in self._pollers:
+            await poller.aclose()
 
     # ------------------------------------------------------------------ policy
 
