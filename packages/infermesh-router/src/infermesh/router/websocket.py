@@ -250,7 +250,11 @@ class WebSocketChat:
             )
             task = asyncio.ensure_future(self._admitted(exchange))
             watch: list[asyncio.Future[Any]] = [task, closed]
-            await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                task.cancel()  # the server is closing this connection: end the request too
+                raise
             if not task.done():
                 # The client closed the WebSocket: stop the request upstream now rather than at
                 # the runtime's next chunk.
