@@ -135,10 +135,12 @@ class EmulatedGpu:
         }
 
 
-def _number(body: Mapping[str, object], name: str, low: float, high: float) -> float | None:
+def _number(
+    body: Mapping[str, object], name: str, low: float, high: float, default: float
+) -> float:
     value = body.get(name)
     if value is None:
-        return None
+        return default
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ControlError(f"{name!r} must be a number, got {value!r}")
     if not low <= value <= high:
@@ -187,13 +189,13 @@ class DcgmFleet:
             raise ControlError(f"unknown key(s) {', '.join(sorted(unknown))}")
         name = "ok" if state == "recover" else str(state)
         factor, temperature, reasons = _STATE_DEFAULTS[name]
-        factor = _number(body, "factor", 0.0, 1.0) or factor
+        factor = _number(body, "factor", 0.0, 1.0, factor)
         if factor <= 0.0:
             raise ControlError("'factor' must be above 0")
-        temperature = _number(body, "temperature_c", 0.0, 150.0) or temperature
+        temperature = _number(body, "temperature_c", 0.0, 150.0, temperature)
         reasons = self._reasons(body.get("reasons"), reasons)
-        xid = int(_number(body, "xid", 1, 1000) or DEFAULT_XID) if name == "xid" else 0
-        dbe = int(_number(body, "dbe", 1, 1e9) or 1) if name == "ecc" else 0
+        xid = int(_number(body, "xid", 1, 1000, DEFAULT_XID)) if name == "xid" else 0
+        dbe = int(_number(body, "dbe", 1, 1e9, 1)) if name == "ecc" else 0
         gpu.state = name
         gpu.speed_factor = factor
         gpu.temperature_c = temperature
