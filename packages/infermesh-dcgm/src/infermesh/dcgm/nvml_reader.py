@@ -311,6 +311,8 @@ class NvmlReader:
             instance.xid_last = self._xid[instance.mig_uuid]
         instance.mig_profile = self._instance_profile(instance, handle, mig, int(gi_id), profiles)
         self._read_memory(instance, mig)
+        # NVML has no utilisation per MIG instance (nor per MIG-enabled GPU): say so.
+        instance.problems["utilization"] = "NVML gives no utilisation per MIG instance"
         return instance
 
     def _profile_names(self, handle: Any) -> dict[int, str]:
