@@ -101,8 +101,8 @@ class GenericTracker:
             models = self._models(outcome, reading)
         except GenericPageError as exc:
             return self._failed(
-                f"cannot read {self.endpoint}{exc.path}: {exc}; check that the URL points at a "
-                f"{self.mapping.title} server (mapping: {self.mapping.source})"
+                f"cannot read {self.endpoint}{exc.path}: {exc}; check that the runtime's url is "
+                f"the {self.mapping.title} server's base URL (mapping: {self.mapping.source})"
             )
         health = self._health(outcome.health)
         new_states = build_states(
