@@ -363,7 +363,9 @@ def test_mig_profile_from_attributes_without_the_gpu_instance_api() -> None:
         reader.close()
     assert devices[f"{A100}/gi1"].mig_profile == "3g.40gb"
     assert devices[f"{A100}/gi5"].mig_profile == "2g.20gb"
-    assert devices[f"{A100}/gi1"].problems == {}
+    assert devices[f"{A100}/gi1"].problems == {
+        "utilization": "NVML gives no utilisation per MIG instance"
+    }
 
 
 async def test_an_xid_event_makes_its_gpu_unhealthy_and_stays_reported(fake: FakeNvml) -> None:
