@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 import anyio
@@ -227,7 +227,10 @@ class GenericAdapter:
         session = self._session
         health_urls = {"": self.health_url}
         if self.mapping.health_check == "model_status":
-            health_urls = {m: self.health_url.format(model=m) for m in self.options.models}
+            template = self.health_url
+            health_urls = {
+                m: template.replace("{model}", quote(m, safe="")) for m in self.options.models
+            }
         answers: dict[str, tuple[int, bytes] | str] = {}
 
         async def fetch(name: str, url: str, accept: str) -> None:
