@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from infermesh.core.config import parse_host_port
 from infermesh.core.model import GpuState, ModelState
 from infermesh.core.scoring.engine import ScoringEngine
+from infermesh.core.scoring.gpu_health import gpu_exclusion_reason, gpu_score
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.state import StateStore
 
@@ -99,7 +100,11 @@ GPU_GAUGES: dict[str, tuple[str, _GpuValue]] = {
     "vram_headroom_ratio": ("Share of device memory free, 0..1.", lambda g: g.vram_headroom),
     "temperature_celsius": ("GPU temperature.", lambda g: g.temperature_c),
     "power_watts": ("Power draw.", lambda g: g.power_w),
-    "healthy": ("1 when no ECC/XID/row-remap/throttle problem is reported.", lambda g: g.healthy),
+    "healthy": (
+        "1 when no fault (uncorrectable ECC, XID, row remapping) is reported; throttling is not "
+        "a fault: see infermesh_agent_gpu_health_score_ratio.",
+        lambda g: g.healthy,
+    ),
 }
 
 
@@ -141,7 +146,45 @@ class StateCollector(Collector):
                 labels = [gpu.key.node, gpu.key.gpu_uuid, str(gpu.index), gpu.name]
                 family.add_metric(labels, float(gpu_value(gpu)))
             yield family
+        yield from self._gpu_health(gpus, now)
         yield from self._counters()
+
+    def _gpu_health(self, gpus: tuple[GpuState, ...], now: float) -> Iterable[Metric]:
+        """What the `gpu_health` scorer and the GPU-fault filter make of each GPU and target."""
+        stale_after_s = self.engine.stale_after_s if self.engine is not None else 5.0
+        score = GaugeMetricFamily(
+            "infermesh_agent_gpu_health_score_ratio",
+            "The gpu_health scorer's view of the GPU, 0..1 (1: cool, unthrottled, memory to "
+            "spare; a replica scores as its worst GPU).",
+            labels=GPU_LABELS,
+        )
+        throttle = GaugeMetricFamily(
+            "infermesh_agent_gpu_throttle_reasons",
+            "1 per active thermal or power clock-event reason of the GPU (NVML names).",
+            labels=(*GPU_LABELS, "reason"),
+        )
+        for gpu in gpus:
+            labels = [gpu.key.node, gpu.key.gpu_uuid, str(gpu.index), gpu.name]
+            score.add_metric(labels, gpu_score(gpu, now, stale_after_s=stale_after_s)[0])
+            for reason in gpu.throttle_reasons:
+                throttle.add_metric([*labels, reason], 1.0)
+        yield score
+        yield throttle
+        excluded = GaugeMetricFamily(
+            "infermesh_agent_target_gpu_excluded",
+            "1 when a fault on one of the target's GPUs keeps it from new requests, with the "
+            "reason (e.g. 'GPU GPU-... unhealthy: XID 79 reported'); 0 for targets mapped to "
+            "healthy GPUs.",
+            labels=(*TARGET_LABELS, "reason"),
+        )
+        for state in self.store.model_states():
+            if not state.labels.gpu_uuid:
+                continue
+            why = gpu_exclusion_reason(self.store.gpus_for(state))
+            key = state.key
+            labels = [key.target_id, key.model, key.node, key.endpoint, why or ""]
+            excluded.add_metric(labels, 0.0 if why is None else 1.0)
+        yield excluded
 
     def _counters(self) -> Iterable[Metric]:
         deltas = CounterMetricFamily(
