@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,6 +24,9 @@ from infermesh.dev.dcgm_emulator import (
 )
 from infermesh.dev.dcgm_fleet import ControlError, DcgmFleetConfig
 from infermesh.dev.harness import free_port, infermesh_command
+from infermesh.dev.profiles import get_profile
+from infermesh.dev.triton_emulator import TritonEmulatorConfig, start_triton_emulator
+from infermesh.dev.vllm_emulator import EmulatorConfig, start_emulator
 
 pytestmark = pytest.mark.anyio
 
@@ -74,7 +78,7 @@ async def emulator(replica: SpeedRecorder) -> AsyncIterator[DcgmEmulator]:
     await server.aclose()
 
 
-async def post(url: str, body: object) -> tuple[int, dict[str, object]]:
+async def post(url: str, body: object) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as session, session.post(url, json=body) as response:
         return response.status, await response.json()
 
@@ -283,3 +287,31 @@ async def test_dev_dcgm_serves_metrics_and_stops_on_sigterm() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_real_vllm_and_triton_emulators_follow_their_gpu() -> None:
+    vllm = await start_emulator(EmulatorConfig(profile=get_profile("a10")))
+    triton = await start_triton_emulator(TritonEmulatorConfig(models=("simple",), load_s=0.0))
+    config = DcgmEmulatorConfig(
+        fleet=DcgmFleetConfig(uuids=UUIDS[:1]),
+        replicas={UUIDS[0]: (vllm.url, triton.http_url)},
+    )
+    server = await start_dcgm_emulator(config)
+    try:
+        _, answer = await post(server.control_url(UUIDS[0]), {"state": "throttle", "factor": 0.25})
+        assert [(u["url"], u["status"]) for u in answer["speed_updates"]] == [
+            (vllm.url, 200),
+            (triton.http_url, 200),
+        ]
+        assert triton.core.slowdown == 4.0  # Triton's route takes a time multiplier: 1 / 0.25
+        _, answer = await post(server.control_url(UUIDS[0]), {"state": "recover"})
+        assert triton.core.slowdown == 1.0
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(vllm.url + "/dev/speed", json={"factor": 1.0}) as response,
+        ):
+            assert (await response.json())["previous"] == 1.0  # recover set the vLLM back to 1
+    finally:
+        await server.aclose()
+        await triton.aclose()
+        await vllm.aclose()

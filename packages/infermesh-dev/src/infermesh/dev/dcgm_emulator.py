@@ -4,8 +4,9 @@ Routes: `GET /metrics` (the exposition, see `dcgm_fleet`), `GET /health`, `GET /
 (every GPU's state) and `POST /control/gpus/{uuid}` with `{"state": "throttle"|"hot"|"xid"|
 "ecc"|"recover", ...}`. A GPU mapped to emulated vLLM replicas (`replicas`: UUID -> base URLs)
 slows them down too: each change POSTs `{"factor": F}` to the replica's dev-only
-`/dev/speed` before the control call answers, so a throttled GPU is also a slower GPU. A
-replica without that route (404) is logged and skipped. A fake for development and tests; never
+`/dev/speed` (emulated vLLM; emulated Triton: `PUT /infermesh/dev/slowdown {"factor": 1/F}`)
+before the control call answers, so a throttled GPU is also a slower GPU. A replica without
+either route (404) or unreachable is logged and skipped. A fake for development and tests; never
 imported by the agent or the router.
 """
 
@@ -37,6 +38,7 @@ log = get_logger("infermesh.dev.dcgm_emulator")
 # What dcgm-exporter answers /metrics with (Go's promhttp, classic text format).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SPEED_PATH = "/dev/speed"
+TRITON_SLOWDOWN_PATH = "/infermesh/dev/slowdown"
 SPEED_TIMEOUT_S = 2.0
 
 
@@ -140,21 +142,29 @@ class _Control:
     async def _post_speed(
         session: aiohttp.ClientSession, base_url: str, factor: float
     ) -> SpeedUpdate:
+        """vLLM emulator: POST /dev/speed {"factor": F}; where that route is missing (404), the
+        Triton emulator's PUT /infermesh/dev/slowdown {"factor": 1/F} (time multiplier)."""
         url = base_url.rstrip("/") + SPEED_PATH
+        timeout = aiohttp.ClientTimeout(total=SPEED_TIMEOUT_S)
         try:
-            async with session.post(
-                url, json={"factor": factor}, timeout=aiohttp.ClientTimeout(total=SPEED_TIMEOUT_S)
-            ) as response:
+            async with session.post(url, json={"factor": factor}, timeout=timeout) as response:
                 text = (await response.text())[:200]
                 status = response.status
+            if status == 404:
+                url = base_url.rstrip("/") + TRITON_SLOWDOWN_PATH
+                async with session.put(
+                    url, json={"factor": 1.0 / factor}, timeout=timeout
+                ) as response:
+                    text = (await response.text())[:200]
+                    status = response.status
         except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("replica speed not changed: unreachable", url=url, error=str(exc))
             return SpeedUpdate(base_url, factor, None, f"unreachable: {exc}")
         if status == 404:
             log.warning(
-                "replica speed not changed: it has no /dev/speed route "
-                "(not an emulated vLLM, or one without the speed endpoint)",
-                url=url,
+                "replica speed not changed: it has neither /dev/speed (emulated vLLM) nor "
+                "/infermesh/dev/slowdown (emulated Triton)",
+                url=base_url,
             )
         elif status >= 300:
             log.warning("replica refused the speed change", url=url, status=status, body=text)
