@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from infermesh.agent.runtimes.generic.mapping import shipped_mapping
+from infermesh.agent.runtimes.generic.mapping import parse_mapping, shipped_mapping
 from infermesh.agent.runtimes.generic.tracker import (
     FetchFailed,
     GenericTracker,
@@ -221,3 +221,61 @@ def test_a_fetch_failure_is_reported_once() -> None:
     assert first.problem_started == "cannot connect"
     assert not second.problem_started
     assert t.observe(fetched("tgi", 2), T0 + 3.0).recovered
+
+
+PERCENT_AND_MS = """
+runtime = "custom"
+[metrics]
+model_label = "model"
+[models]
+source = "metrics"
+[signals.kv_cache_usage]
+metric = "cache_used_percent"
+unit = "percent"
+[signals.ttft_s]
+metric = "first_token_ms"
+type = "histogram_mean"
+unit = "ms"
+[signals.prefix_cache_hit_rate]
+metric = "prefix_hits_total"
+per = "prefix_lookups_total"
+type = "counter_ratio"
+[signals.running]
+metric = "requests_in_progress"
+labels = { phase = "decode" }
+"""
+
+CUSTOM_PAGE = """# TYPE cache_used_percent gauge
+cache_used_percent{{model="a"}} {cache}
+cache_used_percent{{model="b"}} 120
+# TYPE first_token_ms summary
+first_token_ms{{model="a",quantile="0.5"}} 80
+first_token_ms_sum{{model="a"}} {ttft_sum}
+first_token_ms_count{{model="a"}} {ttft_count}
+prefix_hits_total{{model="a"}} {hits}
+prefix_lookups_total{{model="a"}} {lookups}
+requests_in_progress{{model="a",phase="decode"}} 3
+requests_in_progress{{model="a",phase="prefill"}} 9
+"""
+
+
+def test_percent_and_milliseconds_are_converted_and_label_filters_apply() -> None:
+    mapping = parse_mapping(PERCENT_AND_MS, "custom.toml")
+    t = GenericTracker(mapping=mapping, node="n1", endpoint=ENDPOINT)
+
+    def scrape(now: float, **values: float) -> None:
+        text = CUSTOM_PAGE.format(**values)
+        t.observe(PageFetched(metrics_text=text, models_body=None, health={}), now)
+
+    scrape(T0, cache=42.0, ttft_sum=1200.0, ttft_count=10, hits=30, lookups=100)
+    a, b = state(t, "a"), state(t, "b")  # the models are the label's values on the page
+    assert a.kv_cache_usage == pytest.approx(0.42)
+    assert b.kv_cache_usage == 1.0  # clamped to a fraction
+    assert a.ttft_s == pytest.approx(0.12)  # a summary's _sum/_count in ms
+    assert a.prefix_cache_hit_rate == pytest.approx(0.3)
+    assert a.running == 3  # only the decode series
+    assert b.ttft_s is None
+    scrape(T0 + 5.0, cache=50.0, ttft_sum=1500.0, ttft_count=15, hits=70, lookups=150)
+    a = state(t, "a")
+    assert a.ttft_s == pytest.approx(0.06)  # 300 ms over the 5 new observations
+    assert a.prefix_cache_hit_rate == pytest.approx(0.8)  # 40 hits in 50 lookups
