@@ -30,7 +30,7 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from infermesh.core.config import ScoringConfig
+from infermesh.core.config import HedgingConfig, ScoringConfig
 from infermesh.core.contracts import Scorer
 from infermesh.core.convert import (
     gpu_snapshot_delta_pb,
@@ -457,6 +457,9 @@ async def running_router(scoring: RouteScoring) -> AsyncIterator[tuple[str, Rout
         {"openai-http": openai_http_transport},
         RouterSettings(max_body_bytes=MAX_BODY_BYTES, max_attempts=2, retry_after_s=1.0),
     )
+    # Attempt counts are exact in these tests: no hedge may race a runtime that is merely slow
+    # on a loaded machine. Hedging tests turn it on with `app.forwarder.configure(...)`.
+    app.forwarder.configure(hedging=HedgingConfig(enabled=False))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
