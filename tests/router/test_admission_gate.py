@@ -243,3 +243,13 @@ async def test_a_request_refused_by_admission_is_not_charged_to_its_tenant() -> 
                 pass
     async with gate.admit(request(tenant="acme")):
         pass
+
+
+async def test_the_fleet_counts_as_saturated_for_hedging_once_any_class_is_shed() -> None:
+    fleet: dict[str, Sequence[ModelState]] = {MODEL: replicas(waiting=4.0)}
+    gate = AdmissionGate(AdmissionConfig(), RouterMetrics(), fleet=fleet.get)
+    assert not gate.saturated(MODEL)
+    fleet[MODEL] = replicas(waiting=7.0)  # above batch's 0.8
+    assert gate.saturated(MODEL)
+    assert not gate.saturated("unknown-model")
+    assert not AdmissionGate(AdmissionConfig(), RouterMetrics()).saturated(MODEL)

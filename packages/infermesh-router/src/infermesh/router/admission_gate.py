@@ -278,6 +278,16 @@ class AdmissionGate:
             )
         return True
 
+    def saturated(self, model: str) -> bool:
+        """Whether admission sheds some class of `model` now (its fleet's saturation is above
+        the lowest `shed_at_load`): the forwarder sends no hedges then, since extra attempts
+        would add load while real requests are refused."""
+        replicas = self.fleet(model) if self.fleet is not None else None
+        if not replicas:
+            return False
+        lowest = min(self.limits(model, slo).shed_at_load for slo in SloClass)
+        return sheds(self._saturation_of(model, replicas), lowest)
+
     def _saturation_of(self, model: str, replicas: Sequence[ModelState]) -> float | None:
         # The state store hands out the same tuple of candidates until one of them changes, so
         # the mean is computed once per change, not once per request.

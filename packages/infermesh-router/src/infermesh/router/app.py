@@ -117,6 +117,7 @@ class RouterApp:
             ),
             self.metrics,
             self._report,
+            saturated=self.admission.saturated,  # no hedges while admission sheds load
         )
         self.gate = self.settings.gate
         self.tracer = Tracer(self.settings.otel)
