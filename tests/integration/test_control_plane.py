@@ -262,7 +262,9 @@ async def test_three_voters_and_a_reader_keep_the_policy_through_failover_and_re
             "a drain through a survivor",
             deadline_s=5,
         )
-        assert time.monotonic() - killed_at < 5.0
+        failover_s = time.monotonic() - killed_at
+        print(f"write committed through a survivor {failover_s:.2f} s after SIGKILL of the leader")
+        assert failover_s < 5.0
         await plane.everywhere((*survivors, READER), "drains", "gpu-1", deadline_s=10)
         await plane.drain_event(READER, "gpu-1", deadline_s=5)
 
