@@ -217,3 +217,30 @@ async def test_latency_histograms_and_outcomes_per_model_and_slo_class(mesh: Mes
     ) in page
     chosen = target_id("m", mesh.a.endpoint)
     assert f'infermesh_router_target_choices_total{{target="{chosen}"}} 1.0' in page
+
+
+async def test_no_hedge_while_the_fleet_is_saturated(local_mesh: Mesh) -> None:
+    mesh = local_mesh
+    mesh.app.forwarder.configure(hedging=HedgingConfig(default_delay_s=0.01))
+    async with odd_runtime("stall") as stall:
+        await mesh.route("m", [stall.endpoint, mesh.b.endpoint])
+        # Both replicas nearly out of KV cache: admission sheds batch, so no hedges are sent.
+        await mesh.publish(
+            *(
+                mesh.agent.state_of("m", endpoint, kv_cache_usage=0.98 + 0.01 * rank)
+                for rank, endpoint in enumerate([stall.endpoint, mesh.b.endpoint])
+            )
+        )
+        headers = {"x-infermesh-slo": "latency"}  # never shed by saturation
+        call = asyncio.ensure_future(
+            mesh.http.post("/v1/chat/completions", json=STREAM, headers=headers)
+        )
+        await wait_until(
+            lambda: mesh.app.metrics.hedges["denied_saturated"] == 1, "the hedge to be denied"
+        )
+        assert stall.received == 1
+        assert mesh.app.metrics.hedges["fired"] == 0
+        assert len(mesh.b.received) == 0
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
