@@ -137,7 +137,13 @@ async def test_pushed_state_is_scored_reserved_and_released_by_outcomes(socket_d
         best = reply.targets[0]
         assert best.key.endpoint == "http://127.0.0.1:8002"
         assert best.transport == "openai-http"
-        assert {r.scorer for r in best.reasons} == {"queue", "kv", "prefix", "net_penalty"}
+        assert {r.scorer for r in best.reasons} == {
+            "queue",
+            "kv",
+            "prefix",
+            "net_penalty",
+            "gpu_health",
+        }
         assert reply.reservation_id
         assert agent.inflight.open_count(B.target_id) == 1
 
