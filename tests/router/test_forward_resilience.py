@@ -190,6 +190,32 @@ async def test_a_policy_that_disables_hedging_for_the_model_is_followed(local_me
             await call
 
 
+async def test_agent_mode_follows_the_policy_that_disables_hedging(agent_mesh: Mesh) -> None:
+    mesh = agent_mesh
+    watcher = mesh.app.admission.policy_watcher
+    assert watcher is not None  # agent mode: the admission gate polls GetPolicy itself
+    mesh.app.forwarder.configure(hedging=HedgingConfig(default_delay_s=0.01))
+    document = {"hedging": {"m-off": {"model": "m", "enabled": False}}}
+    watcher.received(7, json.dumps(document))
+    async with odd_runtime("stall") as stall:
+        await mesh.route("m", [stall.endpoint, mesh.b.endpoint])
+        call = asyncio.ensure_future(mesh.http.post("/v1/chat/completions", json=STREAM))
+        await wait_until(lambda: stall.received == 1, "the stalling runtime to get the request")
+        await asyncio.sleep(0.05)  # well past the configured hedge delay
+        assert mesh.app.metrics.hedges["fired"] == 0
+        assert mesh.b.received == []
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    # The policy lifted: the same stall is hedged on the next-ranked target.
+    watcher.received(8, json.dumps({"hedging": {}}))
+    async with odd_runtime("stall") as stall:
+        await mesh.route("m", [stall.endpoint, mesh.b.endpoint])
+        response = await mesh.http.post("/v1/chat/completions", json=STREAM)
+        assert response.status_code == 200
+        assert mesh.app.metrics.hedges["fired"] == 1
+
+
 async def test_latency_histograms_and_outcomes_per_model_and_slo_class(mesh: Mesh) -> None:
     mesh.a.release_rest.clear()  # the rest of the stream comes after the first token is out
     headers = {"x-infermesh-slo": "latency"}

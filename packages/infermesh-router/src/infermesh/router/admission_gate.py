@@ -136,6 +136,8 @@ class AdmissionGate:
         self._saturation: dict[str, tuple[Sequence[ModelState], float | None]] = {}
         self._metrics = _AdmissionMetrics(self, metrics)
         self._pollers: list[AgentPoller] = []
+        self.policy_watcher: PolicyWatcher | None = None
+        """The gate's own GetPolicy poll (agent scoring mode only)."""
 
     @classmethod
     def for_scoring(
@@ -163,6 +165,7 @@ class AdmissionGate:
             retry_after_s=retry_after_s,
         )
         gate._pollers = [fleet_watcher, policy_watcher]
+        gate.policy_watcher = policy_watcher
         return gate
 
     def start(self) -> None:
@@ -199,6 +202,14 @@ class AdmissionGate:
         self._policy = policy
         self.quotas.update(policy.quotas, now)
         self._wake(self.queues.pump(now))
+
+    def policy(self) -> PolicySet:
+        """The operator policy in force for this router, in either scoring mode (local mode:
+        the replica's; agent mode: this gate's own GetPolicy poll). The forwarder reads its
+        hedging rules from here."""
+        if self.policy_source is not None:
+            return self.policy_source()
+        return self._policy
 
     def _follow_policy(self) -> None:
         if self.policy_source is not None:

@@ -118,6 +118,7 @@ class RouterApp:
             self.metrics,
             self._report,
             saturated=self.admission.saturated,  # no hedges while admission sheds load
+            policy=self.admission.policy,  # hedging rules in both scoring modes
         )
         self.gate = self.settings.gate
         self.tracer = Tracer(self.settings.otel)

@@ -185,9 +185,11 @@ class Forwarder:
         report: Callable[[scoring_pb2.Outcome], None],
         *,
         saturated: Callable[[str], bool] = never_saturated,
+        policy: Callable[[], PolicySet] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scoring = scoring
+        self._policy_source = policy
         self._score_latency: FastHistogram = (
             metrics.agent_score_latency if scoring.mode == "agent" else metrics.local_score_latency
         )
@@ -231,7 +233,10 @@ class Forwarder:
         log.info("circuit breaker", target=target, state=to_state)
 
     def _policy(self) -> PolicySet:
-        """The operator policy the scoring mode follows (local mode polls it from the agent)."""
+        """The operator policy in force: from `policy` when given (the admission gate's, which
+        polls the agent in agent scoring mode too), else the local scoring's policy watcher."""
+        if self._policy_source is not None:
+            return self._policy_source()
         watcher = getattr(self.scoring, "policy_watcher", None)
         policy = getattr(watcher, "policy", None)
         return policy if isinstance(policy, PolicySet) else _EMPTY_POLICY
