@@ -1,0 +1,1 @@
+"""`infermesh sim route`: a deterministic routing simulator over the engine model."""
