@@ -130,6 +130,13 @@ class ReplicaView:
     kv_usage: float = 0.0
     telemetry_s: float = 0.0
     in_flight: int = 0
+    max_num_seqs: int = 0
+    ttft_s: float | None = None
+    itl_s: float | None = None
+    e2e_s: float | None = None
+    """Means over the last scrape window (as vLLM's histograms give them); None before any."""
+    prompt_tokens_per_s: float = 0.0
+    generation_tokens_per_s: float = 0.0
 
     def age_s(self, now: float) -> float:
         return now - self.telemetry_s
