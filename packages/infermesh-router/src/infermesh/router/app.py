@@ -88,9 +88,10 @@ class RouterApp:
         self.kserve = KServeIngress(
             scoring,
             lambda name: self.forwarder.transport(name),
-            lambda outcome: self.reporter.report(outcome),
+            lambda outcome: self._report(outcome),
             self.metrics,
             self.settings.kserve,
+            admit=lambda features: self.admission.admit(features),  # KServe infer is admitted too
         )
         self.reporter = OutcomeReporter(
             self.agent.report,

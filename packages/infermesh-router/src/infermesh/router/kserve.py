@@ -19,7 +19,7 @@ from infermesh.router.decision import RouteScoring
 from infermesh.router.kserve_grpc import GRPC_LABEL, KServeGrpcIngress
 from infermesh.router.kserve_http import KServeHttp
 from infermesh.router.kserve_metrics import KServeMetrics
-from infermesh.router.kserve_routing import KServeRouting
+from infermesh.router.kserve_routing import Admit, KServeRouting
 from infermesh.router.local_scoring import LocalScoring
 from infermesh.router.metrics import RouterMetrics
 
@@ -77,7 +77,9 @@ class KServeIngress:
         report: Callable[[scoring_pb2.Outcome], None],
         metrics: RouterMetrics,
         settings: KServeSettings,
+        admit: Admit | None = None,
     ) -> None:
+        """`admit` is the admission gate's: inference calls pass it as OpenAI requests do."""
         self.settings = settings
         self.metrics = KServeMetrics(metrics)
         self.routing = KServeRouting(
@@ -85,6 +87,7 @@ class KServeIngress:
             report,
             max_attempts=settings.max_attempts,
             retry_after_s=settings.retry_after_s,
+            admit=admit,
         )
         server_version = _router_version()
         self.http = KServeHttp(

@@ -11,6 +11,7 @@ gRPC health and reflection are served beside it. Never decodes a tensor.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -54,6 +55,7 @@ _CODES = {
     Refusal.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Refusal.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Refusal.UPSTREAM_FAILED: grpc.StatusCode.UNAVAILABLE,
+    Refusal.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 # The target failed (not the call): try the next one, as for an HTTP 5xx or 429.
 _NEXT_TARGET = frozenset(
@@ -235,8 +237,18 @@ class KServeGrpcIngress:
             try:
                 features = features_for(model, request_id, slo, tenant)
                 attempt_on = partial(self._attempt, method, request, context, forwarded)
-                return await self.routing.run(features, attempt_on)
+                return await self.routing.run(features, attempt_on, admitted=method == "ModelInfer")
             except KServeError as exc:
+                if exc.retry_after_s is not None:
+                    # When to come back, as HTTP's Retry-After (whole seconds) and as gRFC A6's
+                    # server pushback (milliseconds), next to the request id.
+                    context.set_trailing_metadata(
+                        (
+                            ("x-request-id", request_id),
+                            ("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),
+                            ("grpc-retry-pushback-ms", str(round(exc.retry_after_s * 1000))),
+                        )
+                    )
                 raise _Abort(_CODES[exc.kind], exc.message) from None
         except _Abort as abort:
             result = abort.code

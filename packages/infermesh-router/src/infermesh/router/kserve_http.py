@@ -47,6 +47,7 @@ _STATUS = {
     Refusal.NOT_FOUND: 404,
     Refusal.UNAVAILABLE: 503,
     Refusal.UPSTREAM_FAILED: 502,
+    Refusal.OVERLOADED: 429,
 }
 _DROPPED_RESPONSE_HEADERS = frozenset(
     name.encode() for name in (HOP_BY_HOP - {"content-length"}) | {"x-request-id"}
@@ -165,7 +166,9 @@ class KServeHttp:
                 exchange = _Exchange(
                     call, upstream_path, headers.forward, body, send, request_id.encode("latin-1")
                 )
-                status = await self.routing.run(features, partial(self._attempt, exchange))
+                status = await self.routing.run(
+                    features, partial(self._attempt, exchange), admitted=call.call == "infer"
+                )
         except ApiError as error:
             status = error.status
             await self._send_error(send, status, error.message, error.headers(), request_id)

@@ -2,15 +2,20 @@
 
 Shared by the HTTP and gRPC ingress: the model named in the call is the KServe model, ranked by
 the same scoring as OpenAI requests, restricted to targets whose transport is `kserve-http`.
-Attempts move to the next target only while nothing has been relayed; every attempt's outcome
-releases its reservation and is reported to the agent. Knows no wire format; never relays bytes.
+Inference calls pass the router's admission gate first (SLO class queues, saturation shedding,
+tenant quotas: admission.md), exactly as OpenAI requests do; a refusal is `Refusal.OVERLOADED`
+with the gate's Retry-After. Attempts move to the next target only while nothing has been
+relayed; every attempt's outcome releases its reservation and is reported to the agent. Knows no
+wire format; never relays bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 import attrs
@@ -20,10 +25,12 @@ from infermesh.core.model import RequestFeatures, SloClass
 from infermesh.core.proto import scoring_pb2
 from infermesh.router.agent_client import AgentUnavailable
 from infermesh.router.decision import Choice, Decision, RouteScoring
+from infermesh.router.errors import ApiError
 from infermesh.router.forward import AttemptFailed
 
 __all__ = [
     "KSERVE_TRANSPORT",
+    "Admit",
     "AttemptFailed",
     "KServeAttempt",
     "KServeError",
@@ -38,6 +45,9 @@ KSERVE_TRANSPORT = "kserve-http"
 
 T = TypeVar("T")
 
+Admit = Callable[[RequestFeatures], AbstractAsyncContextManager[object]]
+"""The admission gate's `admit`: holds a slot for the block, raises ApiError(429) instead."""
+
 
 class Refusal(enum.Enum):
     """Why the router answers a KServe call itself; each ingress maps it to a status."""
@@ -46,6 +56,9 @@ class Refusal(enum.Enum):
     NOT_FOUND = "not_found"
     UNAVAILABLE = "unavailable"
     UPSTREAM_FAILED = "upstream_failed"
+    OVERLOADED = "overloaded"
+    """Admission refused the call (class queue full or timed out, fleet saturated, tenant quota):
+    HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED."""
 
 
 class KServeError(Exception):
@@ -94,8 +107,10 @@ class KServeRouting:
         *,
         max_attempts: int = 2,
         retry_after_s: float = 1.0,
+        admit: Admit | None = None,
     ) -> None:
         self.scoring = scoring
+        self.admit = admit
         self._report = report
         self.max_attempts = max_attempts
         self.retry_after_s = retry_after_s
@@ -148,10 +163,32 @@ class KServeRouting:
         return decision._replace(choices=choices, reservation_id=reservation)
 
     async def run(
-        self, features: RequestFeatures, attempt_on: Callable[[KServeAttempt], Awaitable[T]]
+        self,
+        features: RequestFeatures,
+        attempt_on: Callable[[KServeAttempt], Awaitable[T]],
+        *,
+        admitted: bool = False,
     ) -> T:
         """`attempt_on` each ranked target until one returns; it raises `AttemptFailed` to move
-        on (only before anything was relayed). Raises `KServeError` when none answered."""
+        on (only before anything was relayed). Raises `KServeError` when none answered.
+
+        With `admitted` (inference calls) the call holds an admission slot for its duration;
+        a refusal raises `KServeError(Refusal.OVERLOADED)` before any target is scored."""
+        if not admitted or self.admit is None:
+            return await self._run(features, attempt_on)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.admit(features))
+            except ApiError as refused:
+                raise KServeError(
+                    Refusal.OVERLOADED, refused.message, refused.retry_after_s
+                ) from None
+            return await self._run(features, attempt_on)
+        raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
+
+    async def _run(
+        self, features: RequestFeatures, attempt_on: Callable[[KServeAttempt], Awaitable[T]]
+    ) -> T:
         decision = await self.plan(features)
         failures: list[str] = []
         for index, choice in enumerate(decision.choices[: self.max_attempts]):
