@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from infermesh.dev.sim.network import PROFILES
+from infermesh.dev.sim.route.cli import route_command
 
 __all__ = ["sim_group"]
 
@@ -115,3 +116,6 @@ def gossip_command(
     if not json_only:
         click.echo(format_table(report))
     click.echo(report_json(report))
+
+
+sim_group.add_command(route_command)

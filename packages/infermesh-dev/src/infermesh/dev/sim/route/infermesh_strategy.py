@@ -1,0 +1,129 @@
+"""InferMesh's default routing, run by its real code against the simulated fleet.
+
+Telemetry reaches a real `StateStore` as `ModelStateDelta`s (what the agent's vLLM adapter
+publishes: running, waiting, KV usage, windowed TTFT/ITL/e2e means and token rates, stamped with
+the scrape time). Each decision is `ScoringEngine.rank` with the built-in scorers at their default
+weights (queue, KV headroom, prefix affinity, net penalty from the per-link RTT, GPU health),
+over a real `InflightTracker` that holds a reservation per routed request and gets its outcome
+(TTFT) when the request finishes, as the router reports it. The prefix key is the router's own
+(`infermesh.router.features.prefix_key_of` over the leading token ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from infermesh.core.config import ScoringConfig
+from infermesh.core.model import ModelStateDelta, RequestFeatures, SloClass, TargetKey
+from infermesh.core.scoring.engine import ScoringEngine
+from infermesh.core.scoring.inflight import InflightTracker
+from infermesh.core.scoring.scorers import builtin_scorers
+from infermesh.core.scoring.state import StateStore
+from infermesh.dev.sim.route.strategy import ReplicaView, SimRequest, prompt_token_ids
+from infermesh.router.features import PREFIX_TOKEN_IDS, prefix_key_of
+
+__all__ = ["MODEL", "InferMeshStrategy", "prefix_key"]
+
+MODEL = "sim-model"
+
+
+def prefix_key(request: SimRequest) -> int:
+    """The key the router computes from a prompt given as token ids (its first 64 ids)."""
+    head = prompt_token_ids(request)[:PREFIX_TOKEN_IDS]
+    return prefix_key_of(b"ids:" + ",".join(str(t) for t in head).encode())
+
+
+class InferMeshStrategy:
+    """Ranks with the live system's StateStore, InflightTracker and ScoringEngine."""
+
+    name = "infermesh"
+
+    def __init__(self, scoring: ScoringConfig | None = None) -> None:
+        scoring = scoring or ScoringConfig()
+        self.store = StateStore()
+        self.inflight = InflightTracker(ewma_alpha=scoring.outcome_ewma_alpha, id_prefix="sim")
+        self._rtt_by_node: dict[str, float] = {}
+        self.engine = ScoringEngine.from_config(
+            self.store,
+            self.inflight,
+            {s.name: s for s in builtin_scorers()},
+            scoring,
+            rtt_estimate=self._rtt_by_node.get,
+        )
+        self._target_of: dict[str, TargetKey] = {}
+        self._replica_of: dict[str, str] = {}
+        self._versions: dict[str, int] = {}
+        self._reservations: dict[str, str] = {}
+        self._ttfts: dict[str, float] = {}
+        self.unroutable = 0
+
+    def _key(self, view: ReplicaView) -> TargetKey:
+        key = self._target_of.get(view.replica_id)
+        if key is None:
+            key = TargetKey(model=MODEL, node=view.node, endpoint=f"http://{view.replica_id}")
+            self._target_of[view.replica_id] = key
+            self._replica_of[key.target_id] = view.replica_id
+            self._rtt_by_node[view.node] = view.rtt_s
+        return key
+
+    def observe(self, replica: ReplicaView, now: float) -> None:
+        key = self._key(replica)
+        version = self._versions.get(replica.replica_id, 0) + 1
+        self._versions[replica.replica_id] = version
+        self.store.apply_model_delta(
+            ModelStateDelta(
+                key=key,
+                version=version,
+                changes={
+                    "running": float(replica.running),
+                    "waiting": float(replica.waiting),
+                    "kv_cache_usage": replica.kv_usage,
+                    "ttft_s": replica.ttft_s,
+                    "itl_s": replica.itl_s,
+                    "e2e_s": replica.e2e_s,
+                    "prompt_tokens_per_s": replica.prompt_tokens_per_s,
+                    "generation_tokens_per_s": replica.generation_tokens_per_s,
+                    "max_num_seqs": replica.max_num_seqs or None,
+                    "last_updated": replica.telemetry_s,
+                },
+            )
+        )
+
+    def choose(
+        self, request: SimRequest, replicas: Sequence[ReplicaView], now: float
+    ) -> str | None:
+        features = RequestFeatures(
+            model=MODEL,
+            slo_class=SloClass(request.slo_class),
+            prompt_tokens=request.prompt_tokens,
+            max_output_tokens=request.output_tokens,
+            prefix_key=prefix_key(request),
+            tenant=request.tenant,
+            request_id=request.request_id,
+        )
+        ranking = self.engine.rank(features, now, max_targets=1)
+        if not ranking.targets:
+            self.unroutable += 1
+            return None
+        target_id = ranking.targets[0].target_id
+        reservation = self.inflight.reserve(target_id, now)
+        self._reservations[request.request_id] = reservation.reservation_id
+        return self._replica_of[target_id]
+
+    def on_first_token(self, request: SimRequest, replica_id: str | None, now: float) -> None:
+        self._ttfts[request.request_id] = now - request.arrival_s
+
+    def on_finish(self, request: SimRequest, replica_id: str, now: float, ok: bool) -> None:
+        reservation_id = self._reservations.pop(request.request_id, None)
+        ttft_s = self._ttfts.pop(request.request_id, None)
+        if reservation_id is None:
+            return
+        status = 200 if ok else 503
+        self.inflight.release_outcome(
+            reservation_id, now, status=status, latency_s=now - request.arrival_s
+        )
+        target_id = self._key_of(replica_id)
+        self.inflight.record_outcome(target_id, ok=ok, status=status, ttft_s=ttft_s)
+
+    def _key_of(self, replica_id: str) -> str:
+        return self._target_of[replica_id].target_id
