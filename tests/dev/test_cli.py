@@ -79,7 +79,8 @@ async def test_dev_vllm_serves_health_and_stops_on_sigterm() -> None:
         ),
         (["vllm", "--port", "1", "--lora", "meta-llama/Llama-3.1-8B-Instruct"], "cannot share"),
         (["up", "--profiles", "h100,v100"], "unknown profile(s) 'v100'"),
-        (["up", "--replicas", "0"], "0 is not in the range"),
+        (["up", "--replicas", "0"], "--replicas and --triton are both 0"),
+        (["up", "--triton", "-1"], "-1 is not in the range"),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(args: list[str], message: str) -> None:

@@ -333,7 +333,26 @@ def dcgm_command(
 
 
 @dev_group.command("up")
-@click.option("--replicas", type=click.IntRange(1, 32), default=3, show_default=True)
+@click.option(
+    "--replicas",
+    type=click.IntRange(0, 32),
+    default=3,
+    show_default=True,
+    help="Emulated vLLM servers.",
+)
+@click.option(
+    "--triton",
+    "tritons",
+    type=click.IntRange(0, 32),
+    default=0,
+    show_default=True,
+    help="Emulated Triton servers (KServe v2 HTTP and gRPC through the router).",
+)
+@click.option(
+    "--dcgm",
+    is_flag=True,
+    help="Also start an emulated dcgm-exporter: one GPU per replica, read by the agent.",
+)
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
@@ -357,13 +376,23 @@ def dcgm_command(
     help="Seconds to wait for the mesh to become ready.",
 )
 def up_command(
-    replicas: int, port: int, profiles: str, model: str, log_level: str, startup_timeout: float
+    replicas: int,
+    tritons: int,
+    dcgm: bool,
+    port: int,
+    profiles: str,
+    model: str,
+    log_level: str,
+    startup_timeout: float,
 ) -> None:
-    """Start agent + N emulated vLLM servers + router as real processes; Ctrl-C stops them."""
+    """Start agent + emulated vLLM (and Triton) servers + router as real processes, with an
+    emulated dcgm-exporter for their GPUs under --dcgm; Ctrl-C stops them."""
     import asyncio
 
     from infermesh.dev.harness import MeshStartError, mesh_spec, run_until_interrupted
 
+    if replicas + tritons < 1:
+        raise click.UsageError("--replicas and --triton are both 0: the mesh needs a replica")
     spec = mesh_spec(
         replicas=replicas,
         profiles=_profile_list(profiles),
@@ -371,6 +400,8 @@ def up_command(
         router_port=port,
         log_level=log_level.lower(),
         ready_timeout_s=startup_timeout,
+        tritons=tritons,
+        dcgm=dcgm,
     )
     try:
         exit_code = asyncio.run(run_until_interrupted(spec, echo=click.echo))

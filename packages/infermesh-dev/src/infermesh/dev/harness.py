@@ -1,4 +1,5 @@
-"""A local mesh of real processes: N emulated vLLM servers, one agent and one router.
+"""A local mesh of real processes: emulated vLLM and Triton servers, optionally an emulated
+dcgm-exporter for their GPUs, one agent and one router.
 
 Writes one TOML config into a temporary directory, starts each process with its log in that
 directory, waits for each to be ready against a deadline, and tears everything down on exit or
@@ -18,6 +19,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +30,7 @@ import attrs
 from infermesh.dev.profiles import DEFAULT_MODEL, get_profile
 
 __all__ = [
+    "REPLICA_KINDS",
     "GossipSpec",
     "LocalMesh",
     "ManagedProcess",
@@ -35,6 +38,9 @@ __all__ = [
     "MeshStartError",
     "ReplicaSpec",
     "RunningReplica",
+    "dcgm_argv",
+    "emulated_gpu_uuid",
+    "emulator_argv",
     "free_gossip_port",
     "free_port",
     "infermesh_command",
@@ -45,6 +51,10 @@ __all__ = [
 
 LOG_TAIL_LINES = 20
 SCORING_SERVICE = "infermesh.v1.Scoring"
+REPLICA_KINDS = ("vllm", "triton")
+"""The emulators a replica can be: `infermesh dev vllm` or `infermesh dev triton`."""
+TRITON_MODEL = "simple"
+"""A model every emulated Triton serves (its repository loads all models at start)."""
 
 
 class MeshStartError(Exception):
@@ -61,18 +71,28 @@ class MeshStartError(Exception):
 
 @attrs.frozen
 class ReplicaSpec:
-    """One emulated vLLM server: its profile, port (0: any free port) and name."""
+    """One emulated runtime: its profile, name, port (0: any free port) and `kind` — `vllm`
+    (an OpenAI server, `infermesh dev vllm`) or `triton` (KServe v2 HTTP and gRPC plus Triton's
+    metrics port, `infermesh dev triton`; the agent runs it as `kind = "triton"`)."""
 
     profile: str
     name: str
     port: int = 0
+    """The vLLM port or Triton's HTTP port; Triton's gRPC and metrics ports are picked free."""
     extra_args: tuple[str, ...] = ()
-    """More `infermesh dev vllm` flags, e.g. `("--max-num-seqs", "4")`."""
+    """More `infermesh dev vllm` / `infermesh dev triton` flags, e.g. `("--max-num-seqs", "4")`."""
     gpus: tuple[str, ...] = ()
-    """UUIDs of the GPUs this replica runs on (its `[[runtimes]] gpus`), e.g. emulated ones."""
+    """UUIDs of the GPUs this replica runs on (its `[[runtimes]] gpus`), e.g. emulated ones.
+    Empty with `MeshSpec(dcgm=True)`: the replica gets its own emulated GPU."""
+    kind: str = "vllm"
 
     def __attrs_post_init__(self) -> None:
         get_profile(self.profile)  # fail early on a typo
+        if self.kind not in REPLICA_KINDS:
+            raise ValueError(
+                f"replica {self.name!r}: kind must be one of {', '.join(REPLICA_KINDS)}, "
+                f"got {self.kind!r}"
+            )
 
 
 GossipValue = str | float | bool
@@ -110,6 +130,10 @@ class MeshSpec:
     """Extra environment variables for the agent and router processes."""
     gossip: GossipSpec | None = None
     """Join the agent to a gossip mesh (None: a standalone node)."""
+    dcgm: bool = False
+    """Start an emulated dcgm-exporter (`infermesh dev dcgm`) with one GPU per replica that
+    names none, map each replica to its GPU (`[[runtimes]] gpus`, and Triton's `gpu_uuid`), let
+    a GPU's state set its replicas' speed, and have the agent read it (`[[gpus]] kind = "dcgm"`)."""
 
     def __attrs_post_init__(self) -> None:
         if not self.replicas:
@@ -129,13 +153,23 @@ def mesh_spec(
     router_port: int = 0,
     log_level: str = "info",
     ready_timeout_s: float = 60.0,
+    tritons: int = 0,
+    dcgm: bool = False,
 ) -> MeshSpec:
-    """`replicas` emulators cycling through `profiles`, named `<profile>-<index>`."""
+    """`replicas` vLLM emulators cycling through `profiles`, named `<profile>-<index>`, then
+    `tritons` Triton emulators named `triton-<index>` (same profiles); `dcgm` as in MeshSpec."""
     if not profiles:
         raise ValueError("at least one profile is required")
+    if replicas < 0 or tritons < 0 or replicas + tritons < 1:
+        raise ValueError(
+            f"a mesh needs at least one replica, got {replicas} vLLM and {tritons} Triton"
+        )
     specs = tuple(
         ReplicaSpec(profile=profiles[i % len(profiles)], name=f"{profiles[i % len(profiles)]}-{i}")
         for i in range(replicas)
+    ) + tuple(
+        ReplicaSpec(profile=profiles[i % len(profiles)], name=f"triton-{i}", kind="triton")
+        for i in range(tritons)
     )
     return MeshSpec(
         replicas=specs,
@@ -143,6 +177,7 @@ def mesh_spec(
         router_port=router_port,
         log_level=log_level,
         ready_timeout_s=ready_timeout_s,
+        dcgm=dcgm,
     )
 
 
@@ -203,14 +238,40 @@ def render_gossip(gossip: GossipSpec, port: int) -> list[str]:
 
 @attrs.frozen
 class RunningReplica:
-    """A replica with its resolved port."""
+    """A replica with its resolved ports (Triton: HTTP `port`, `grpc_port`, `metrics_port`) and
+    the GPUs it runs on."""
 
     spec: ReplicaSpec
     port: int
+    grpc_port: int = 0
+    metrics_port: int = 0
+    gpus: tuple[str, ...] = ()
+    """`spec.gpus`, or the emulated GPU the mesh gave it (`MeshSpec.dcgm`)."""
 
     @property
     def url(self) -> str:
+        """Base URL: vLLM's OpenAI server or Triton's KServe v2 HTTP."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def grpc_target(self) -> str:
+        """Triton's gRPC `host:port` ('' for vLLM)."""
+        return f"127.0.0.1:{self.grpc_port}" if self.grpc_port else ""
+
+    @property
+    def metrics_url(self) -> str:
+        """Where the runtime's metrics are (vLLM: `/metrics` on its port)."""
+        if self.metrics_port:
+            return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"{self.url}/metrics"
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.url}/v2/health/ready" if self.kind == "triton" else f"{self.url}/health"
 
     @property
     def name(self) -> str:
@@ -229,11 +290,14 @@ def render_config(
     agent_metrics_port: int,
     router_port: int,
     gossip_port: int = 0,
+    router_grpc_port: int = 0,
+    dcgm_url: str = "",
 ) -> str:
-    """The mesh's TOML config: node, agent, router, one `[[runtimes]]` per replica, and
-    `[gossip]` when the spec has one (on `gossip_port`)."""
+    """The mesh's TOML config: node, agent, router (KServe gRPC ingress on `router_grpc_port`
+    when not 0), one `[[runtimes]]` per replica, `[[gpus]] kind = "dcgm"` reading `dcgm_url`
+    when given, and `[gossip]` when the spec has one (on `gossip_port`)."""
     lines = [
-        "# Generated by infermesh dev: a local mesh of emulated vLLM replicas.",
+        "# Generated by infermesh dev: a local mesh of emulated runtimes.",
         "[node]",
         f"id = {_toml_str(spec.node_id)}",
         "",
@@ -244,6 +308,7 @@ def render_config(
         "[router]",
         f'listen = "127.0.0.1:{router_port}"',
         f"agent = {_toml_str('unix://' + str(socket_path))}",
+        *([f'grpc_listen = "127.0.0.1:{router_grpc_port}"'] if router_grpc_port else []),
         "",
         "[logging]",
         f"level = {_toml_str(spec.log_level)}",
@@ -253,18 +318,108 @@ def render_config(
         lines += [
             "",
             "[[runtimes]]",
-            'kind = "vllm"',
+            f"kind = {_toml_str(replica.kind)}",
             f"name = {_toml_str(replica.name)}",
             f"url = {_toml_str(replica.url)}",
             f"poll_interval_s = {spec.poll_interval_s}",
         ]
-        if replica.spec.gpus:
-            lines.append(f"gpus = [{', '.join(_toml_str(u) for u in replica.spec.gpus)}]")
+        if replica.kind == "triton":
+            lines.append(
+                f"options = {{ metrics_url = {_toml_str(replica.metrics_url)}, "
+                f"grpc_url = {_toml_str(replica.grpc_target)} }}"
+            )
+        if replica.gpus:
+            lines.append(f"gpus = [{', '.join(_toml_str(u) for u in replica.gpus)}]")
+    if dcgm_url:
+        lines += [
+            "",
+            "[[gpus]]",
+            'kind = "dcgm"',
+            f"url = {_toml_str(dcgm_url)}",
+            f"poll_interval_s = {spec.poll_interval_s}",
+        ]
     if spec.gossip is not None:
         lines += ["", *render_gossip(spec.gossip, gossip_port or spec.gossip.port)]
     if spec.extra_config:
         lines += ["", spec.extra_config.strip()]
     return "\n".join(lines) + "\n"
+
+
+def emulated_gpu_uuid(node_id: str, replica: str) -> str:
+    """The UUID of the emulated GPU a `MeshSpec(dcgm=True)` mesh gives a replica (stable for a
+    node id and replica name, so a config or a test can name it)."""
+    return f"GPU-{uuid.uuid5(uuid.NAMESPACE_OID, f'infermesh-dev/{node_id}/{replica}')}"
+
+
+def _running_replica(spec: MeshSpec, replica: ReplicaSpec) -> RunningReplica:
+    gpus = replica.gpus
+    if not gpus and spec.dcgm:
+        gpus = (emulated_gpu_uuid(spec.node_id, replica.name),)
+    triton = replica.kind == "triton"
+    return RunningReplica(
+        spec=replica,
+        port=replica.port or free_port(),
+        grpc_port=free_port() if triton else 0,
+        metrics_port=free_port() if triton else 0,
+        gpus=gpus,
+    )
+
+
+def emulator_argv(
+    cli: Sequence[str], replica: RunningReplica, *, model: str, index: int
+) -> list[str]:
+    """The command line of one replica's emulator (`infermesh dev vllm|triton ...`)."""
+    if replica.kind == "triton":
+        gpu = replica.gpus[0].split("/")[0] if replica.gpus else ""
+        return [
+            *cli,
+            "dev",
+            "triton",
+            "--http-port",
+            str(replica.port),
+            "--grpc-port",
+            str(replica.grpc_port),
+            "--metrics-port",
+            str(replica.metrics_port),
+            "--profile",
+            replica.profile,
+            "--seed",
+            str(index),
+            *(["--gpu-uuid", gpu] if gpu else []),
+            *replica.spec.extra_args,
+        ]
+    return [
+        *cli,
+        "dev",
+        "vllm",
+        "--port",
+        str(replica.port),
+        "--model",
+        model,
+        "--profile",
+        replica.profile,
+        "--replica-tag",
+        replica.name,
+        "--seed",
+        str(index),
+        *replica.spec.extra_args,
+    ]
+
+
+def dcgm_argv(
+    cli: Sequence[str], replicas: Sequence[RunningReplica], *, port: int, node_id: str
+) -> list[str]:
+    """`infermesh dev dcgm` with one GPU per distinct UUID the replicas run on, each replica
+    named on its GPU so that a throttled GPU slows it down."""
+    uuids = list(dict.fromkeys(gpu.split("/")[0] for r in replicas for gpu in r.gpus))
+    argv = [*cli, "dev", "dcgm", "--port", str(port), "--gpus", str(max(1, len(uuids)))]
+    argv += ["--hostname", node_id]
+    for gpu in uuids:
+        argv += ["--uuid", gpu]
+    for replica in replicas:
+        for gpu in dict.fromkeys(g.split("/")[0] for g in replica.gpus):
+            argv += ["--replica", f"{gpu}={replica.url}"]
+    return argv
 
 
 @attrs.define
@@ -333,8 +488,11 @@ class LocalMesh:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="infermesh-mesh-"))
         self.socket_path = self.workdir / "agent.sock"
         self.config_path = self.workdir / "infermesh.toml"
-        self.replicas = [RunningReplica(spec=r, port=r.port or free_port()) for r in spec.replicas]
+        self.replicas = [_running_replica(spec, r) for r in spec.replicas]
         self.router_port = spec.router_port or free_port()
+        self.router_grpc_port = free_port() if any(r.kind == "triton" for r in self.replicas) else 0
+        """The router's KServe gRPC ingress (`router.grpc_listen`), when a replica is Triton."""
+        self.dcgm_port = free_port() if spec.dcgm else 0
         self.agent_metrics_port = free_port()
         self.gossip_port = 0
         if spec.gossip is not None:
@@ -354,6 +512,17 @@ class LocalMesh:
     def agent_http_url(self) -> str:
         """Base URL of the agent's HTTP server (/metrics, /gossip/members)."""
         return f"http://127.0.0.1:{self.agent_metrics_port}"
+
+    @property
+    def router_grpc_target(self) -> str:
+        """`127.0.0.1:port` of the router's KServe v2 gRPC ingress ('' without Triton replicas)."""
+        return f"127.0.0.1:{self.router_grpc_port}" if self.router_grpc_port else ""
+
+    @property
+    def dcgm_url(self) -> str:
+        """Base URL of the emulated dcgm-exporter ('' unless `MeshSpec.dcgm`): `/metrics`,
+        `/control/gpus[/{uuid}]`."""
+        return f"http://127.0.0.1:{self.dcgm_port}" if self.dcgm_port else ""
 
     @property
     def gossip_address(self) -> str:
@@ -391,6 +560,8 @@ class LocalMesh:
                 agent_metrics_port=self.agent_metrics_port,
                 router_port=self.router_port,
                 gossip_port=self.gossip_port,
+                router_grpc_port=self.router_grpc_port,
+                dcgm_url=f"{self.dcgm_url}/metrics" if self.dcgm_url else "",
             )
         )
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -399,34 +570,26 @@ class LocalMesh:
         emulators = [
             ManagedProcess(
                 name=f"emulator {replica.name}",
-                argv=[
-                    *cli,
-                    "dev",
-                    "vllm",
-                    "--port",
-                    str(replica.port),
-                    "--model",
-                    self.spec.model,
-                    "--profile",
-                    replica.profile,
-                    "--replica-tag",
-                    replica.name,
-                    "--seed",
-                    str(index),
-                    *replica.spec.extra_args,
-                ],
-                log_path=self.workdir / f"vllm-{replica.name}.log",
+                argv=emulator_argv(cli, replica, model=self.spec.model, index=index),
+                log_path=self.workdir / f"{replica.kind}-{replica.name}.log",
             )
             for index, replica in enumerate(self.replicas)
         ]
+        waits = [
+            (replica.health_url, process)
+            for replica, process in zip(self.replicas, emulators, strict=True)
+        ]
+        if self.dcgm_port:
+            dcgm = ManagedProcess(
+                name="emulator dcgm-exporter",
+                argv=dcgm_argv(cli, self.replicas, port=self.dcgm_port, node_id=self.spec.node_id),
+                log_path=self.workdir / "dcgm-exporter.log",
+            )
+            emulators.append(dcgm)
+            waits.append((f"{self.dcgm_url}/health", dcgm))
         for process in emulators:
             await self._launch(process, env)
-        await asyncio.gather(
-            *(
-                wait_http_ok(f"{replica.url}/health", process, deadline)
-                for replica, process in zip(self.replicas, emulators, strict=True)
-            )
-        )
+        await asyncio.gather(*(wait_http_ok(url, process, deadline) for url, process in waits))
         if not self.spec.start_agent:
             return
         self._env = {**env, **dict(self.spec.env)}
@@ -440,7 +603,15 @@ class LocalMesh:
         )
         await self._launch(router, self._env)
         await wait_http_ok(f"{self.router_url}/health", router, deadline)
-        await wait_model_listed(self.router_url, self.spec.model, router, deadline)
+        await wait_model_listed(self.router_url, self.first_model, router, deadline)
+
+    @property
+    def first_model(self) -> str:
+        """The model the router must list before the mesh counts as ready: the vLLM model, or
+        Triton's `simple` in a mesh of Triton replicas only."""
+        if any(replica.kind == "vllm" for replica in self.replicas):
+            return self.spec.model
+        return TRITON_MODEL
 
     def _common_args(self) -> list[str]:
         return [
@@ -600,8 +771,22 @@ async def run_until_interrupted(spec: MeshSpec, echo: Callable[[str], None] = pr
     try:
         async with LocalMesh(spec) as mesh:
             echo(f"router: {mesh.router_url}  (OpenAI API: {mesh.router_url}/v1)")
+            if mesh.router_grpc_target:
+                echo(f"router KServe v2: {mesh.router_url}/v2  gRPC {mesh.router_grpc_target}")
             for replica in mesh.replicas:
-                echo(f"vllm {replica.name}: {replica.url}  profile={replica.profile}")
+                gpus = f"  gpu={','.join(replica.gpus)}" if replica.gpus else ""
+                if replica.kind == "triton":
+                    echo(
+                        f"triton {replica.name}: {replica.url}  gRPC {replica.grpc_target}  "
+                        f"metrics {replica.metrics_url}  profile={replica.profile}{gpus}"
+                    )
+                else:
+                    echo(f"vllm {replica.name}: {replica.url}  profile={replica.profile}{gpus}")
+            if mesh.dcgm_url:
+                echo(
+                    f"dcgm-exporter: {mesh.dcgm_url}/metrics  "
+                    f"(POST {mesh.dcgm_url}/control/gpus/<uuid> to throttle, heat up, XID)"
+                )
             echo(f"agent: unix://{mesh.socket_path}  metrics {mesh.agent_metrics_url}")
             echo(f"config and logs: {mesh.workdir}")
             echo("Ctrl-C stops the mesh.")
