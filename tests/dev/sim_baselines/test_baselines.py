@@ -146,9 +146,10 @@ def test_cache_aware_evicts_least_recently_used_leaves_over_the_tree_size() -> N
 
 def test_llmd_queue_and_kv_scorers_prefer_short_queues_and_free_cache() -> None:
     replicas = fleet(3)
+    strategy = LlmdScorers(random.Random(0))
     for replica, waiting, kv in zip(replicas, (0, 4, 8), (0.5, 0.5, 0.0), strict=True):
         replica.waiting, replica.kv_usage = waiting, kv
-    strategy = LlmdScorers(random.Random(0))
+        strategy.observe(replica, 0.0)
     assert strategy.scores(plain("q"), replicas, []) == pytest.approx([3.0, 2.0, 2.0])
     assert strategy.choose(plain("q"), replicas, 0.0) == "r0"
 
@@ -160,10 +161,11 @@ def test_llmd_prefix_scorer_outweighs_a_slightly_longer_queue() -> None:
     assert first is not None
     holder = replicas[int(first[1:])]
     holder.waiting = 3  # queue score 0 vs the other's 1 (weight 2) ...
+    strategy.observe(holder, 0.05)
     # ... but 60 of 62 blocks matched (weight 3 * 0.97) wins.
     assert strategy.choose(chat("q1"), replicas, 0.05) == first
-    holder.waiting = 3
     holder.kv_usage = 0.9  # now KV (2 * 0.9 lost) tips it the other way
+    strategy.observe(holder, 0.1)
     assert strategy.choose(chat("q2"), replicas, 0.1) != first
 
 
@@ -174,9 +176,27 @@ def test_llmd_rejects_sheddable_requests_only_when_every_pod_is_saturated() -> N
     assert strategy.choose(batch, replicas, 0.1) is None
     assert strategy.choose(plain("interactive"), replicas, 0.1) is not None
     replicas[1].waiting, replicas[1].kv_usage = 5, 0.8  # at the thresholds: capacity left
+    strategy.observe(replicas[1], 0.1)
     assert strategy.choose(batch, replicas, 0.1) == "r1"
-    # Metrics older than 200 ms count as no capacity.
-    assert strategy.choose(batch, replicas, 0.3) is None
+    # Metrics older than the staleness threshold (2 s) count as no capacity.
+    assert strategy.choose(batch, replicas, 2.5) is None
+
+
+def test_llmd_picks_a_pod_with_the_plain_definitions_best_score() -> None:
+    rng = random.Random(9)
+    replicas = fleet(60)
+    strategy = LlmdScorers(random.Random(0))
+    requests = list(generate("chat", random.Random(2), 30.0, 10.0))
+    for step, request in enumerate(requests):
+        for replica in rng.sample(replicas, 5):  # a few scrapes arrive between decisions
+            replica.waiting = rng.randrange(4)
+            replica.kv_usage = rng.choice((0.0, 0.25, 0.5, rng.random()))
+            strategy.observe(replica, float(step))
+        hashes = block_hashes(request)[: strategy.max_prefix_blocks]
+        expected = strategy.scores(request, replicas, hashes)
+        chosen = strategy.choose(request, replicas, float(step))
+        assert chosen is not None
+        assert expected[int(chosen[1:])] == max(expected)
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
@@ -186,8 +206,9 @@ def test_every_baseline_replays_the_same_choices_for_the_same_seed(name: str) ->
         strategy = BASELINES[name](random.Random(seed))
         picks: list[str | None] = []
         for request in generate("mixed", random.Random(1), 20.0, 10.0):
-            replicas[len(picks) % 8].waiting = len(picks) % 5  # telemetry that moves
-            replicas[len(picks) % 8].telemetry_s = request.arrival_s
+            scraped = replicas[len(picks) % 8]  # telemetry that moves
+            scraped.waiting, scraped.telemetry_s = len(picks) % 5, request.arrival_s
+            strategy.observe(scraped, request.arrival_s)
             pick = strategy.choose(request, replicas, request.arrival_s)
             picks.append(pick)
             if pick is not None and len(picks) % 3 == 0:

@@ -18,6 +18,7 @@ from infermesh.dev.sim.route.baselines.simple import (
     RandomChoice,
     RoundRobin,
 )
+from infermesh.dev.sim.route.baselines.telemetry_index import TelemetryIndex
 from infermesh.dev.sim.route.strategy import Strategy
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "PrefixIndex",
     "RandomChoice",
     "RoundRobin",
+    "TelemetryIndex",
 ]
 
 BASELINES: dict[str, Callable[[random.Random], Strategy]] = {

@@ -12,17 +12,24 @@ inference scheduling) and the Gateway API Inference Extension plugins it builds 
 - prefix-cache-scorer (approximate): the share of the prompt's blocks (at most 256) that lead
   the prompts this scheduler sent to a pod, from a per-pod LRU of 31,250 block hashes;
 - max-score picker: the highest weighted sum, ties drawn at random;
-- saturation detector: a pod has capacity when its metrics are at most 200 ms old, its waiting
-  queue is at most 5 and its KV usage at most 0.8; when no pod has capacity the pool is
-  saturated and sheddable requests (SLO class "batch" here) are rejected.
+- saturation detector: a pod has capacity when its metrics are at most `metricsStalenessThreshold`
+  old (2 s, the current flag default; releases before 1.0 used 200 ms), its waiting queue is at
+  most 5 and its KV usage at most 0.8; when no pod has capacity the pool is saturated and
+  sheddable requests (SLO class "batch" here) are rejected.
+
+The real scheduler scores every pod per request; this one finds the same maximum from an index of
+the scraped telemetry (`TelemetryIndex`, fed by `observe`) and the prefix matches, so a decision
+costs O(distinct queue lengths + matched pods), not O(pods). `scores` is the plain definition.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
+from infermesh.dev.sim.route.baselines.telemetry_index import TelemetryIndex
 from infermesh.dev.sim.route.strategy import ReplicaView, SimRequest, block_hashes
 
 __all__ = ["LlmdScorers", "PrefixIndex"]
@@ -82,7 +89,7 @@ class LlmdScorers:
         lru_capacity_per_pod: int = 31_250,
         queue_depth_threshold: int = 5,
         kv_cache_util_threshold: float = 0.8,
-        metrics_staleness_s: float = 0.2,
+        metrics_staleness_s: float = 2.0,
         sheddable_classes: Collection[str] = ("batch",),
     ) -> None:
         self._rng = rng
@@ -96,6 +103,7 @@ class LlmdScorers:
         self.metrics_staleness_s = metrics_staleness_s
         self.sheddable_classes = frozenset(sheddable_classes)
         self._prefix = PrefixIndex(0, lru_capacity_per_pod)
+        self._telemetry = TelemetryIndex(0)
         self._num_pods = 0
 
     def has_capacity(self, pod: ReplicaView, now: float) -> bool:
@@ -133,20 +141,69 @@ class LlmdScorers:
         self, request: SimRequest, replicas: Sequence[ReplicaView], now: float
     ) -> str | None:
         if self._num_pods != len(replicas):
-            self._prefix = PrefixIndex(len(replicas), self.lru_capacity_per_pod)
-            self._num_pods = len(replicas)
+            self._rebuild(replicas)
         if request.slo_class in self.sheddable_classes and self.saturated(replicas, now):
             return None
         hashes = block_hashes(request)[: self.max_prefix_blocks]
-        scores = self.scores(request, replicas, hashes)
-        best = max(scores)
-        ties = [pod for pod, score in enumerate(scores) if score == best]
-        chosen = ties[self._rng.randrange(len(ties))] if len(ties) > 1 else ties[0]
+        chosen = self._pick(hashes)
         self._prefix.add(hashes, chosen)
         return replicas[chosen].replica_id
 
+    def _rebuild(self, replicas: Sequence[ReplicaView]) -> None:
+        self._num_pods = len(replicas)
+        self._prefix = PrefixIndex(len(replicas), self.lru_capacity_per_pod)
+        self._telemetry = TelemetryIndex(len(replicas))
+        for pod, view in enumerate(replicas):
+            self._telemetry.update(pod, view.waiting, view.kv_usage)
+
+    def _pick(self, hashes: Sequence[int]) -> int:
+        """The max-score pod, as `scores` would rank it, without scoring every pod.
+
+        Pods the prefix index does not know score `queue + kv`, best at each queue length's
+        lowest KV usage; pods it knows are scored in full. A pod with a prefix match outscores
+        its own group, so when a group ties the maximum none of its pods has a match.
+        """
+        telemetry = self._telemetry
+        low, high = telemetry.waiting_range()
+        spread = high - low
+        queue_w, kv_w, prefix_w = self.queue_weight, self.kv_cache_weight, self.prefix_weight
+        best = -math.inf
+        tied_groups: list[list[int]] = []
+        for waiting, kv_usage, pods in telemetry.best_per_waiting():
+            score = queue_w * ((high - waiting) / spread if spread else 1.0) + kv_w * (
+                1.0 - kv_usage
+            )
+            if score > best:
+                best, tied_groups = score, [pods]
+            elif score == best:
+                tied_groups.append(pods)
+        tied_pods: list[int] = []
+        matched = self._prefix.matched_blocks(hashes) if hashes else {}
+        for pod, blocks in matched.items():
+            waiting = telemetry.waiting[pod]
+            score = (
+                queue_w * ((high - waiting) / spread if spread else 1.0)
+                + kv_w * (1.0 - telemetry.kv_usage[pod])
+                + prefix_w * (blocks / len(hashes))
+            )
+            if score > best:
+                best, tied_groups, tied_pods = score, [], [pod]
+            elif score == best:
+                tied_pods.append(pod)
+        total = len(tied_pods) + sum(len(pods) for pods in tied_groups)
+        draw = self._rng.randrange(total) if total > 1 else 0
+        if draw < len(tied_pods):
+            return tied_pods[draw]
+        draw -= len(tied_pods)
+        for pods in tied_groups:
+            if draw < len(pods):
+                return pods[draw]
+            draw -= len(pods)
+        raise AssertionError("unreachable: the draw is below the tie count")
+
     def observe(self, replica: ReplicaView, now: float) -> None:
-        pass
+        if replica.index < self._num_pods:
+            self._telemetry.update(replica.index, replica.waiting, replica.kv_usage)
 
     def on_finish(self, request: SimRequest, replica_id: str, now: float, ok: bool) -> None:
         pass

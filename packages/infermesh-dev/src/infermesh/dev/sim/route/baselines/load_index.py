@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import random
 
-__all__ = ["LoadIndex"]
+__all__ = ["Bucket", "LoadIndex"]
 
 
-class _Bucket:
+class Bucket:
     """Replica indexes with one load, removable in O(1) (swap with the last)."""
 
     __slots__ = ("members", "position")
@@ -40,10 +40,10 @@ class LoadIndex:
         if num_replicas < 1:
             raise ValueError("a fleet needs at least one replica")
         self.loads = [0] * num_replicas
-        first = _Bucket()
+        first = Bucket()
         for replica in range(num_replicas):
             first.add(replica)
-        self._buckets: dict[int, _Bucket] = {0: first}
+        self._buckets: dict[int, Bucket] = {0: first}
         self.min_load = 0
         self.max_load = 0
 
@@ -52,7 +52,7 @@ class LoadIndex:
         new = old + delta
         bucket = self._buckets[old]
         bucket.remove(replica)
-        self._buckets.setdefault(new, _Bucket()).add(replica)
+        self._buckets.setdefault(new, Bucket()).add(replica)
         self.loads[replica] = new
         self.min_load = min(self.min_load, new)
         self.max_load = max(self.max_load, new)
