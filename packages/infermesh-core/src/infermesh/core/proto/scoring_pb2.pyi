@@ -149,12 +149,33 @@ Global___ScoreReason: _TypeAlias = ScoreReason  # noqa: Y015
 class RankedTarget(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TARGET_ID_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     TRANSPORT_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     REASONS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     target_id: _builtins.str
     runtime: _builtins.str
     transport: _builtins.str
@@ -165,6 +186,14 @@ class RankedTarget(_message.Message):
     def key(self) -> _types_pb2.TargetKey: ...
     @_builtins.property
     def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreReason]: ...
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The target's labels as its runtime adapter published them (non-empty standard labels such
+        as runtime and gpu_uuid, then custom ones, e.g. transport = "kserve-http" and kserve_grpc =
+        "host:port" from the Triton adapter), so a router learns a remote target's transport and
+        KServe gRPC address from the target itself.
+        """
+
     def __init__(
         self,
         *,
@@ -174,10 +203,11 @@ class RankedTarget(_message.Message):
         transport: _builtins.str = ...,
         score: _builtins.float = ...,
         reasons: _abc.Iterable[Global___ScoreReason] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "reasons", b"reasons", "runtime", b"runtime", "score", b"score", "target_id", b"target_id", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "labels", b"labels", "reasons", b"reasons", "runtime", b"runtime", "score", b"score", "target_id", b"target_id", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
