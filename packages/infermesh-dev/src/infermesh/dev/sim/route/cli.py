@@ -69,6 +69,12 @@ SWEEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25)
 @click.option("--rtt-ms", default="0.2,4", show_default=True, help="Per-node RTT range MIN,MAX.")
 @click.option("--kv-blocks-cap", type=click.IntRange(min=1), default=None)
 @click.option(
+    "--cell-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Split InferMesh's routing into cells of this many replicas [default: one cell].",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -90,6 +96,7 @@ def route_command(
     telemetry_delay: float,
     rtt_ms: str,
     kv_blocks_cap: int | None,
+    cell_size: int | None,
     out: Path | None,
     sweep: bool,
 ) -> None:
@@ -131,6 +138,7 @@ def route_command(
             duration_s=duration,
             rate=rate if rate is not None else 1.2 * replicas,
             seed=seed,
+            cell_size=cell_size,
         )
         metrics = run_route_sim(settings)
     except (ValueError, KeyError) as exc:

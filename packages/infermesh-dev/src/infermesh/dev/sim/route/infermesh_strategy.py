@@ -17,7 +17,7 @@ from infermesh.core.config import ScoringConfig
 from infermesh.core.model import ModelStateDelta, RequestFeatures, SloClass, TargetKey
 from infermesh.core.scoring.engine import ScoringEngine
 from infermesh.core.scoring.inflight import InflightTracker
-from infermesh.core.scoring.scorers import builtin_scorers
+from infermesh.core.scoring.scorers import builtin_scorers, hrw_weight
 from infermesh.core.scoring.state import StateStore
 from infermesh.dev.sim.route.strategy import ReplicaView, SimRequest, prompt_token_ids
 from infermesh.router.features import PREFIX_TOKEN_IDS, prefix_key_of
@@ -33,44 +33,79 @@ def prefix_key(request: SimRequest) -> int:
     return prefix_key_of(b"ids:" + ",".join(str(t) for t in head).encode())
 
 
-class InferMeshStrategy:
-    """Ranks with the live system's StateStore, InflightTracker and ScoringEngine."""
+class _Cell:
+    """A routing domain: a StateStore, an InflightTracker and a ScoringEngine of its own."""
 
-    name = "infermesh"
-
-    def __init__(self, scoring: ScoringConfig | None = None) -> None:
-        scoring = scoring or ScoringConfig()
+    def __init__(self, scoring: ScoringConfig, index: int) -> None:
         self.store = StateStore()
-        self.inflight = InflightTracker(ewma_alpha=scoring.outcome_ewma_alpha, id_prefix="sim")
-        self._rtt_by_node: dict[str, float] = {}
+        self.inflight = InflightTracker(
+            ewma_alpha=scoring.outcome_ewma_alpha, id_prefix=f"sim{index}"
+        )
+        self.rtt_by_node: dict[str, float] = {}
         self.engine = ScoringEngine.from_config(
             self.store,
             self.inflight,
             {s.name: s for s in builtin_scorers()},
             scoring,
-            rtt_estimate=self._rtt_by_node.get,
+            rtt_estimate=self.rtt_by_node.get,
         )
+        self.hash_id = f"cell{index}"
+
+
+class InferMeshStrategy:
+    """Ranks with the live system's StateStore, InflightTracker and ScoringEngine.
+
+    `cell_size` (None: one cell) splits the fleet into routing cells of that many consecutive
+    replicas, each with its own store, tracker and engine; a request goes to the cell that
+    rendezvous-hashing of its prefix key picks (so a prefix stays in one cell) and is ranked
+    against that cell's replicas only. `ScoringEngine.rank` and `StateStore.apply_model_delta`
+    are O(candidates), so cells bound a decision's cost at 10,000 replicas; one cell is the
+    live system exactly.
+    """
+
+    name = "infermesh"
+
+    def __init__(self, scoring: ScoringConfig | None = None, cell_size: int | None = None) -> None:
+        if cell_size is not None and cell_size < 1:
+            raise ValueError("cell_size must be positive")
+        self.scoring = scoring or ScoringConfig()
+        self.cell_size = cell_size
+        self._cells: list[_Cell] = []
         self._target_of: dict[str, TargetKey] = {}
+        self._cell_of: dict[str, _Cell] = {}
         self._replica_of: dict[str, str] = {}
         self._versions: dict[str, int] = {}
         self._reservations: dict[str, str] = {}
         self._ttfts: dict[str, float] = {}
         self.unroutable = 0
 
+    @property
+    def store(self) -> StateStore:
+        """The first cell's store (the only one unless `cell_size` is set)."""
+        return self._cells[0].store
+
+    def _cell(self, view: ReplicaView) -> _Cell:
+        index = view.index // self.cell_size if self.cell_size else 0
+        while len(self._cells) <= index:
+            self._cells.append(_Cell(self.scoring, len(self._cells)))
+        return self._cells[index]
+
     def _key(self, view: ReplicaView) -> TargetKey:
         key = self._target_of.get(view.replica_id)
         if key is None:
             key = TargetKey(model=MODEL, node=view.node, endpoint=f"http://{view.replica_id}")
+            cell = self._cell(view)
             self._target_of[view.replica_id] = key
+            self._cell_of[view.replica_id] = cell
             self._replica_of[key.target_id] = view.replica_id
-            self._rtt_by_node[view.node] = view.rtt_s
+            cell.rtt_by_node[view.node] = view.rtt_s
         return key
 
     def observe(self, replica: ReplicaView, now: float) -> None:
         key = self._key(replica)
         version = self._versions.get(replica.replica_id, 0) + 1
         self._versions[replica.replica_id] = version
-        self.store.apply_model_delta(
+        self._cell_of[replica.replica_id].store.apply_model_delta(
             ModelStateDelta(
                 key=key,
                 version=version,
@@ -92,21 +127,27 @@ class InferMeshStrategy:
     def choose(
         self, request: SimRequest, replicas: Sequence[ReplicaView], now: float
     ) -> str | None:
+        key = prefix_key(request)
         features = RequestFeatures(
             model=MODEL,
             slo_class=SloClass(request.slo_class),
             prompt_tokens=request.prompt_tokens,
             max_output_tokens=request.output_tokens,
-            prefix_key=prefix_key(request),
+            prefix_key=key,
             tenant=request.tenant,
             request_id=request.request_id,
         )
-        ranking = self.engine.rank(features, now, max_targets=1)
+        cells = self._cells
+        if not cells:
+            self.unroutable += 1
+            return None
+        cell = cells[0] if len(cells) == 1 else max(cells, key=lambda c: hrw_weight(key, c.hash_id))
+        ranking = cell.engine.rank(features, now, max_targets=1)
         if not ranking.targets:
             self.unroutable += 1
             return None
         target_id = ranking.targets[0].target_id
-        reservation = self.inflight.reserve(target_id, now)
+        reservation = cell.inflight.reserve(target_id, now)
         self._reservations[request.request_id] = reservation.reservation_id
         return self._replica_of[target_id]
 
@@ -119,11 +160,9 @@ class InferMeshStrategy:
         if reservation_id is None:
             return
         status = 200 if ok else 503
-        self.inflight.release_outcome(
+        inflight = self._cell_of[replica_id].inflight
+        inflight.release_outcome(
             reservation_id, now, status=status, latency_s=now - request.arrival_s
         )
-        target_id = self._key_of(replica_id)
-        self.inflight.record_outcome(target_id, ok=ok, status=status, ttft_s=ttft_s)
-
-    def _key_of(self, replica_id: str) -> str:
-        return self._target_of[replica_id].target_id
+        target_id = self._target_of[replica_id].target_id
+        inflight.record_outcome(target_id, ok=ok, status=status, ttft_s=ttft_s)

@@ -29,8 +29,10 @@ __all__ = [
 StrategyFactory = Callable[[random.Random], Strategy]
 
 
-def _factories() -> dict[str, StrategyFactory]:
-    factories: dict[str, StrategyFactory] = {"infermesh": lambda rng: InferMeshStrategy()}
+def _factories(cell_size: int | None = None) -> dict[str, StrategyFactory]:
+    factories: dict[str, StrategyFactory] = {
+        "infermesh": lambda rng: InferMeshStrategy(cell_size=cell_size)
+    }
     try:
         from infermesh.dev.sim.route import baselines
     except ImportError:  # the baselines package is optional to this module
@@ -46,8 +48,8 @@ def strategy_names() -> list[str]:
     return sorted(_factories())
 
 
-def make_strategy(name: str, rng: random.Random) -> Strategy:
-    factories = _factories()
+def make_strategy(name: str, rng: random.Random, cell_size: int | None = None) -> Strategy:
+    factories = _factories(cell_size)
     if name not in factories:
         raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(sorted(factories))}")
     return factories[name](rng)
@@ -63,6 +65,8 @@ class RouteSimSettings:
     rate: float = 10.0
     seed: int = 1
     drain_s: float = 300.0
+    cell_size: int | None = None
+    """InferMesh's routing cells (see `InferMeshStrategy`); None: one cell, the whole fleet."""
 
     def __attrs_post_init__(self) -> None:
         if not self.strategies:
@@ -96,7 +100,9 @@ def run_route_sim(
         duration_s = max(r.arrival_s for r in requests) + 1e-9
     results: list[StrategyMetrics] = []
     for index, name in enumerate(settings.strategies):
-        strategy = make_strategy(name, random.Random(settings.seed * 1_000 + index))
+        strategy = make_strategy(
+            name, random.Random(settings.seed * 1_000 + index), settings.cell_size
+        )
         world = World(settings.fleet, strategy, settings.seed)
         result = world.run(requests, duration_s, settings.drain_s)
         results.append(compute_metrics(name, result, hedges=getattr(strategy, "hedges", 0)))
