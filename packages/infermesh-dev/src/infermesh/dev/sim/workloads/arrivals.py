@@ -34,8 +34,8 @@ def mmpp_arrivals(
     duration_s: float,
     *,
     burst_factor: float = 4.0,
-    mean_calm_s: float = 20.0,
-    mean_burst_s: float = 5.0,
+    mean_calm_s: float = 8.0,
+    mean_burst_s: float = 2.0,
 ) -> Iterator[float]:
     """Arrivals of a two-state Markov-modulated Poisson process whose long-run mean is `rate`.
 

@@ -86,7 +86,7 @@ def shared_prefix_chat(rng: random.Random, duration_s: float, rate: float) -> It
 
 
 def bursty_chat(rng: random.Random, duration_s: float, rate: float) -> Iterator[SimRequest]:
-    """The shared-prefix chat shapes under MMPP arrivals: 5 s bursts at 4x every ~25 s."""
+    """The shared-prefix chat shapes under MMPP arrivals: 2 s bursts at 4x every ~10 s."""
     return _chat(rng, mmpp_arrivals(rng, rate, duration_s))
 
 
@@ -105,14 +105,21 @@ def multi_turn_sessions(
 ) -> Iterator[SimRequest]:
     """Multi-turn chat sessions: each turn re-sends the whole conversation so far.
 
-    Sessions start as a Poisson process at `rate / mean_turns`, so turns arrive at about `rate`
-    in the long run; a session has a geometric number of turns and exponential think times.
-    A turn's prompt is the session's history plus a new user message; all of it except the last
-    token is the session's `prefix_group` content, so the next turn finds this turn's prompt in a
-    replica's prefix cache, as vLLM does for a real conversation. Sessions end before the
+    Sessions start as a Poisson process at `rate / mean_turns` (from well before 0, so the run
+    opens in the steady state) and turns arrive at about `rate`; a session has a geometric number
+    of turns and exponential think times. A turn's prompt is the session's history plus a new
+    user message; all of it except the last token is the session's `prefix_group` content, so
+    the next turn finds this turn's prompt in a replica's prefix cache, as vLLM does for a real
+    conversation. Sessions end before the
     context would exceed `MAX_CONTEXT_TOKENS`.
     """
-    starts = poisson_arrivals(rng, rate / mean_turns, duration_s)
+    # Sessions start from well before 0 and turns before 0 are dropped, so the run opens with
+    # conversations already under way and the turn rate is `rate` from the first second.
+    warmup_s = 4.0 * mean_turns * mean_think_s
+    starts = (
+        start_s - warmup_s
+        for start_s in poisson_arrivals(rng, rate / mean_turns, duration_s + warmup_s)
+    )
     pending: list[_Turn] = []
     counter = itertools.count()
     next_start = next(starts, math.inf)
@@ -133,16 +140,17 @@ def multi_turn_sessions(
         output = _output_tokens(rng, 200.0, 16, 768)
         if prompt + output > MAX_CONTEXT_TOKENS:
             continue
-        yield SimRequest(
-            request_id="",
-            arrival_s=arrival_s,
-            prompt_tokens=prompt,
-            output_tokens=output,
-            prefix_group=session,
-            prefix_tokens=prompt - 1,
-            slo_class="latency",
-            session=session,
-        )
+        if arrival_s >= 0.0:  # earlier turns only build the history
+            yield SimRequest(
+                request_id="",
+                arrival_s=arrival_s,
+                prompt_tokens=prompt,
+                output_tokens=output,
+                prefix_group=session,
+                prefix_tokens=prompt - 1,
+                slo_class="latency",
+                session=session,
+            )
         if turns_left > 1:
             next_turn_s = arrival_s + rng.expovariate(1.0 / mean_think_s)
             turn = (next_turn_s, next(counter), session, prompt + output, turns_left - 1)
