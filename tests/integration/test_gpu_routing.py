@@ -131,7 +131,9 @@ async def gpu_mesh() -> AsyncIterator[GpuMesh]:
                 reasons = await running.gpu_reasons()
                 return all(f"GPU {uuids[n]} ok" == reasons.get(n) for n in ("a", "b"))
 
-            await wait_for(gpus_seen, "the agent to score both replicas on healthy GPUs")
+            await wait_for(
+                gpus_seen, "the agent to score both replicas on healthy GPUs", timeout_s=60.0
+            )
             yield running
     finally:
         await dcgm.aclose()
@@ -184,6 +186,21 @@ async def test_an_xid_removes_the_replica_with_the_reason_in_score_targets(
     assert reply.candidates == 2
     # New requests all go to a while b's GPU is faulty.
     assert await gpu_mesh.share_of("a") == 1.0
+    # The agent's metrics say so too, with the reason.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gpu_mesh.mesh.agent_metrics_url) as response,
+    ):
+        page = await response.text()
+    flagged = [
+        line
+        for line in page.splitlines()
+        if line.startswith("infermesh_agent_target_gpu_excluded{")
+        and f'endpoint="{endpoint_b}"' in line
+    ]
+    assert len(flagged) == 1
+    assert f'reason="GPU {uuid} unhealthy: XID 79 reported"' in flagged[0]
+    assert flagged[0].endswith(" 1.0")
 
     await gpu_mesh.control("b", {"state": "recover"})
 
