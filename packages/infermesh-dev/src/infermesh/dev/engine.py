@@ -45,6 +45,11 @@ class EngineConfig:
     step_base_s: float
     step_per_seq_s: float
     enable_prefix_caching: bool = True
+    step_per_kv_token_s: float = 0.0
+    """Attention's read of the KV cache: seconds per cached token of each decoding sequence."""
+    prefill_per_token_pair_s: float = 0.0
+    """Prefill attention: seconds per (new token, context token) pair, so long prompts cost
+    more than linearly."""
 
     def __attrs_post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "block_size"):
@@ -53,6 +58,13 @@ class EngineConfig:
         if self.prefill_tokens_per_s <= 0:
             raise ValueError(
                 f"prefill_tokens_per_s must be positive, got {self.prefill_tokens_per_s}"
+            )
+        for name in ("step_base_s", "step_per_seq_s", "step_per_kv_token_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.prefill_per_token_pair_s < 0:
+            raise ValueError(
+                f"prefill_per_token_pair_s must be >= 0, got {self.prefill_per_token_pair_s}"
             )
         if self.num_gpu_blocks * self.block_size < self.max_model_len:
             raise ValueError(
@@ -80,14 +92,26 @@ class EngineConfig:
             step_base_s=profile.step_base_s,
             step_per_seq_s=profile.step_per_seq_s,
             enable_prefix_caching=enable_prefix_caching,
+            step_per_kv_token_s=profile.step_per_kv_token_s,
+            prefill_per_token_pair_s=profile.prefill_per_token_pair_s,
         )
 
-    def step_s(self, num_seqs: int, prefill_tokens: int) -> float:
-        """A step's duration: a per-step cost, a per-sequence cost, and prompt compute."""
+    def step_s(
+        self,
+        num_seqs: int,
+        prefill_tokens: int,
+        kv_tokens: int = 0,
+        prefill_pairs: float = 0.0,
+    ) -> float:
+        """A step's duration: a per-step cost (reading the weights), a per-sequence cost, the
+        KV-cache read of the decoding sequences (`kv_tokens` cached tokens), and prompt compute
+        (`prefill_tokens` new tokens attending over `prefill_pairs` token pairs)."""
         return (
             self.step_base_s
             + self.step_per_seq_s * num_seqs
+            + self.step_per_kv_token_s * kv_tokens
             + prefill_tokens / self.prefill_tokens_per_s
+            + self.prefill_per_token_pair_s * prefill_pairs
         )
 
 
@@ -227,17 +251,29 @@ class Engine:
     order while there is room in the batch, the token budget and the pool.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, *, speed_factor: float = 1.0) -> None:
         self.config = config
-        self.speed_factor = 1.0
-        """Fraction of the profile's speed (0 < f <= 1): every step lasts 1/f as long, as on a
-        throttled GPU. Set at run time by the emulator's dev-only `POST /dev/speed`."""
+        self._speed_factor = 1.0
+        self.speed_factor = speed_factor
         self.pool = BlockPool(
             config.num_gpu_blocks, enable_prefix_caching=config.enable_prefix_caching
         )
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._by_id: dict[str, _Sequence] = {}
+
+    @property
+    def speed_factor(self) -> float:
+        """Fraction of the profile's speed (0 < f <= 1): every step lasts 1/f as long, as on a
+        throttled or degraded GPU. Settable at run time (the emulator's dev-only
+        `POST /dev/speed`, the simulator's degraded replicas); applies from the next step."""
+        return self._speed_factor
+
+    @speed_factor.setter
+    def speed_factor(self, factor: float) -> None:
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"speed_factor must be in (0, 1], got {factor}")
+        self._speed_factor = float(factor)
 
     # ------------------------------------------------------------------ inputs
 
@@ -348,8 +384,17 @@ class Engine:
                 ),
             )
 
-        prefill_tokens = sum(num_new for seq, num_new in scheduled if seq.in_prefill)
-        end_s = now + self.config.step_s(len(scheduled), prefill_tokens) / self.speed_factor
+        prefill_tokens = kv_tokens = 0
+        prefill_pairs = 0.0
+        for seq, num_new in scheduled:
+            if seq.in_prefill:
+                prefill_tokens += num_new
+                # Each new token attends to the cached context and to the new tokens before it.
+                prefill_pairs += num_new * (seq.num_computed_tokens + (num_new + 1) / 2)
+            else:
+                kv_tokens += seq.num_computed_tokens
+        duration = self.config.step_s(len(scheduled), prefill_tokens, kv_tokens, prefill_pairs)
+        end_s = now + duration / self._speed_factor
         return self._finish_step(now, end_s, scheduled, preemptions, prefix_queries, prefix_hits)
 
     def _finish_step(
