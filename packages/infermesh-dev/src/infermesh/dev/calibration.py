@@ -88,3 +88,37 @@ def run_point(
         itl_s=sum(tpots) / len(tpots) if tpots else 0.0,
         num_requests=total,
     )
+
+
+def _figure(measured: float, published: float | None, scale: float, unit: str) -> str:
+    if published is None:
+        return f"{measured * scale:.4g} {unit} (-)"
+    error = (measured / published - 1) * 100
+    return f"{measured * scale:.4g} vs {published * scale:.4g} {unit} ({error:+.0f}%)"
+
+
+def calibration_table() -> list[str]:
+    """One line per calibration point: the model's figures next to the published ones."""
+    from infermesh.dev.profiles import PROFILES
+
+    lines = ["profile | C | in/out | output tok/s | TTFT | TPOT"]
+    for profile in PROFILES.values():
+        for point in profile.calibration:
+            got = run_point(profile, point)
+            lines.append(
+                " | ".join(
+                    (
+                        profile.name,
+                        str(point.concurrency),
+                        f"{point.input_tokens}/{point.output_tokens}",
+                        _figure(got.output_tokens_per_s, point.output_tokens_per_s, 1, "tok/s"),
+                        _figure(got.ttft_s, point.ttft_s, 1000, "ms"),
+                        _figure(got.itl_s, point.itl_s, 1000, "ms"),
+                    )
+                )
+            )
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(calibration_table()))
