@@ -52,21 +52,30 @@ def decode_rate(state: ModelState) -> Speed | None:
     return None
 
 
-def _decode_tokens(state: ModelState) -> float | None:
+def _decode_tokens(state: ModelState, speed: Speed | None) -> float | None:
     e2e_s, ttft_s = state.e2e_s, state.ttft_s
-    if e2e_s is None or ttft_s is None:
-        return None
-    speed = decode_rate(state)
-    if speed is None:
+    if e2e_s is None or ttft_s is None or speed is None:
         return None
     tokens = (e2e_s - ttft_s) * speed.tokens_per_s
     return tokens if tokens >= 1 and math.isfinite(tokens) else None
 
 
-def tokens_per_request(views: Sequence[TargetView], request: RequestFeatures) -> float | None:
+def tokens_per_request(
+    views: Sequence[TargetView],
+    request: RequestFeatures,
+    speeds: Sequence[Speed | None] | None = None,
+) -> float | None:
     """Typical generated tokens per request of the candidates' model: the median over the
-    targets that measure it, else the request's `max_output_tokens`, else None."""
-    measured = sorted(t for t in (_decode_tokens(v.state) for v in views) if t is not None)
+    targets that measure it, else the request's `max_output_tokens`, else None.
+
+    `speeds`: each view's `decode_rate`, when the caller has them already."""
+    if speeds is None:
+        speeds = [decode_rate(v.state) for v in views]
+    measured = sorted(
+        t
+        for t in (_decode_tokens(v.state, sp) for v, sp in zip(views, speeds, strict=True))
+        if t is not None
+    )
     if measured:
         middle = len(measured) // 2
         if len(measured) % 2:

@@ -17,7 +17,7 @@ import attrs
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
-from infermesh.core.scoring.capacity import Speed, service_s, tokens_per_request
+from infermesh.core.scoring.capacity import Speed, decode_rate, tokens_per_request
 from infermesh.core.scoring.gpu_health import GpuHealthScorer
 
 __all__ = [
@@ -57,15 +57,15 @@ class QueueScorer:
         work: list[float] = []
         speeds: list[tuple[float, Speed] | None] = []
         # Capacity by measured throughput: each target's work in seconds of its own speed.
-        tokens = tokens_per_request(targets, request) if targets else None
-        for view in targets:
+        rates = [decode_rate(view.state) for view in targets]
+        tokens = tokens_per_request(targets, request, rates) if any(rates) else None
+        for view, speed in zip(targets, rates, strict=True):
             w = view.expected_work_left_s
             measured: tuple[float, Speed] | None = None
-            if tokens is not None:
-                per_request_s, speed = service_s(view.state, tokens)
-                if speed is not None:
-                    w *= per_request_s / view.state.request_service_s
-                    measured = (per_request_s, speed)
+            if tokens is not None and speed is not None:
+                per_request_s = tokens / speed.tokens_per_s
+                w *= per_request_s / view.state.request_service_s
+                measured = (per_request_s, speed)
             speeds.append(measured)
             work.append(min(w, WORK_CEILING_S) if w >= 0.0 else 0.0)  # NaN -> 0
         if not work:
