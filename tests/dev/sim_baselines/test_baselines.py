@@ -28,6 +28,21 @@ def fleet(count: int, waiting: int = 0) -> list[ReplicaView]:
     ]
 
 
+def send(strategy: Strategy, request: SimRequest, replicas: list[ReplicaView], now: float) -> str:
+    """Route `request` as the simulator does: the chosen view counts it in flight."""
+    chosen = strategy.choose(request, replicas, now)
+    assert chosen is not None
+    replicas[int(chosen[1:])].in_flight += 1
+    return chosen
+
+
+def finish(
+    strategy: Strategy, request: SimRequest, replica_id: str, replicas: list[ReplicaView]
+) -> None:
+    replicas[int(replica_id[1:])].in_flight -= 1
+    strategy.on_finish(request, replica_id, 1.0, ok=True)
+
+
 def chat(request_id: str, group: str = "sys", prompt: int = 1000, prefix: int = 960) -> SimRequest:
     return SimRequest(request_id, 0.0, prompt, 10, prefix_group=group, prefix_tokens=prefix)
 
@@ -79,10 +94,10 @@ def test_power_of_two_takes_the_less_loaded_of_its_two_draws() -> None:
 def test_least_request_spreads_evenly_and_refills_the_replica_that_finished() -> None:
     replicas = fleet(4)
     strategy = LeastRequest(random.Random(0))
-    first = [strategy.choose(plain(f"q{i}"), replicas, 0.0) for i in range(8)]
+    first = [send(strategy, plain(f"q{i}"), replicas, 0.0) for i in range(8)]
     assert Counter(first) == {"r0": 2, "r1": 2, "r2": 2, "r3": 2}
-    strategy.on_finish(plain("q0"), "r2", 1.0, ok=True)
-    assert strategy.choose(plain("q8"), replicas, 1.0) == "r2"
+    finish(strategy, plain("q0"), "r2", replicas)
+    assert send(strategy, plain("q8"), replicas, 1.0) == "r2"
 
 
 def test_load_index_tracks_the_least_and_most_loaded() -> None:
@@ -105,14 +120,14 @@ def test_load_index_tracks_the_least_and_most_loaded() -> None:
 def test_cache_aware_follows_the_prefix_until_imbalance_then_shortest_queue() -> None:
     replicas = fleet(2)
     strategy = CacheAware(random.Random(0))
-    picks = [strategy.choose(chat(f"q{i}"), replicas, 0.0) for i in range(66)]
+    picks = [send(strategy, chat(f"q{i}"), replicas, 0.0) for i in range(66)]
     # 65 in flight on r0 vs 0: 65 - 0 > 64 and 65 > 1.5 * 0, so the 66th goes to r1.
     assert picks[:65] == ["r0"] * 65
     assert picks[65] == "r1"
     for i in range(40):
-        strategy.on_finish(chat(f"q{i}"), "r0", 1.0, ok=True)
+        finish(strategy, chat(f"q{i}"), "r0", replicas)
     # Balanced again (25 vs 1): the prefix goes to the worker that took it most recently.
-    assert strategy.choose(chat("q66"), replicas, 1.0) == "r1"
+    assert send(strategy, chat("q66"), replicas, 1.0) == "r1"
 
 
 def test_cache_aware_sends_a_cache_miss_to_the_smallest_tree() -> None:
@@ -211,8 +226,10 @@ def test_every_baseline_replays_the_same_choices_for_the_same_seed(name: str) ->
             strategy.observe(scraped, request.arrival_s)
             pick = strategy.choose(request, replicas, request.arrival_s)
             picks.append(pick)
-            if pick is not None and len(picks) % 3 == 0:
-                strategy.on_finish(request, pick, request.arrival_s, ok=True)
+            if pick is not None:
+                replicas[int(pick[1:])].in_flight += 1
+                if len(picks) % 3 == 0:
+                    finish(strategy, request, pick, replicas)
         return picks
 
     first = run(4)
