@@ -10,6 +10,7 @@ from __future__ import annotations
 from infermesh.core.convert import request_features_to_pb
 from infermesh.core.model import RequestFeatures
 from infermesh.core.proto import scoring_pb2
+from infermesh.core.target_transport import KSERVE_GRPC_LABEL
 from infermesh.router.agent_client import AgentClient
 from infermesh.router.decision import DEFAULT_TRANSPORT, Admission, Choice, Decision
 from infermesh.router.metrics import RouterMetrics
@@ -40,7 +41,12 @@ class AgentScoring:
         response = await self.agent.score(request_features_to_pb(features), max_targets)
         choices = tuple(
             [
-                Choice(target.target_id, target.key.endpoint, target.transport or DEFAULT_TRANSPORT)
+                Choice(
+                    target.target_id,
+                    target.key.endpoint,
+                    target.transport or DEFAULT_TRANSPORT,
+                    target.labels.get(KSERVE_GRPC_LABEL, ""),
+                )
                 for target in response.targets
             ]
         )

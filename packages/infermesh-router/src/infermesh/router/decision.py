@@ -17,7 +17,7 @@ from infermesh.router.metrics import RouterMetrics
 __all__ = ["DEFAULT_TRANSPORT", "Admission", "Choice", "Decision", "RouteScoring"]
 
 DEFAULT_TRANSPORT = "openai-http"
-"""The transport of a target unless the runtime's config names another."""
+"""The transport of a target that neither labels one nor has a `[[runtimes]]` entry here."""
 
 
 class Choice(NamedTuple):
@@ -27,6 +27,9 @@ class Choice(NamedTuple):
     endpoint: str
     """The runtime's base URL, e.g. `http://127.0.0.1:8001`."""
     transport: str
+    """The target's `transport` label, else the local `[[runtimes]]` entry for `endpoint`."""
+    grpc_target: str = ""
+    """The Triton server's KServe gRPC `host:port` (its `kserve_grpc` label; '' if unknown)."""
 
 
 class Decision(NamedTuple):

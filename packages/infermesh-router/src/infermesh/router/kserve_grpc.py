@@ -301,6 +301,7 @@ class KServeGrpcIngress:
         address = (
             self.grpc_targets.get(target.endpoint)
             or self.grpc_targets.get(target.endpoint.rstrip("/"))
+            or target.grpc_target
             or self.label_of(target.target_id)
         )
         if not address:

@@ -24,8 +24,9 @@ from infermesh.core.proto import scoring_pb2
 from infermesh.core.scoring.engine import ScoringEngine
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.state import StateStore
+from infermesh.core.target_transport import KSERVE_GRPC_LABEL, transport_of
 from infermesh.router.agent_client import AgentClient, AgentUnavailable
-from infermesh.router.decision import DEFAULT_TRANSPORT, Admission, Choice, Decision
+from infermesh.router.decision import Admission, Choice, Decision
 from infermesh.router.metrics import RouterMetrics
 from infermesh.router.policy_watch import PolicyWatcher
 from infermesh.router.replica import NodeRtts, StateReplica
@@ -40,7 +41,9 @@ class LocalScoring:
 
     `registered` are the scorers by name (`PluginHost.scorers()`), `scoring` the `[scoring]`
     config; `transports` maps a runtime base URL to its transport plugin name (from the
-    `[[runtimes]]` tables; others use `openai-http`). `rtt_poll_s` is (interval, backoff
+    `[[runtimes]]` tables), used for targets without a `transport` label of their own (the
+    Triton adapter labels its targets `kserve-http`, so remote Tritons need no entry here);
+    others use `openai-http`. `rtt_poll_s` is (interval, backoff
     maximum) of polling the agent's RTT estimates, `policy_poll_s` the same for its policy.
     Raises `ScoringSetupError` for a scoring
     config the engine refuses, `ValueError` for a bad `scoring.outcome_ewma_alpha`.
@@ -155,9 +158,15 @@ class LocalScoring:
         transports = self.transports
         choices = []
         for target in ranked:
-            endpoint = target.view.state.key.endpoint
+            state = target.view.state
+            endpoint = state.key.endpoint
             choices.append(
-                Choice(target.target_id, endpoint, transports.get(endpoint, DEFAULT_TRANSPORT))
+                Choice(
+                    target.target_id,
+                    endpoint,
+                    transport_of(state.labels, endpoint, transports),
+                    state.labels.get(KSERVE_GRPC_LABEL) or "",
+                )
             )
         reservation = self.inflight.reserve(choices[0].target_id, now)
         return Decision(True, tuple(choices), reservation.reservation_id, ranking.candidates)

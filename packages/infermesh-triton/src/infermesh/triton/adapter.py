@@ -22,6 +22,7 @@ from infermesh.core.config import ConfigError
 from infermesh.core.contracts import AdapterContext
 from infermesh.core.logging import get_logger
 from infermesh.core.model import ModelState, ModelStateDelta, TargetKey
+from infermesh.core.target_transport import KSERVE_GRPC_LABEL, KSERVE_TRANSPORT, TRANSPORT_LABEL
 from infermesh.triton.control import load_model, unload_model, warm_model
 from infermesh.triton.metrics import MetricsReading
 from infermesh.triton.parse import Estimate
@@ -157,7 +158,11 @@ class TritonAdapter:
         self.poll_interval_s = context.poll_interval_s
         self.timeout_s = context.timeout_s
         self._clock = clock
-        custom = {"kserve_grpc": self.options.grpc_url} if self.options.grpc_url else {}
+        # How the router reaches these targets travels with them (gossip, State, ScoreTargets),
+        # so a router on another node needs no [[runtimes]] table for this Triton.
+        custom = {TRANSPORT_LABEL: KSERVE_TRANSPORT}
+        if self.options.grpc_url:
+            custom[KSERVE_GRPC_LABEL] = self.options.grpc_url
         # Versions seeded from the clock keep growing across agent restarts.
         self._tracker = TargetTracker(
             node=context.node,

@@ -19,17 +19,19 @@ from infermesh.core.model import ModelState, TargetKey
 from infermesh.core.proto import scoring_pb2, scoring_pb2_grpc
 from infermesh.core.scoring.engine import RETRY_TRANSIENT_S, RETRY_UNAVAILABLE_S, ScoringEngine
 from infermesh.core.scoring.inflight import InflightTracker, is_target_error
+from infermesh.core.target_transport import DEFAULT_TRANSPORT, label_map, transport_of
 
 __all__ = ["DEFAULT_TRANSPORT", "ScoringService"]
 
-DEFAULT_TRANSPORT = "openai-http"
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServicer):
     """ScoreTargets, Admit, ReportOutcome and StreamOutcomes over the engine and tracker.
 
     `transports` maps a runtime endpoint (base URL) to the transport plugin name the router
-    should use for it; unlisted endpoints get DEFAULT_TRANSPORT.
+    should use for it. A target's own `transport` label wins (a remote Triton says
+    `kserve-http` though this node has no `[[runtimes]]` table for it); unlabelled targets on
+    unlisted endpoints get DEFAULT_TRANSPORT. Each ranked target carries its labels.
     """
 
     def __init__(
@@ -75,8 +77,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
             target = response.targets.add(
                 target_id=key.target_id,
                 runtime=state.labels.runtime,
-                transport=transports.get(key.endpoint, DEFAULT_TRANSPORT),
+                transport=transport_of(state.labels, key.endpoint, transports),
                 score=ranked.score,
+                labels=label_map(state.labels),
             )
             target.key.model = key.model
             target.key.node = key.node
