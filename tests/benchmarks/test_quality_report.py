@@ -1,0 +1,152 @@
+"""The routing-quality benchmark's report and arguments: figures, goals, fleet parsing.
+
+No timing is asserted (benchmarks measure, tests specify): these check that the table, the
+goals and the JSON line are computed from the records the way docs/benchmarks.md says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from infermesh.dev.loadgen import LoadReport, RequestRecord
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def report(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    from benchmarks.quality import report
+
+    return report
+
+
+@pytest.fixture
+def fleet(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    from benchmarks.quality import fleet
+
+    return fleet
+
+
+@pytest.fixture
+def script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    from benchmarks import routing_quality
+
+    return routing_quality
+
+
+def _record(ttft_s: float, e2e_s: float, tag: str = "r0-h100", ok: bool = True) -> RequestRecord:
+    return RequestRecord(
+        ok=ok,
+        status=200 if ok else 503,
+        stream=True,
+        prefix_group=0,
+        start_s=0.0,
+        e2e_s=e2e_s,
+        ttft_s=ttft_s,
+        completion_tokens=10 if ok else 0,
+        response_id=f"chatcmpl-{tag}-abc123",
+        error="" if ok else "overloaded",
+    )
+
+
+def _report(ttfts_s: list[float], wall_s: float = 10.0, tag: str = "r0-h100") -> LoadReport:
+    return LoadReport(records=tuple(_record(t, t + 1.0, tag) for t in ttfts_s), wall_s=wall_s)
+
+
+def test_row_percentiles_throughput_and_replica_share(report: ModuleType) -> None:
+    records = [
+        _record(0.1 * (i + 1), 1.0, "r0-h100" if i < 3 else "r3-h100x0.25") for i in range(4)
+    ]
+    records.append(_record(0.0, 0.5, ok=False))
+    row = report.row_from_report("infermesh", LoadReport(records=tuple(records), wall_s=2.0))
+    assert (row.requests, row.ok, row.errors) == (5, 4, 1)
+    assert row.ttft_p50_ms == pytest.approx(250.0)
+    assert row.e2e_p99_ms == pytest.approx(1000.0)
+    assert row.ok_per_s == pytest.approx(2.0)
+    assert row.output_tokens_per_s == pytest.approx(20.0)
+    assert row.share_by_replica == {"r0-h100": 0.75, "r3-h100x0.25": 0.25}
+    assert row.first_error == "HTTP 503: overloaded"
+
+
+def test_goals_compare_p95_with_round_robin_and_best_peer(report: ModuleType) -> None:
+    rows = [
+        report.row_from_report("infermesh", _report([0.1] * 20)),
+        report.row_from_report("vllm-router round_robin", _report([0.4] * 20)),
+        report.row_from_report("vllm-router cache_aware", _report([0.2] * 20)),
+    ]
+    goals = report.goals(rows)
+    assert goals == {
+        "ttft_p95_le_0.5x_round_robin": True,
+        "ttft_p95_le_0.8x_best_peer": True,
+        "throughput_ge_best_peer": True,
+    }
+    text = report.render_goals(rows)
+    assert "vs round robin: 0.25x  met" in text
+    assert "vs best peer (vllm-router cache_aware): 0.50x  met" in text
+
+
+def test_goals_missed_and_unmeasured(report: ModuleType) -> None:
+    slow = [report.row_from_report("infermesh", _report([0.35] * 20, wall_s=20.0))]
+    peer = report.row_from_report("vllm-router round_robin", _report([0.4] * 20))
+    assert report.goals([*slow, peer]) == {
+        "ttft_p95_le_0.5x_round_robin": False,
+        "ttft_p95_le_0.8x_best_peer": False,
+        "throughput_ge_best_peer": False,
+    }
+    assert "MISSED" in report.render_goals([*slow, peer])
+    assert set(report.goals([peer]).values()) == {None}
+
+
+def test_table_and_json_line(report: ModuleType) -> None:
+    rows = [
+        report.row_from_report("infermesh", _report([0.1, 0.2])),
+        report.row_from_report("vllm-router round_robin", LoadReport(records=(), wall_s=1.0)),
+    ]
+    table = report.render_table(rows)
+    assert table.splitlines()[0].startswith("mode")
+    assert "vllm-router round_robin" in table
+    assert " - " in table
+    line = json.loads(report.render_json(rows, settings={"seed": 7}, skipped={"x": "why"}))
+    assert line["benchmark"] == "routing_quality"
+    assert line["results"][0]["ttft_ms"]["p50"] == pytest.approx(150.0)
+    assert line["results"][1]["ttft_ms"]["p95"] is None
+    assert line["settings"] == {"seed": 7}
+    assert line["skipped"] == {"x": "why"}
+    assert math.isnan(rows[1].ttft_p95_ms)
+
+
+def test_parse_fleet(fleet: ModuleType) -> None:
+    replicas = fleet.parse_fleet("h100, a10,h100@0.25")
+    assert [r.label for r in replicas] == ["h100", "a10", "h100@0.25"]
+    assert replicas[2].speed == 0.25
+    for bad in ("h100", "h100,tpu", "h100,a10@0", "h100,a10@1.5", "h100,a10@x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            fleet.parse_fleet(bad)
+
+
+def test_arguments_and_the_same_trace_for_every_mode(script: ModuleType) -> None:
+    args = script.parse_args(["--routers", "infermesh,cache_aware", "--requests", "12"])
+    assert args.routers == ("infermesh", "cache_aware")
+    first = script.trace_spec("http://127.0.0.1:1", args)
+    second = script.trace_spec("http://127.0.0.1:2", args)
+    assert (first.seed, first.rate_per_s, first.num_requests, first.mix) == (
+        second.seed,
+        second.rate_per_s,
+        second.num_requests,
+        second.mix,
+    )
+    assert first.stream_fraction == 1.0
+    assert first.duration_s is None
+    with pytest.raises(SystemExit):
+        script.parse_args(["--routers", "least_loaded"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--rate", "0"])
