@@ -189,3 +189,17 @@ def test_without_a_gpu_mapping_a_node_fault_does_not_exclude_every_replica() -> 
     fleet = Fleet(labels=False)
     fleet.set_gpu("GPU-B", xid_last=79)
     assert sorted(ids(fleet.rank())) == ["http://a", "http://b"]
+
+
+def test_a_fault_holds_while_the_gpu_telemetry_is_stale_but_degradations_do_not() -> None:
+    fleet = Fleet()
+    fleet.set_gpu("GPU-B", xid_last=48, last_updated=NOW - 60.0)
+    fleet.set_gpu("GPU-A", temperature_c=99.0, last_updated=NOW - 60.0)
+    ranking = fleet.rank()
+    assert ids(ranking) == ["http://a"]
+    assert "GPU GPU-B unhealthy: XID 48 reported" in str(ranking.excluded[0])
+    (reason,) = [r for r in ranking.targets[0].reasons if r.scorer == "gpu_health"]
+    assert (reason.score, reason.reason) == (
+        1.0,
+        "GPU GPU-A telemetry 60.0s old (stale after 5s): not used",
+    )
