@@ -127,11 +127,8 @@ def test_a_trace_file_replays_through_the_cli(tmp_path: Path) -> None:
     requests = list(poisson(seed=11, rate=5, duration_s=4))
     write_trace(trace, requests)
     out = tmp_path / "out"
-    result = CliRunner().invoke(
-        sim_group,
-        ["route", "--replicas", "8", "--trace", str(trace), "--strategies", "infermesh"]
-        + ["--out", str(out)],
-    )
+    args = ["route", "--replicas", "8", "--trace", str(trace), "--strategies", "infermesh"]
+    result = CliRunner().invoke(sim_group, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "route.json").read_text())
     (row,) = report["strategies"]
@@ -147,12 +144,29 @@ def test_the_cli_refuses_an_unknown_strategy() -> None:
     assert "unknown strategy 'nope'" in result.output
 
 
-def test_a_thousand_replicas_run_end_to_end() -> None:
+def test_a_thousand_replicas_run_end_to_end_in_cells() -> None:
     fleet = FleetSpec(replicas=1000, degraded=1, kv_blocks_cap=512, scrape_interval_s=2.0)
     settings = RouteSimSettings(
-        fleet=fleet, strategies=("infermesh",), workload="short", duration_s=2, rate=200
+        fleet=fleet,
+        strategies=("infermesh", "round_robin"),
+        workload="short",
+        duration_s=1,
+        rate=100,
+        cell_size=50,
     )
-    (metrics,) = run_route_sim(settings)
-    assert metrics.arrived > 200
-    assert metrics.conserved
-    assert metrics.completed == metrics.arrived
+    for metrics in run_route_sim(settings):
+        assert metrics.arrived > 50
+        assert metrics.conserved
+        assert metrics.completed == metrics.arrived
+
+
+def test_cells_keep_each_prefix_in_one_cell() -> None:
+    strategy = InferMeshStrategy(cell_size=4)
+    requests = list(poisson(seed=2, rate=20, duration_s=3, groups=1))
+    result = World(FleetSpec(replicas=16, profiles=("h100",)), strategy, 2).run(requests, 3)
+    cells = {
+        int(r.replica_id[1:]) // 4
+        for r in result.records
+        if r.replica_id is not None and r.request.prefix_group
+    }
+    assert len(cells) == 1

@@ -80,6 +80,13 @@ SWEEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25)
     default=None,
     help="Write route.json and PNG plots (with infermesh-dev[plots]) here.",
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Run the strategies in this many processes (same numbers).",
+)
 @click.option("--sweep", is_flag=True, help="Also run at 0.25-1.25x the rate: p95 TTFT vs load.")
 def route_command(
     replicas: int,
@@ -98,6 +105,7 @@ def route_command(
     kv_blocks_cap: int | None,
     cell_size: int | None,
     out: Path | None,
+    jobs: int,
     sweep: bool,
 ) -> None:
     """Route one workload over REPLICAS engine-model replicas with each strategy in turn.
@@ -140,10 +148,10 @@ def route_command(
             seed=seed,
             cell_size=cell_size,
         )
-        metrics = run_route_sim(settings)
+        metrics = run_route_sim(settings, jobs=jobs)
     except (ValueError, KeyError) as exc:
         raise click.UsageError(str(exc)) from exc
-    points = run_sweep(settings, SWEEP_FACTORS) if sweep else []
+    points = run_sweep(settings, SWEEP_FACTORS, jobs) if sweep else []
     degraded_ids = build_views(fleet, random.Random(seed))[1]
     report = report_dict(settings, metrics, points, degraded_ids)
     click.echo(format_table(metrics))

@@ -89,24 +89,34 @@ def load_requests(settings: RouteSimSettings) -> list[SimRequest]:
     return list(generate(settings.workload, rng, settings.duration_s, settings.rate))
 
 
+def _run_one(
+    settings: RouteSimSettings, index: int, requests: Sequence[SimRequest], duration_s: float
+) -> StrategyMetrics:
+    name = settings.strategies[index]
+    strategy = make_strategy(name, random.Random(settings.seed * 1_000 + index), settings.cell_size)
+    world = World(settings.fleet, strategy, settings.seed)
+    result = world.run(requests, duration_s, settings.drain_s)
+    return compute_metrics(name, result, hedges=getattr(strategy, "hedges", 0))
+
+
 def run_route_sim(
-    settings: RouteSimSettings, requests: Sequence[SimRequest] | None = None
+    settings: RouteSimSettings, requests: Sequence[SimRequest] | None = None, jobs: int = 1
 ) -> list[StrategyMetrics]:
-    """One `StrategyMetrics` per strategy, in the order given."""
+    """One `StrategyMetrics` per strategy, in the order given; `jobs` > 1 runs the strategies
+    in that many processes (the numbers are the same: each run is independent)."""
     if requests is None:
         requests = load_requests(settings)
     duration_s = settings.duration_s
     if settings.trace is not None and requests:
         duration_s = max(r.arrival_s for r in requests) + 1e-9
-    results: list[StrategyMetrics] = []
-    for index, name in enumerate(settings.strategies):
-        strategy = make_strategy(
-            name, random.Random(settings.seed * 1_000 + index), settings.cell_size
-        )
-        world = World(settings.fleet, strategy, settings.seed)
-        result = world.run(requests, duration_s, settings.drain_s)
-        results.append(compute_metrics(name, result, hedges=getattr(strategy, "hedges", 0)))
-    return results
+    indices = range(len(settings.strategies))
+    if jobs <= 1 or len(settings.strategies) == 1:
+        return [_run_one(settings, i, requests, duration_s) for i in indices]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(settings.strategies))) as pool:
+        futures = [pool.submit(_run_one, settings, i, requests, duration_s) for i in indices]
+        return [future.result() for future in futures]
 
 
 @attrs.frozen
@@ -115,12 +125,16 @@ class SweepPoint:
     metrics: tuple[StrategyMetrics, ...]
 
 
-def run_sweep(settings: RouteSimSettings, factors: Sequence[float]) -> list[SweepPoint]:
+def run_sweep(
+    settings: RouteSimSettings, factors: Sequence[float], jobs: int = 1
+) -> list[SweepPoint]:
     """The same run at `rate * factor` for each factor (offered load on the x axis)."""
     return [
         SweepPoint(
             rate=settings.rate * factor,
-            metrics=tuple(run_route_sim(attrs.evolve(settings, rate=settings.rate * factor))),
+            metrics=tuple(
+                run_route_sim(attrs.evolve(settings, rate=settings.rate * factor), jobs=jobs)
+            ),
         )
         for factor in factors
     ]
