@@ -27,7 +27,9 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def choose(self, request: SimRequest, replicas: Sequence[ReplicaView], now: float) -> str:
+    def choose(
+        self, request: SimRequest, replicas: Sequence[ReplicaView], now: float
+    ) -> str | None:
         view = replicas[self._next % len(replicas)]
         self._next += 1
         return view.replica_id
