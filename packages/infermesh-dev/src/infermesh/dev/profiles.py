@@ -177,7 +177,8 @@ _H100 = GpuProfile(
 # --max-concurrency C`): "decode at one request per time runs at about 75 tokens/sec" and
 # "a 6.6x gain with almost no latency cost" at C=8 (6.6 x 75 = 495 tok/s). "Roughly 77% of the
 # memory-bandwidth ceiling" (1555 GB/s / 16 GB = 97 tok/s) makes the 75 tok/s a decode rate, so
-# it stands for both the C=1 output throughput and a TPOT of 1/75 s.
+# it stands for both the C=1 output throughput and a TPOT of 1/75 s; "almost no latency cost"
+# at C=8 is read as the same TPOT there. TTFT is not published.
 _A100_PREFILL = 14_000.0
 _A100_40GB = GpuProfile(
     name="a100-40gb",
@@ -191,7 +192,7 @@ _A100_40GB = GpuProfile(
     source="johnmusgrave.com vLLM throughput-latency sweep on A100 40GB (see comment)",
     calibration=(
         CalibrationPoint(1, 1024, 128, output_tokens_per_s=75.0, itl_s=1 / 75),
-        CalibrationPoint(8, 1024, 128, output_tokens_per_s=495.0),
+        CalibrationPoint(8, 1024, 128, output_tokens_per_s=495.0, itl_s=1 / 75),
     ),
 )
 
