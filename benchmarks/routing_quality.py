@@ -9,7 +9,7 @@ everything again. Modes: the InferMesh agent + router (`infermesh router run`, d
 end-to-end latency and throughput side by side, each mode's split over the replicas, the issue's
 goals, and one JSON line (the last line of stdout).
 
-    uv run python benchmarks/routing_quality.py [--requests 240] [--rate 8]
+    uv run python benchmarks/routing_quality.py [--requests 360] [--rate 16]
 
 Every process listens on 127.0.0.1 and is stopped on exit, Ctrl-C included. It measures and
 reports; it never asserts timings. See docs/benchmarks.md.
@@ -100,10 +100,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma list of modes: infermesh and vllm-router policies",
     )
     parser.add_argument(
-        "--requests", type=positive_int, default=240, help="requests in the trace (every mode)"
+        "--requests", type=positive_int, default=360, help="requests in the trace (every mode)"
     )
     parser.add_argument(
-        "--rate", type=positive_float, default=8.0, help="Poisson arrival rate, requests/s"
+        "--rate", type=positive_float, default=16.0, help="Poisson arrival rate, requests/s"
     )
     parser.add_argument("--tenants", type=positive_int, default=8, help="shared system prompts")
     parser.add_argument(
