@@ -12,7 +12,13 @@ SWEEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25)
 
 
 @click.command("route")
-@click.option("--replicas", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Engine-model replicas behind the router.",
+)
 @click.option(
     "--workload",
     default="mixed",
@@ -29,7 +35,8 @@ SWEEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25)
     "--strategies",
     default="infermesh,round_robin",
     show_default=True,
-    help="Comma-separated strategy names.",
+    help="Comma-separated: infermesh, round_robin, random, least_request, power_of_two,"
+    " cache_aware, llmd.",
 )
 @click.option("--seed", type=int, default=1, show_default=True, help="Same seed, same numbers.")
 @click.option(
@@ -51,14 +58,27 @@ SWEEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25)
     show_default=True,
     help="GPU profile of each node of 8 replicas, in turn.",
 )
-@click.option("--degraded", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option(
+    "--degraded",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Replicas (drawn by the seed) that run slower than their profile.",
+)
 @click.option(
     "--degraded-speed",
     type=click.FloatRange(0.0, 1.0, min_open=True),
     default=0.3,
     show_default=True,
+    help="Fraction of its profile's speed a degraded replica runs at.",
 )
-@click.option("--scrape-interval", type=click.FloatRange(min=0.001), default=0.5, show_default=True)
+@click.option(
+    "--scrape-interval",
+    type=click.FloatRange(min=0.001),
+    default=0.5,
+    show_default=True,
+    help="Seconds between two telemetry scrapes of a replica.",
+)
 @click.option(
     "--telemetry-delay",
     type=click.FloatRange(min=0.0),
@@ -67,7 +87,12 @@ SWEEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25)
     help="Seconds from a scrape to the router (agent delta + gossip).",
 )
 @click.option("--rtt-ms", default="0.2,4", show_default=True, help="Per-node RTT range MIN,MAX.")
-@click.option("--kv-blocks-cap", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--kv-blocks-cap",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cap each replica's KV blocks (memory at 10,000 replicas) [default: the profile's].",
+)
 @click.option(
     "--cell-size",
     type=click.IntRange(min=1),
