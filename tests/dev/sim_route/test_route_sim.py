@@ -172,3 +172,30 @@ def test_cells_keep_each_prefix_in_one_cell() -> None:
         if r.replica_id is not None and r.request.prefix_group
     }
     assert len(cells) == 1
+
+
+def test_parallel_jobs_give_the_same_numbers() -> None:
+    settings = RouteSimSettings(
+        fleet=small_fleet(), strategies=("infermesh", "round_robin"), duration_s=3, rate=6
+    )
+    serial = [m.to_json() for m in run_route_sim(settings)]
+    parallel = [m.to_json() for m in run_route_sim(settings, jobs=2)]
+    assert serial == parallel
+
+
+def test_the_report_states_the_goals_against_round_robin_and_the_best_peer() -> None:
+    settings = RouteSimSettings(
+        fleet=small_fleet(),
+        strategies=("infermesh", "round_robin", "least_request"),
+        workload="chat",
+        duration_s=6,
+        rate=10,
+    )
+    metrics = run_route_sim(settings)
+    goals = report_dict(settings, metrics)["goals"]
+    by_name = {m.strategy: m for m in metrics}
+    ours, rr = by_name["infermesh"].ttft_p95_s, by_name["round_robin"].ttft_p95_s
+    assert ours is not None
+    assert rr is not None
+    assert goals["p95_ttft_vs_round_robin"] == round(ours / rr, 4)
+    assert goals["best_peer_p95_ttft"] in {"round_robin", "least_request"}
