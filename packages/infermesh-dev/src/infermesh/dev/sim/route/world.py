@@ -203,6 +203,7 @@ class World:
         self._seq = 0
         self._records: dict[str, RequestRecord] = {}
         self._open = 0
+        self._arrivals_open = True
         self.busy_s = 0.0
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
