@@ -24,7 +24,6 @@ from infermesh.core.target_transport import DEFAULT_TRANSPORT, label_map, transp
 __all__ = ["DEFAULT_TRANSPORT", "ScoringService"]
 
 
-
 class ScoringService(scoring_pb2_grpc.ScoringServicer):
     """ScoreTargets, Admit, ReportOutcome and StreamOutcomes over the engine and tracker.
 
