@@ -161,6 +161,10 @@ class ScoringConfig:
     the others are: runtimes batch many sequences, and spilling the second concurrent request
     would waste the prefix cache. 0 or 1 leaves only the bounded-load rule."""
     outcome_ewma_alpha: float = 0.2
+    max_candidates: int = 64
+    """A model with more targets than this has at most this many scored per decision: its
+    prefix owners, its least loaded and a random sample of the rest (docs/agent.md); 0 scores
+    every target."""
 
 
 @attrs.define

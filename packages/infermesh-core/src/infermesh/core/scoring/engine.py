@@ -13,17 +13,18 @@ already in flight are not touched: a drain only stops new ones.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import attrs
 
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import Scorer, ScoreResult, TargetView
-from infermesh.core.model import ModelState, RequestFeatures, finite_or_none
+from infermesh.core.model import ModelState, RequestFeatures, TargetKey, finite_or_none
 from infermesh.core.policy import Drain, PolicySet, ScoringPolicy
 from infermesh.core.scoring.gpu_health import gpu_exclusion_reason
 from infermesh.core.scoring.inflight import InflightTracker
+from infermesh.core.scoring.sampling import CandidateSampler
 from infermesh.core.scoring.state import StateStore
 
 __all__ = [
@@ -162,6 +163,10 @@ def resolve_scorers(
         raise ScoringSetupError(
             f"scoring.prefix_min_capacity must be >= 0, got {scoring.prefix_min_capacity}"
         )
+    if not scoring.max_candidates >= 0:
+        raise ScoringSetupError(
+            f"scoring.max_candidates must be >= 0 (0: no cap), got {scoring.max_candidates}"
+        )
     weighted: list[WeightedScorer] = []
     for name in sorted(registered):
         scorer = registered[name]
@@ -203,7 +208,11 @@ class ScoringEngine:
         *,
         stale_after_s: float = 5.0,
         rtt_estimate: RttEstimate | None = None,
+        max_candidates: int = 0,
+        sample_seed: int = 0,
     ) -> None:
+        """`max_candidates` > 0 bounds how many targets one decision scores when a model has
+        more (infermesh.core.scoring.sampling); 0 scores every candidate."""
         if not scorers:
             raise ScoringSetupError("the scoring engine needs at least one scorer")
         self.store = store
@@ -216,12 +225,15 @@ class ScoringEngine:
         self.rtt_estimate_failures = 0
         # id(candidate tuple) -> (that tuple, its target ids); the tuple is kept so that the
         # id cannot be reused by another tuple while the entry lives.
-        self._ids_cache: dict[int, tuple[tuple[ModelState, ...], tuple[str, ...]]] = {}
+        self._ids_cache: dict[
+            int, tuple[tuple[ModelState, ...] | tuple[TargetKey, ...], tuple[str, ...]]
+        ] = {}
         self.policy = _EMPTY_POLICY
         # id(scoring policy) -> (it, the scorers it weights, their total weight); cleared by
         # set_policy, whose PolicySet keeps every cached policy alive meanwhile.
         self._weights_cache: dict[int, tuple[ScoringPolicy, tuple[WeightedScorer, ...], float]] = {}
         self._policy_filters = False
+        self.sampler = CandidateSampler(max_candidates, seed=sample_seed)
 
     def set_policy(self, policy: PolicySet) -> None:
         """Use `policy` from the next ranking on (drains, pins, scoring weights and filters).
@@ -283,6 +295,7 @@ class ScoringEngine:
             resolve_scorers(registered, scoring),
             stale_after_s=scoring.stale_after_s,
             rtt_estimate=rtt_estimate,
+            max_candidates=scoring.max_candidates,
         )
 
     # ------------------------------------------------------------------ filters
@@ -384,15 +397,53 @@ class ScoringEngine:
     def rank(self, request: RequestFeatures, now: float, max_targets: int = 0) -> Ranking:
         """Filter, score and order the candidates for `request`; best first.
 
-        Ties are broken by target id, so the same inputs always give the same order.
+        Ties are broken by target id, so the same inputs always give the same order. A model
+        with more than `max_candidates` targets has only a bounded set of them scored
+        (infermesh.core.scoring.sampling); the filters apply to each scored one.
         """
         inflight = self.inflight
         inflight.expire(now)
-        candidates = self.store.candidates(request.model)
+        store = self.store
+        candidates = store.candidates(request.model)
         if not candidates:
-            known = self.store.model_known(request.model)
+            known = store.model_known(request.model)
             return Ranking((), known, 0, (), RETRY_UNAVAILABLE_S if known else 0.0)
-        target_ids = self._target_ids(candidates)
+        sampler = self.sampler
+        if sampler.applies(len(candidates)):
+            keys = store.candidate_keys(request.model)
+            target_ids = self._target_ids(keys)
+            order = sampler.order(
+                request.model, keys, candidates, target_ids, request.prefix_key, now
+            )
+            ranking = self._rank(
+                request,
+                now,
+                max_targets,
+                candidates,
+                ((candidates[i], target_ids[i]) for i in order),
+                sampler.max_candidates,
+            )
+            if ranking.targets:
+                return ranking
+            # Nothing usable among the sampled: look at every candidate before giving up.
+        else:
+            target_ids = self._target_ids(candidates)
+        return self._rank(
+            request, now, max_targets, candidates, zip(candidates, target_ids, strict=True), 0
+        )
+
+    def _rank(
+        self,
+        request: RequestFeatures,
+        now: float,
+        max_targets: int,
+        candidates: tuple[ModelState, ...],
+        pairs: Iterable[tuple[ModelState, str]],
+        limit: int,
+    ) -> Ranking:
+        """Rank the (state, target id) `pairs`; with `limit` > 0, stop after that many usable
+        ones. `candidates` is every target of the model (for the count)."""
+        inflight = self.inflight
         policy = self._request_policy(request)
         policy_filters = self._policy_filters
         ids: list[str] = []
@@ -408,7 +459,7 @@ class ScoringEngine:
         # One estimate per node per ranking: replicas of a model often share a node.
         rtt_by_node: dict[str, float | None] | None = None if self.rtt_estimate is None else {}
         rtt_s: float | None = None
-        for state, target_id in zip(candidates, target_ids, strict=True):
+        for state, target_id in pairs:
             seen_at = state.last_updated
             # The usual case, checked inline: loaded, warm, healthy and fresh, no filters or
             # GPU labels; `exclusion` gives the same verdict (and the reason) otherwise.
@@ -446,6 +497,8 @@ class ScoringEngine:
                     rtt_s=rtt_s,
                 )
             )
+            if limit and len(views) >= limit:
+                break
         if not views:
             transient = any(e.transient for e in excluded)
             retry_after_s = RETRY_TRANSIENT_S if transient else RETRY_UNAVAILABLE_S
@@ -482,13 +535,18 @@ class ScoringEngine:
         )
         return Ranking(ranked, True, len(candidates), tuple(excluded), 0.0)
 
-    def _target_ids(self, candidates: tuple[ModelState, ...]) -> tuple[str, ...]:
-        """The target ids of a candidate tuple, kept while the store hands out the same tuple
-        (it builds a new one whenever a target of the model changes)."""
+    def _target_ids(
+        self, candidates: tuple[ModelState, ...] | tuple[TargetKey, ...]
+    ) -> tuple[str, ...]:
+        """The target ids of a candidate tuple (states or keys), kept while the store hands out
+        the same tuple (it builds a new one whenever a target of the model changes; a new keys
+        tuple only when membership changes)."""
         cached = self._ids_cache.get(id(candidates))
         if cached is not None and cached[0] is candidates:
             return cached[1]
-        ids = tuple(state.key.target_id for state in candidates)
+        ids = tuple(
+            c.target_id if isinstance(c, TargetKey) else c.key.target_id for c in candidates
+        )
         if len(self._ids_cache) >= _IDS_CACHE_SIZE:
             self._ids_cache.clear()
         self._ids_cache[id(candidates)] = (candidates, ids)

@@ -132,7 +132,8 @@ def _kv_result(usage_permille: int) -> ScoreResult:
 
 
 @lru_cache(maxsize=65536)
-def _target_hash(target_id: str) -> int:
+def target_hash(target_id: str) -> int:
+    """A target id's stable 64-bit hash (its rendezvous and ring position)."""
     return int.from_bytes(hashlib.blake2b(target_id.encode(), digest_size=8).digest(), "big")
 
 
@@ -142,7 +143,7 @@ def hrw_weight(prefix_key: int, target_id: str) -> int:
     Stable across processes and machines (no per-process hash seed), so every agent that sees
     the same candidates orders them the same way for a prefix.
     """
-    x = (prefix_key ^ _target_hash(target_id)) & _MASK64
+    x = (prefix_key ^ target_hash(target_id)) & _MASK64
     # splitmix64 finaliser: mixes every input bit into every output bit.
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
@@ -161,6 +162,11 @@ class PrefixAffinityScorer:
     bounded-load rule, but never below `min_capacity`, so a replica that batches many sequences
     keeps its prefix (and its prefix cache) while the others are idle. Without a prefix key
     every target scores a neutral 0.5.
+
+    A replica slower than the candidates' median measured decode rate (infermesh.core.scoring.
+    capacity) gets that capacity scaled by its relative speed (at least 1): a GPU running at a
+    quarter of the median speed keeps about a quarter of the hashed tenants. Faster replicas and
+    replicas without a measured rate keep the full capacity.
     """
 
     load_factor: float = 1.25
@@ -184,9 +190,13 @@ class PrefixAffinityScorer:
         loads = [v.load for v in targets]
         bounded = math.ceil(self.load_factor * (sum(loads) + 1) / count)
         capacity = max(bounded, self.min_capacity)
+        caps = _speed_capacities(targets, capacity)
         weights = [hrw_weight(prefix_key, v.key.target_id) for v in targets]
         order = sorted(range(count), key=weights.__getitem__, reverse=True)
-        chosen_rank = next((r for r, i in enumerate(order) if loads[i] < capacity), None)
+        if caps is None:
+            chosen_rank = next((r for r, i in enumerate(order) if loads[i] < capacity), None)
+        else:
+            chosen_rank = next((r for r, i in enumerate(order) if loads[i] < caps[i][0]), None)
         if chosen_rank is None:  # only reachable with load_factor < 1
             chosen_rank = min(range(count), key=lambda r: loads[order[r]])
         chosen = order[chosen_rank]
@@ -202,14 +212,37 @@ class PrefixAffinityScorer:
                 rank,
                 count,
                 loads[i],
-                capacity,
+                capacity if caps is None else caps[i][0],
                 bounded,
                 0 if mine else placed,
+                1.0 if caps is None else caps[i][1],
             )
         return results
 
 
 _UNSET = ScoreResult(0.0, "")
+
+
+def _speed_capacities(
+    targets: Sequence[TargetView], capacity: int
+) -> list[tuple[int, float]] | None:
+    """Each target's prefix capacity and relative speed, or None when no target is slower than
+    the median measured decode rate (then every target has `capacity`)."""
+    rates = [decode_rate(v.state) for v in targets]
+    measured = sorted(r.tokens_per_s for r in rates if r is not None)
+    if len(measured) < 2:
+        return None
+    middle = len(measured) // 2
+    median = (
+        measured[middle] if len(measured) % 2 else (measured[middle - 1] + measured[middle]) / 2
+    )
+    if not (median > 0 and measured[0] < median):
+        return None
+    caps: list[tuple[int, float]] = []
+    for rate in rates:
+        rel = 1.0 if rate is None else min(1.0, rate.tokens_per_s / median)
+        caps.append((capacity if rel >= 1.0 else max(1, math.ceil(capacity * rel)), rel))
+    return caps
 
 
 def _prefix_reason(
@@ -220,10 +253,13 @@ def _prefix_reason(
     capacity: int,
     bounded: int,
     chosen_rank: int,
+    speed: float = 1.0,
 ) -> str:
     """Why a target got its prefix score; `chosen_rank` is 0 for the chosen target itself, else
     the 1-based rendezvous rank of the chosen one."""
-    if capacity > bounded:
+    if speed < 1.0:
+        capacity_text = f"capacity {capacity} (scaled to its {speed:.2g}x median decode speed)"
+    elif capacity > bounded:
         capacity_text = f"capacity {capacity} (minimum; bounded-load {bounded})"
     else:
         capacity_text = f"capacity {capacity} (bounded-load)"

@@ -2,7 +2,8 @@
 
 Sans-I/O and single-writer: deltas are applied by synchronous calls on the event-loop thread, so
 each one lands atomically; readers get immutable tuples (per-model candidate lists, rebuilt
-incrementally on each write) and never scan the cluster. Never awaits, reads a clock or logs.
+lazily on the first read after a write: a value change replaces one entry of a per-model dict,
+only a membership change re-sorts) and never scan the cluster. Never awaits, reads a clock or logs.
 """
 
 from __future__ import annotations
@@ -57,7 +58,13 @@ class StateStore:
     def __init__(self) -> None:
         self._models: dict[TargetKey, ModelState] = {}
         self._by_target_id: dict[str, ModelState] = {}
+        # Per model: its members by key (written on every delta, O(1)), their keys in order
+        # (re-sorted only when membership changes) and the ordered states (rebuilt on the first
+        # read after any change); a model is dirty while its cached tuple is out of date.
+        self._members: dict[str, dict[TargetKey, ModelState]] = {}
+        self._order: dict[str, tuple[TargetKey, ...]] = {}
         self._candidates: dict[str, tuple[ModelState, ...]] = {}
+        self._dirty: set[str] = set()
         self._gpus: dict[GpuKey, GpuState] = {}
         self._gpus_by_node: dict[str, tuple[GpuState, ...]] = {}
         self._model_listeners: list[Callable[[ModelStateDelta], None]] = []
@@ -110,25 +117,52 @@ class StateStore:
         return counts
 
     def _reindex(self, name: str, changed: ModelState) -> None:
-        # Only the changed target's membership can differ, so the new list is the old one minus
-        # that target plus its new state: work proportional to one model's replicas.
-        members = [s for s in self._candidates.get(name, ()) if s.key != changed.key]
+        # Only the changed target's membership can differ: O(1) here; the ordered tuple is
+        # rebuilt by the next read (`candidates`), re-sorted only when membership changed.
+        members = self._members.get(name)
+        if members is None:
+            members = self._members[name] = {}
+        key = changed.key
         if name in _served_names(changed):
-            members.append(changed)
-        members.sort(key=_target_order)
-        self._candidates[name] = tuple(members)
+            if key not in members:
+                self._order.pop(name, None)
+            members[key] = changed
+        elif members.pop(key, None) is not None:
+            self._order.pop(name, None)
+        self._dirty.add(name)
 
     # ------------------------------------------------------------------ reads
 
     def candidates(self, model: str) -> tuple[ModelState, ...]:
-        """Every target that serves or once served `model` (loaded or not), ordered by key."""
+        """Every target that serves or once served `model` (loaded or not), ordered by key.
+
+        The same tuple object is returned until a target of the model changes."""
+        if model in self._dirty:
+            self._refresh(model)
         return self._candidates.get(model, ())
 
+    def candidate_keys(self, model: str) -> tuple[TargetKey, ...]:
+        """The keys of `candidates(model)`, in the same order; the same tuple object is
+        returned until the model's membership changes (not when a target's state does)."""
+        if model in self._dirty:
+            self._refresh(model)
+        return self._order.get(model, ())
+
+    def _refresh(self, model: str) -> None:
+        self._dirty.discard(model)
+        members = self._members.get(model, {})
+        order = self._order.get(model)
+        if order is None:
+            order = self._order[model] = tuple(
+                sorted(members, key=lambda k: (k.node, k.endpoint, k.model))
+            )
+        self._candidates[model] = tuple(map(members.__getitem__, order))
+
     def model_known(self, model: str) -> bool:
-        return model in self._candidates
+        return model in self._members
 
     def model_names(self) -> tuple[str, ...]:
-        return tuple(sorted(self._candidates))
+        return tuple(sorted(self._members))
 
     def get_model(self, key: TargetKey) -> ModelState | None:
         return self._models.get(key)
