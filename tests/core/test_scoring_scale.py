@@ -229,3 +229,22 @@ def test_a_replica_at_a_quarter_speed_keeps_a_quarter_of_the_prefix_capacity() -
 def test_an_idle_slow_replica_still_keeps_its_prefix() -> None:
     views, prefix_key = prefix_home_first(speed_views(0.04, slow_load=0.0))
     assert prefix_scores(views, prefix_key)[0].score == 1.0
+
+
+def test_a_replica_that_becomes_idle_is_among_the_least_loaded_after_a_refresh() -> None:
+    store = StateStore()
+    for i in range(1000):
+        put(store, i, running=6.0)
+    e = engine(store)
+    request = RequestFeatures(model=MODEL)
+    e.rank(request, NOW)
+    put(store, 777, version=2, running=0.0, last_updated=NOW + 1.5)
+    ranking = e.rank(request, NOW + 2.0)  # the least-loaded set is recomputed once a second
+    assert ranking.targets[0].target_id == key(777).target_id
+
+
+def test_the_same_seed_and_decisions_score_the_same_targets(fleet: StateStore) -> None:
+    first, second = engine(fleet), engine(fleet)
+    for prefix_key in (0, 1, PREFIX):
+        request = RequestFeatures(model=MODEL, prefix_key=prefix_key)
+        assert summary(first.rank(request, NOW)) == summary(second.rank(request, NOW))
