@@ -23,6 +23,16 @@ def declared(package: Path) -> set[str]:
     return {name.lower().replace("_", "-") for name in names}
 
 
+def optional(package: Path) -> set[str]:
+    """Distributions of the package's extras (`pip install infermesh-dev[plots]`)."""
+    project = tomllib.loads((package / "pyproject.toml").read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    names = {
+        re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0] for reqs in extras.values() for req in reqs
+    }
+    return {name.lower().replace("_", "-") for name in names}
+
+
 def imported_top_modules(package: Path) -> dict[str, str]:
     """Top-level module (or `infermesh.<sub>`) -> the first file that imports it."""
     found: dict[str, str] = {}
@@ -57,7 +67,10 @@ def test_distribution_imports_only_what_it_declares(package: Path) -> None:
     # Packages that come with the ones declared (e.g. grpcio's protobuf) must still be declared
     # when imported directly; only these are provided by the declared ones by construction.
     undeclared = {}
+    extras = optional(package)
     for module, where in imported_top_modules(package).items():
+        if module.lower().replace("_", "-") in extras:
+            continue  # an extra's module, imported only when that extra is installed
         dist = distribution_of(module)
         if dist is not None and dist not in allowed:
             undeclared[module] = f"{dist} (imported in {where})"
