@@ -52,7 +52,14 @@ from infermesh.router.metrics import FastHistogram, RouterMetrics
 from infermesh.router.retry_budget import RetryBudget
 from infermesh.router.usage import UsageScanner
 
-__all__ = ["AttemptFailed", "Exchange", "ForwardSettings", "Forwarder"]
+__all__ = [
+    "AttemptFailed",
+    "Exchange",
+    "ForwardSettings",
+    "Forwarder",
+    "error_excerpt",
+    "raw_headers_of",
+]
 
 log = get_logger(__name__)
 
@@ -395,7 +402,7 @@ class Forwarder:
         ready = False
         try:
             if upstream.status >= 500:
-                excerpt = await _excerpt(chunks)
+                excerpt = await error_excerpt(chunks)
                 raise AttemptFailed(f"HTTP {upstream.status}: {excerpt}", reason="http_5xx")
             try:
                 first = await anext(chunks, b"")
@@ -739,8 +746,8 @@ def _idempotent(headers: Sequence[tuple[str, str]]) -> bool:
     return True
 
 
-async def _excerpt(chunks: AsyncIterator[bytes]) -> str:
-    """The start of an error body, for the 502 message."""
+async def error_excerpt(chunks: AsyncIterator[bytes]) -> str:
+    """The start of an error body (up to ERROR_EXCERPT_BYTES), for the 502 message."""
     excerpt = bytearray()
     try:
         async for chunk in chunks:

@@ -29,7 +29,7 @@ from infermesh.router.asgi import (
     split_request_headers,
 )
 from infermesh.router.errors import ApiError
-from infermesh.router.forward import ERROR_EXCERPT_BYTES, raw_headers_of
+from infermesh.router.forward import error_excerpt, raw_headers_of
 from infermesh.router.kserve_metrics import KServeMetrics
 from infermesh.router.kserve_routing import (
     AttemptFailed,
@@ -212,7 +212,7 @@ class KServeHttp:
         chunks = upstream.chunks()
         try:
             if upstream.status >= 500:
-                raise AttemptFailed(f"HTTP {upstream.status}: {await _excerpt(chunks)}")
+                raise AttemptFailed(f"HTTP {upstream.status}: {await error_excerpt(chunks)}")
             return await _relay(exchange, attempt, raw_headers_of(upstream), chunks)
         finally:
             aclose = getattr(chunks, "aclose", None)
@@ -282,16 +282,3 @@ async def _relay(
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     attempt.ok = True
     return attempt.status
-
-
-async def _excerpt(chunks: AsyncIterator[bytes]) -> str:
-    """The start of an error body, for the 502 message."""
-    excerpt = bytearray()
-    try:
-        async for chunk in chunks:
-            excerpt += chunk
-            if len(excerpt) >= ERROR_EXCERPT_BYTES:
-                break
-    except UpstreamError:
-        pass
-    return bytes(excerpt[:ERROR_EXCERPT_BYTES]).decode("utf-8", "replace").strip()
