@@ -18,6 +18,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
@@ -60,6 +61,7 @@ __all__ = [
     "load_config",
     "parse_host_port",
     "read_toml",
+    "runtime_base_url",
     "structure_config",
 ]
 
@@ -84,6 +86,19 @@ def default_agent_data_dir(node_id: str) -> str:
     directory, one per node id so agents of several nodes on one host never share it."""
     state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return str(Path(state_home) / "infermesh" / node_id)
+
+
+def runtime_base_url(url: str, where: str, *, api_suffix: str = "/v1") -> str:
+    """A runtime's base URL as targets and the router use it: no surrounding space, no trailing
+    `/` and no API prefix (`/v1` for OpenAI servers, `/v2` for KServe).
+
+    Raises ConfigError naming `where` unless it is an http:// or https:// URL with a host.
+    """
+    base = url.strip().rstrip("/").removesuffix(api_suffix)
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: url {url!r} must be an http:// or https:// base URL")
+    return base
 
 
 def parse_host_port(text: str) -> tuple[str, int]:

@@ -18,7 +18,7 @@ import aiohttp
 import anyio
 import attrs
 
-from infermesh.core.config import ConfigError
+from infermesh.core.config import ConfigError, runtime_base_url
 from infermesh.core.contracts import AdapterContext
 from infermesh.core.logging import get_logger
 from infermesh.core.model import ModelState, ModelStateDelta, TargetKey
@@ -48,11 +48,7 @@ THREAD_PARSE_CHARS = 64 * 1024
 
 def base_url_of(url: str, where: str) -> str:
     """The KServe HTTP base URL (no trailing `/` or `/v2`), as targets and the router use it."""
-    base = url.strip().rstrip("/").removesuffix("/v2")
-    parts = urlsplit(base)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}: url {url!r} must be an http:// or https:// base URL")
-    return base
+    return runtime_base_url(url, where, api_suffix="/v2")
 
 
 def metrics_url_of(base_url: str) -> str:

@@ -16,7 +16,7 @@ import aiohttp
 import anyio
 import attrs
 
-from infermesh.core.config import ConfigError
+from infermesh.core.config import ConfigError, runtime_base_url
 from infermesh.core.contracts import AdapterContext
 from infermesh.core.logging import get_logger
 from infermesh.core.model import ModelState, ModelStateDelta, TargetKey
@@ -92,11 +92,7 @@ class VllmOptions:
 
 def base_url_of(url: str, where: str) -> str:
     """The server's base URL (no trailing `/` or `/v1`), as targets and the router use it."""
-    base = url.strip().rstrip("/")
-    base = base.removesuffix("/v1")
-    if not base.startswith(("http://", "https://")) or base[-3:] == "://":
-        raise ConfigError(f"{where}: url {url!r} must be an http:// or https:// base URL")
-    return base
+    return runtime_base_url(url, where, api_suffix="/v1")
 
 
 class VllmAdapter:

@@ -31,7 +31,7 @@ from infermesh.agent.runtimes.generic.tracker import (
     PageFetched,
     ScrapeOutcome,
 )
-from infermesh.core.config import ConfigError
+from infermesh.core.config import ConfigError, runtime_base_url
 from infermesh.core.contracts import AdapterContext
 from infermesh.core.logging import get_logger
 from infermesh.core.model import ModelState, ModelStateDelta, TargetKey
@@ -91,13 +91,6 @@ class GenericOptions:
         return cls(**values)
 
 
-def _base_url(url: str, where: str) -> str:
-    base = url.strip().rstrip("/").removesuffix("/v1")
-    if not base.startswith(("http://", "https://")) or base[-3:] == "://":
-        raise ConfigError(f"{where}: url {url!r} must be an http:// or https:// base URL")
-    return base
-
-
 def _url_of(base: str, path: str, port: int | None) -> str:
     if port is None:
         return base + path
@@ -124,7 +117,7 @@ class GenericAdapter:
         where = f"runtime {context.name or context.url!r} (kind {kind})"
         self.options = options = GenericOptions.from_mapping(context.options, where)
         self.mapping = self._mapping(kind, options, where)
-        self.base_url = _base_url(context.url, where)
+        self.base_url = runtime_base_url(context.url, where)
         self.poll_interval_s = context.poll_interval_s
         self.timeout_s = context.timeout_s
         mapping = self.mapping
