@@ -26,7 +26,7 @@ import random
 from collections.abc import Iterator
 
 from infermesh.core.model import ModelState, TargetKey
-from infermesh.core.scoring.scorers import hrw_weight, target_hash
+from infermesh.core.scoring.prefix import hrw_weight, target_hash
 
 __all__ = ["CandidateSampler"]
 
