@@ -142,23 +142,33 @@ async def test_deadline_and_cancellation_reach_the_triton(
 ) -> None:
     rig.a.core.slowdown = 2000.0  # an execution takes seconds
     stub = kserve_pb2_grpc.GRPCInferenceServiceStub(channel)
-    busy = stub.ModelInfer(infer_request())  # holds the one instance
     stats = rig.a.core.repository.stats_for("simple", "1")
+    busy = stub.ModelInfer(infer_request())  # holds the one instance
+    await wait_until(lambda: stats.executing == 1, "the first request executing in Triton")
+    cancelled_before = stats.failure["CANCELED"]
 
     async def pending(count: int) -> None:
         await wait_until(lambda: stats.pending == count, f"{count} request(s) pending in Triton")
 
-    await pending(0)
+    async def cancelled(count: int) -> None:
+        await wait_until(
+            lambda: stats.failure["CANCELED"] == cancelled_before + count,
+            f"{count} request(s) counted CANCELED by Triton",
+        )
+
+    # Queued behind the busy one, the request's deadline passes: the client gets
+    # DEADLINE_EXCEEDED and Triton drops it from its queue, counted as cancelled.
     with pytest.raises(grpc.aio.AioRpcError) as late:
-        await stub.ModelInfer(infer_request(), timeout=0.5)
+        await stub.ModelInfer(infer_request(), timeout=1.0)
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    cancelled_before = stats.failure["CANCELED"]
+    await cancelled(1)
+    await pending(0)
 
     waiting = stub.ModelInfer(infer_request())
     await pending(1)
     waiting.cancel()
     await pending(0)
-    assert stats.failure["CANCELED"] == cancelled_before + 1
+    await cancelled(2)
     busy.cancel()
 
 

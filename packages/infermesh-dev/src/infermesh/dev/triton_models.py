@@ -204,6 +204,8 @@ class ModelStats:
     inference_count: int = 0
     exec_count: int = 0
     pending: int = 0
+    executing: int = 0
+    """Requests holding an instance now (the emulator's own count; Triton exports none)."""
     request_us: int = 0
     queue_us: int = 0
     compute_input_us: int = 0

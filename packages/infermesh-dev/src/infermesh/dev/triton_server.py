@@ -123,6 +123,7 @@ class TritonCore:
             raise
         finally:
             stats.pending -= 1
+        stats.executing += 1
         try:
             started = self._clock()
             batch = spec.batch_size(inputs)
@@ -141,6 +142,7 @@ class TritonCore:
             executed = self._clock()
             outputs = tuple(computed[output] for output in outputs_wanted)
         finally:
+            stats.executing -= 1
             instances.release()
         done = self._clock()
         self._busy_s += executed - started
