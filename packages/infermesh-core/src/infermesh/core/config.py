@@ -116,6 +116,8 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 @attrs.define
 class NodeConfig:
+    """`[node]`: who this node is in the mesh."""
+
     id: str = attrs.field(factory=socket.gethostname)
     """This node's id in target ids, logs and metrics (default: the host name)."""
     zone: str = ""
@@ -133,8 +135,11 @@ class RuntimeConfig:
     url: str
     """Base URL of the runtime's HTTP server, e.g. `http://127.0.0.1:8000`."""
     name: str = ""
+    """Optional name of this runtime in logs and metrics."""
     poll_interval_s: float = 1.0
+    """How often the adapter polls the runtime."""
     timeout_s: float = 2.0
+    """Timeout of one poll."""
     transport: str = attrs.field(
         default=attrs.Factory(
             lambda self: "kserve-http" if self.kind == "triton" else "openai-http", takes_self=True
@@ -155,15 +160,25 @@ class GpuConfig:
     """One `[[gpus]]` table: a GPU telemetry source the agent watches."""
 
     kind: str
+    """GPU adapter kind registered by a plugin: `dcgm` (dcgm-exporter), `nvml` (the local GPUs
+    through NVML) or `triton` (Triton's own `nv_gpu_*` gauges)."""
     url: str = ""
+    """Source URL: for `dcgm`, dcgm-exporter's `/metrics` URL (empty:
+    `http://127.0.0.1:9400/metrics`); `nvml` takes none."""
     name: str = ""
+    """Optional name of this source in logs and metrics."""
     poll_interval_s: float = 1.0
+    """How often the adapter polls the source."""
     timeout_s: float = 2.0
+    """Timeout of one poll."""
     options: dict[str, Any] = attrs.field(factory=dict)
+    """Adapter-specific keys, passed unparsed to the adapter."""
 
 
 @attrs.define
 class ScoringConfig:
+    """`[scoring]`: how targets are ranked, in the agent and in routers scoring locally."""
+
     weights: dict[str, float] = attrs.field(factory=dict)
     """Scorer name -> weight; unnamed scorers use their default weight; 0 disables one."""
     stale_after_s: float = 5.0
@@ -176,6 +191,7 @@ class ScoringConfig:
     the others are: runtimes batch many sequences, and spilling the second concurrent request
     would waste the prefix cache. 0 or 1 leaves only the bounded-load rule."""
     outcome_ewma_alpha: float = 0.2
+    """Smoothing of the TTFT and error-rate averages fed by outcome reports, in (0, 1]."""
     max_candidates: int = 64
     """A model with more targets than this has at most this many scored per decision: its
     prefix owners, its least loaded and a random sample of the rest (docs/agent.md); 0 scores
@@ -184,13 +200,17 @@ class ScoringConfig:
 
 @attrs.define
 class AgentConfig:
+    """`[agent]`: the node agent's APIs, metrics endpoint and state directory."""
+
     socket: str = attrs.field(factory=default_agent_socket)
-    """Unix domain socket of the Scoring and State APIs."""
+    """Unix domain socket of the Scoring and State APIs (default:
+    `$XDG_RUNTIME_DIR/infermesh-<uid>/agent.sock`, else under the temp directory)."""
     listen: str = ""
     """Optional TCP `host:port` for the same APIs (empty: UDS only)."""
     metrics_listen: str = "127.0.0.1:9464"
     """`host:port` of the Prometheus /metrics endpoint (empty: disabled)."""
     shutdown_grace_s: float = 5.0
+    """How long shutdown waits for in-flight calls and for the policy store to close."""
     data_dir: str = ""
     """The agent's state directory (the policy store lives in `<data_dir>/policy`); empty:
     `default_agent_data_dir(node.id)`, see `Config.agent_data_dir()`."""
@@ -215,9 +235,13 @@ class RaftConfig:
     election_timeout_s: list[float] = attrs.field(factory=lambda: [1.0, 3.0])
     """Randomised election timeout range `[min, max]`."""
     heartbeat_s: float = 0.1
+    """Append-entries period; below `election_timeout_s[0]`."""
     commit_timeout_s: float = 5.0
+    """How long a write waits for a commit before it fails with "no leader"."""
     snapshot_after_entries: int = 1000
+    """Write a snapshot and truncate the journal past this many entries."""
     snapshot_after_s: float = 300.0
+    """... or when this long has passed since the last snapshot."""
 
     def store_options(self) -> dict[str, Any]:
         """The table as the `raft` policy store reads it (`PolicyStoreContext.options`)."""
@@ -313,6 +337,7 @@ class HedgingConfig:
     no first byte/token after a delay learnt from observed TTFTs (docs/router.md#hedging)."""
 
     enabled: bool = True
+    """False: never hedge (a policy `hedging` entry can turn it on or off per model and class)."""
     quantile: float = 0.95
     """The hedge fires at this quantile of the observed TTFT (per model and prompt-length
     bucket)."""
@@ -323,6 +348,7 @@ class HedgingConfig:
     default_delay_s: float = 0.5
     """The delay until `min_samples` TTFTs of a model and bucket were seen."""
     min_samples: int = 20
+    """TTFTs of a model and bucket needed before the learnt quantile is used."""
     window: int = 512
     """TTFTs kept per model and prompt-length bucket (the newest)."""
     prompt_buckets: list[int] = attrs.field(factory=lambda: [256, 1024, 4096, 16384])
@@ -343,7 +369,9 @@ class RetryConfig:
     a token, each success returns `token_ratio`; retries only while tokens > max_tokens / 2."""
 
     max_tokens: float = 10.0
+    """Size of the retry token bucket (it starts full)."""
     token_ratio: float = 0.1
+    """Tokens a successful attempt returns."""
 
 
 @attrs.define
@@ -351,16 +379,19 @@ class BreakerConfig:
     """`[router.breaker]`: per-target circuit breaking / outlier ejection (docs/router.md)."""
 
     enabled: bool = True
+    """False: never eject a target."""
     consecutive_failures: int = 5
     """Failures in a row that eject a target."""
     failure_rate: float = 0.5
     """Share of failed attempts among the last `window` that ejects a target."""
     window: int = 20
+    """Attempts the failure rate is computed over."""
     min_requests: int = 10
     """Attempts in the window before `failure_rate` applies."""
     ejection_s: float = 5.0
     """First ejection; each further one in a row doubles it, up to `max_ejection_s`."""
     max_ejection_s: float = 60.0
+    """Longest ejection."""
 
 
 @attrs.define
@@ -419,19 +450,27 @@ class AdmissionConfig:
 
 @attrs.define
 class RouterConfig:
+    """`[router]`: the OpenAI-compatible ingress (docs/router.md)."""
+
     listen: str = "127.0.0.1:8080"
+    """HTTP `host:port` of the OpenAI-compatible API."""
     agent: str = ""
     """gRPC target of the local agent: `unix:///path` or `host:port`; empty uses agent.socket."""
     max_body_bytes: int = 8 * 1024 * 1024
+    """Largest request body accepted; a larger one gets 413."""
     connect_timeout_s: float = 2.0
+    """Timeout to connect to a runtime."""
     read_timeout_s: float = 600.0
+    """Timeout between bytes read from a runtime."""
     max_attempts: int = 2
     """Attempts per request on distinct targets, only before the first byte is relayed."""
     server: str = "uvicorn"
     """Ingress HTTP server: `uvicorn` (HTTP/1.1, uvloop + httptools) or `hypercorn` (HTTP/1.1 and
     HTTP/2 on the same port: h2c prior knowledge and upgrade, h2 over TLS by ALPN)."""
     models_cache_s: float = 1.0
+    """How long the answer of `GET /v1/models` is cached."""
     retry_after_s: float = 1.0
+    """`Retry-After` sent with 503 when no target is healthy."""
     scoring: str = "local"
     """Where requests are ranked: `local` (in the router, on a replica of the agent's state kept
     by its State watch streams) or `agent` (one ScoreTargets call to the agent per request)."""
@@ -472,10 +511,17 @@ class GossipConfig:
     """Test-only fault injection: drop this fraction of inbound packets."""
     # Advanced: override one parameter of the profile (0 keeps the profile's value).
     probe_interval_s: float = 0.0
+    """Time between failure-detection probes (0: the profile's, lan 1.0, wan 5.0)."""
     probe_timeout_s: float = 0.0
+    """How long a direct probe waits for its ack, at most `probe_interval_s` (0: the
+    profile's, lan 0.5, wan 3.0)."""
     suspicion_mult: float = 0.0
+    """Suspicion timeout multiplier: a suspect is declared dead after at least
+    `suspicion_mult * max(1, log10 N) * probe_interval_s` (0: the profile's, lan 4, wan 6)."""
     gossip_interval_s: float = 0.0
+    """Time between gossip rounds (0: the profile's, lan 0.2, wan 0.5)."""
     push_pull_interval_s: float = 0.0
+    """Time between full-state exchanges over TCP (0: the profile's, lan 30, wan 60)."""
 
     def profile_overrides(self) -> dict[str, float]:
         """The SWIM parameters this table overrides: name -> value (only those set)."""
@@ -491,6 +537,8 @@ class GossipConfig:
 
 @attrs.define
 class PluginsConfig:
+    """`[plugins]`: which plugins load (docs/plugins.md); `INFERMESH_PLUGINS` replaces `allow`."""
+
     allow: list[str] = attrs.field(factory=list)
     """Only these entry-point names are loaded (empty: all)."""
     block: list[str] = attrs.field(factory=list)
@@ -501,7 +549,10 @@ class PluginsConfig:
 
 @attrs.define
 class LoggingConfig:
+    """`[logging]`: log level and format of every InferMesh process."""
+
     level: str = "info"
+    """`debug`, `info`, `warning`, `error` or `critical`."""
     format: str = "auto"
     """`auto` (pretty on a TTY, JSON otherwise), `json` or `console`."""
 
