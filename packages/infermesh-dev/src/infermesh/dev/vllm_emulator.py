@@ -12,7 +12,7 @@ import json
 import random
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 
 import attrs
 from aiohttp import web
@@ -33,6 +33,8 @@ log = get_logger("infermesh.dev.vllm_emulator")
 EMULATED_VLLM_VERSION = "0.33.0"
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 JSON_TYPE = "application/json"
+TRACES_KEPT = 256
+"""Generation and embedding requests `GET /dev/traces` remembers (the most recent)."""
 
 
 @attrs.frozen
@@ -111,6 +113,8 @@ class _Emulator:
         self._faults = random.Random(config.seed)
         self.injected: Counter[str] = Counter()
         """`requests`, `stalls`, `faults`, `cancelled`: exported on /metrics."""
+        self.traces: deque[dict[str, str]] = deque(maxlen=TRACES_KEPT)
+        """The trace context of the last generation and embedding requests (`/dev/traces`)."""
 
     @property
     def served_models(self) -> list[str]:
@@ -222,6 +226,25 @@ class _Emulator:
         log.info("engine speed changed", factor=float(factor), previous=before)
         return web.json_response({"factor": float(factor), "previous": before})
 
+    def record_trace(self, request: web.Request) -> None:
+        """Remember the W3C trace context a request arrived with ('' when it had none)."""
+        headers = request.headers
+        self.traces.append(
+            {
+                "path": request.path,
+                "x_request_id": headers.get("X-Request-Id", ""),
+                "traceparent": headers.get("traceparent", ""),
+                "tracestate": headers.get("tracestate", ""),
+            }
+        )
+
+    async def dev_traces(self, _request: web.Request) -> web.Response:
+        """Dev-only `GET /dev/traces`: the `traceparent` and `tracestate` headers (and path and
+        `x-request-id`) of the last TRACES_KEPT generation and embedding requests, oldest
+        first, so a test can check which trace a request reached the runtime in. Not a vLLM
+        route."""
+        return web.json_response({"requests": list(self.traces)})
+
     # ------------------------------------------------------------------ generation
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -232,6 +255,7 @@ class _Emulator:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         """`POST /v1/embeddings`: deterministic unit vectors per input (see `embedding_vector`)."""
+        self.record_trace(request)
         try:
             parsed = proto.parse_embedding_request(await request.read(), self.served_models)
         except proto.ApiError as error:
@@ -242,6 +266,7 @@ class _Emulator:
         return web.json_response(body, headers=headers)
 
     async def _generate(self, kind: proto.Kind, request: web.Request) -> web.StreamResponse:
+        self.record_trace(request)
         try:
             parsed = proto.parse_generation_request(
                 kind,
@@ -523,6 +548,7 @@ def build_app(config: EmulatorConfig) -> web.Application:
             web.post("/v1/load_lora_adapter", emulator.load_lora),
             web.post("/v1/unload_lora_adapter", emulator.unload_lora),
             web.post("/dev/speed", emulator.set_speed),
+            web.get("/dev/traces", emulator.dev_traces),
         ]
     )
     return app
