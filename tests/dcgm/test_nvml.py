@@ -442,9 +442,14 @@ def test_missing_bindings_name_the_distribution_to_install(
         load_nvml("gpus 'x'")
 
 
-def test_url_and_options_are_refused(fake: FakeNvml) -> None:
-    with pytest.raises(ConfigError, match="takes no options, got devices"):
+def test_url_and_unknown_options_are_refused(fake: FakeNvml) -> None:
+    with pytest.raises(
+        ConfigError, match="unknown option devices; the only option is replica_discovery_interval_s"
+    ):
         NvmlAdapter(context(devices=[0]), nvml=fake)
+    for bad in (-1, "30s", True):
+        with pytest.raises(ConfigError, match=r"options\.replica_discovery_interval_s must be"):
+            NvmlAdapter(context(replica_discovery_interval_s=bad), nvml=fake)
     bad = attrs.evolve(context(), url="http://127.0.0.1:9400/metrics")
     with pytest.raises(ConfigError, match="reads the local GPUs and takes no url"):
         NvmlAdapter(bad, nvml=fake)

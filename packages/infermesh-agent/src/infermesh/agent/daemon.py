@@ -38,6 +38,7 @@ from infermesh.agent.api.server import GrpcServer, SocketInUseError
 from infermesh.agent.api.state import RttSource, StateService
 from infermesh.agent.event_feed import EventRecorder
 from infermesh.agent.events import EventJournal
+from infermesh.agent.gpu_discovery import DiscoveredRuntime, keep_discovering, replica_gpu_finder
 from infermesh.agent.metrics import AgentMetrics, MetricsServer
 from infermesh.agent.runtime_ops import LocalRuntime, RuntimeOps
 from infermesh.agent.tls import (
@@ -377,6 +378,10 @@ class Agent:
         self.gpu_adapters: list[tuple[str, GpuAdapter]] = _make_adapters(
             "gpus", config.gpus, gpu_factories, config.node.id, host
         )
+        # Which GPUs each runtime's targets run on: configured, reported or discovered.
+        self.gpu_assigners = [
+            GpuAssigner(gpu_label(rt.gpus), self.store.get_model) for rt in config.runtimes
+        ]
         transports = {rt.url.rstrip("/"): rt.transport for rt in config.runtimes}
         transports.update({rt.url: rt.transport for rt in config.runtimes})
         self.scoring_service = ScoringService(
@@ -491,14 +496,15 @@ class Agent:
                     if signals is not None:
                         tg.start_soon(self._watch_signals, signals)
                     tg.start_soon(self._watch_policy)
-                    for (name, runtime), runtime_config in zip(
-                        self.runtime_adapters, self.config.runtimes, strict=True
+                    for (name, runtime), assigner in zip(
+                        self.runtime_adapters, self.gpu_assigners, strict=True
                     ):
                         tg.start_soon(
-                            self._pump, name, runtime.deltas, self._model_applier(runtime_config)
+                            self._pump, name, runtime.deltas, self._model_applier(assigner)
                         )
                     for name, gpu in self.gpu_adapters:
                         tg.start_soon(self._pump, name, gpu.deltas, self.store.apply_gpu_delta)
+                    self._start_gpu_discovery(tg)
                     gossip_error = await self._start_gossip(tg)
                     if gossip_error is None:
                         await self.grpc.set_serving()
@@ -634,14 +640,25 @@ class Agent:
                 log.info("shutting down", signal=name)
                 self.request_stop()
 
-    def _model_applier(self, runtime: RuntimeConfig) -> Callable[[ModelStateDelta], bool]:
-        """How one runtime's deltas reach the store: with its configured GPUs as their
-        `gpu_uuid` label when `gpus` is set."""
+    def _model_applier(self, assigner: GpuAssigner) -> Callable[[ModelStateDelta], bool]:
+        """How one runtime's deltas reach the store: with its GPUs (configured, reported by
+        the adapter, or discovered) as their `gpu_uuid` label."""
         apply = self.store.apply_model_delta
-        if not runtime.gpus:
-            return apply
-        assigner = GpuAssigner(gpu_label(runtime.gpus), self.store.get_model)
         return lambda delta: apply(assigner.assign(delta))
+
+    def _start_gpu_discovery(self, tg: anyio.abc.TaskGroup) -> None:
+        """Discover the GPUs of the runtimes without `gpus` in the config, where a GPU adapter
+        can (the `nvml` kind: the GPUs NVML lists the runtime's processes on)."""
+        finder = replica_gpu_finder(self.gpu_adapters)
+        runtimes = [
+            DiscoveredRuntime(name, runtime.url, assigner)
+            for (name, _), runtime, assigner in zip(
+                self.runtime_adapters, self.config.runtimes, self.gpu_assigners, strict=True
+            )
+            if not runtime.gpus
+        ]
+        if finder is not None and runtimes:
+            tg.start_soon(keep_discovering, finder, runtimes)
 
     async def _pump(
         self,

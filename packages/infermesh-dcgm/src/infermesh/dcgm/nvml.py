@@ -6,6 +6,10 @@ waits on the driver. The factory initialises NVML at agent start: a node without
 driver, or without `nvidia-ml-py` installed, fails to start with a message naming the adapter.
 After that `deltas()` never raises: a failed read is logged and the GPUs keep their last values
 while their `last_updated` ages.
+
+The adapter is also the agent's `ReplicaGpuFinder`: `replica_gpus(urls)` maps local runtimes
+to the GPUs NVML lists their processes on (`proc_reader`, `replica_gpus`), every
+`replica_discovery_interval_s` (option; 30 s by default, 0 turns discovery off).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -22,13 +26,35 @@ from infermesh.core.config import ConfigError
 from infermesh.core.contracts import AdapterContext
 from infermesh.core.logging import get_logger
 from infermesh.core.model import GpuKey, GpuState, GpuStateDelta
+from infermesh.core.scoring.gpu_map import ReplicaGpus
 from infermesh.dcgm.nvml_reader import NvmlReader, NvmlReading, NvmlUnavailableError
+from infermesh.dcgm.proc_reader import Discovery, discover_replica_gpus
 from infermesh.dcgm.reading import device_state
 from infermesh.dcgm.tracker import GpuTracker
 
 __all__ = ["NvmlAdapter", "load_nvml", "nvml_states"]
 
 log = get_logger("infermesh.dcgm.nvml")
+
+DISCOVERY_OPTION = "replica_discovery_interval_s"
+DEFAULT_DISCOVERY_INTERVAL_S = 30.0
+
+
+def discovery_interval(options: Mapping[str, Any], where: str) -> float:
+    """The `replica_discovery_interval_s` option (seconds, 0: off); ConfigError for any other
+    option or a value that is not a number >= 0."""
+    others = sorted(set(options) - {DISCOVERY_OPTION})
+    if others:
+        raise ConfigError(
+            f"{where}: unknown option {', '.join(others)}; the only option is {DISCOVERY_OPTION}"
+        )
+    value = options.get(DISCOVERY_OPTION, DEFAULT_DISCOVERY_INTERVAL_S)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigError(
+            f"{where}: options.{DISCOVERY_OPTION} must be a number of seconds >= 0 "
+            f"(0 turns replica discovery off), got {value!r}"
+        )
+    return float(value)
 
 
 def load_nvml(where: str) -> Any:
@@ -62,10 +88,7 @@ class NvmlAdapter:
         clock: Callable[[], float] = time.time,
     ) -> None:
         where = f"gpus {context.name!r} (kind nvml)"
-        if context.options:
-            raise ConfigError(
-                f"{where}: takes no options, got {', '.join(sorted(context.options))}"
-            )
+        self.replica_discovery_interval_s = discovery_interval(context.options, where)
         if context.url:
             raise ConfigError(
                 f"{where}: reads the local GPUs and takes no url, got {context.url!r}"
@@ -83,6 +106,8 @@ class NvmlAdapter:
         self._tracker = GpuTracker(first_version=int(clock() * 1000))
         self._problem = ""
         self._lost: tuple[str, ...] = ()
+        self._unlisted: dict[str, str] = {}
+        self._skipped: set[str] = set()
         self._closed = False
 
     @classmethod
@@ -118,6 +143,28 @@ class NvmlAdapter:
         self._report("")
         self._report_lost(reading.lost)
         return self._tracker.commit(nvml_states(reading, self.node, now))
+
+    async def replica_gpus(self, urls: Sequence[str]) -> dict[str, ReplicaGpus]:
+        """Which GPUs each local runtime at `urls` runs on (NVML and /proc, in a worker thread);
+        never raises: a runtime that cannot be mapped gets the reason."""
+        try:
+            discovery = await asyncio.to_thread(self._discover, tuple(urls))
+        except NvmlUnavailableError as exc:
+            why = f"NVML cannot list the GPUs' processes: {exc}"
+            return {url: ReplicaGpus(reason=why) for url in urls}
+        for line in discovery.skipped:
+            if line not in self._skipped:
+                self._skipped.add(line)
+                log.warning("skipped a line of the socket table", line=line)
+        return discovery.replicas
+
+    def _discover(self, urls: tuple[str, ...]) -> Discovery:
+        processes = self._reader.running_processes()
+        for gpu, why in processes.unlisted.items():
+            if self._unlisted.get(gpu) != why:  # normal (NotSupported, NoPermission): say once
+                log.info("NVML does not list this GPU's processes", gpu=gpu, reason=why)
+        self._unlisted = dict(processes.unlisted)
+        return discover_replica_gpus(urls, processes.processes, processes.unlisted)
 
     async def aclose(self) -> None:
         if not self._closed:

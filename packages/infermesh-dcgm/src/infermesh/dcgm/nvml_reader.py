@@ -6,12 +6,14 @@ for one field (NotSupported is normal: consumer GPUs have no ECC, MIG GPUs no ut
 leaves that field out and records why in `DeviceReading.problems`; only a lost GPU drops the
 whole device from the reading. XIDs come from an NVML event set (XID critical errors) drained
 without waiting on every read; the last XID of a GPU stays reported, like dcgm-exporter's
-`DCGM_FI_DEV_XID_ERRORS` gauge.
+`DCGM_FI_DEV_XID_ERRORS` gauge. `running_processes` lists the processes on each GPU and MIG
+instance, for replica discovery (`nvml_processes`).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -19,9 +21,10 @@ import attrs
 
 from infermesh.core.logging import get_logger
 from infermesh.dcgm.clock_events import reasons_from_bitmask
+from infermesh.dcgm.nvml_processes import NvmlProcesses, list_processes
 from infermesh.dcgm.reading import DeviceReading, inherit
 
-__all__ = ["NvmlReader", "NvmlReading", "NvmlUnavailableError"]
+__all__ = ["NvmlProcesses", "NvmlReader", "NvmlReading", "NvmlUnavailableError"]
 
 log = get_logger("infermesh.dcgm.nvml")
 
@@ -60,6 +63,7 @@ class NvmlReader:
         self._event_set: Any = None
         self._xid: dict[str, int] = {}
         self._uuid_of_index: dict[int, str] = {}
+        self._lock = threading.Lock()  # one NVML conversation at a time (reads, process lists)
         self.xid_problem = ""
         """Why XIDs cannot be watched ("" when they can)."""
 
@@ -107,6 +111,10 @@ class NvmlReader:
 
     def read(self) -> NvmlReading:
         """Every GPU and MIG instance now. Raises NvmlUnavailableError if NVML itself fails."""
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> NvmlReading:
         nvml = self.nvml
         try:
             count = int(nvml.nvmlDeviceGetCount())
@@ -346,6 +354,17 @@ class NvmlReader:
         instance.problems.pop("mig_profile", None)
         memory_gb = math.ceil(int(attributes.memorySizeMB) / 1024)
         return f"{int(attributes.gpuInstanceSliceCount)}g.{memory_gb}gb"
+
+    # ------------------------------------------------------------------ processes
+
+    def running_processes(self) -> NvmlProcesses:
+        """The processes NVML lists on every GPU and MIG instance (see `nvml_processes`).
+        Raises NvmlUnavailableError if NVML itself fails."""
+        with self._lock:
+            try:
+                return list_processes(self.nvml, self._reason)
+            except self.nvml.NVMLError as exc:
+                raise NvmlUnavailableError(f"nvmlDeviceGetCount failed: {exc}") from None
 
     # ------------------------------------------------------------------ XID events
 
