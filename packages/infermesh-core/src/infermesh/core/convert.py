@@ -150,6 +150,7 @@ def request_features_to_pb(request: RequestFeatures) -> scoring_pb2.RequestFeatu
         stream=request.stream,
         filters=dict(request.filters),
         request_id=request.request_id,
+        prefix_keys=request.prefix_keys,
     )
 
 
@@ -166,6 +167,7 @@ def request_features_from_pb(msg: scoring_pb2.RequestFeatures) -> RequestFeature
         stream=msg.stream,
         filters=dict(msg.filters),
         request_id=msg.request_id,
+        prefix_keys=tuple(msg.prefix_keys),
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -364,6 +364,10 @@ class GpuStateDelta:
         object.__setattr__(self, "changes", _check_changes(GpuState, self.changes))
 
 
+def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(values)
+
+
 @attrs.frozen
 class RequestFeatures:
     """What the router knows about a request before choosing a target."""
@@ -378,6 +382,10 @@ class RequestFeatures:
     stream: bool = False
     filters: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_freeze_custom)
     request_id: str = ""
+    prefix_keys: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
+    """Hashes of the prompt's first 64, 128, 256, ... tokens, shallowest first
+    (infermesh.core.scoring.prefix.PREFIX_DEPTHS); empty when the router sent only
+    `prefix_key`."""
 
 
 def finite_or_none(value: float | None) -> float | None:

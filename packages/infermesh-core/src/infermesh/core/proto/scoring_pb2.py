@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from infermesh.core.proto import types_pb2 as infermesh_dot_core_dot_proto_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"infermesh/core/proto/scoring.proto\x12\x0cinfermesh.v1\x1a infermesh/core/proto/types.proto\"\xb2\x02\n\x0fRequestFeatures\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\tslo_class\x18\x02 \x01(\x0e\x32\x16.infermesh.v1.SloClass\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\r\x12\x12\n\nprefix_key\x18\x05 \x01(\x04\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x0e\n\x06stream\x18\x07 \x01(\x08\x12;\n\x07\x66ilters\x18\x08 \x03(\x0b\x32*.infermesh.v1.RequestFeatures.FiltersEntry\x12\x12\n\nrequest_id\x18\t \x01(\t\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x13ScoreTargetsRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.infermesh.v1.RequestFeatures\x12\x13\n\x0bmax_targets\x18\x02 \x01(\r\x12\x0f\n\x07reserve\x18\x03 \x01(\x08\"L\n\x0bScoreReason\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x8d\x02\n\x0cRankedTarget\x12\x11\n\ttarget_id\x18\x01 \x01(\t\x12$\n\x03key\x18\x02 \x01(\x0b\x32\x17.infermesh.v1.TargetKey\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12*\n\x07reasons\x18\x06 \x03(\x0b\x32\x19.infermesh.v1.ScoreReason\x12\x36\n\x06labels\x18\x07 \x03(\x0b\x32&.infermesh.v1.RankedTarget.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xad\x01\n\x14ScoreTargetsResponse\x12+\n\x07targets\x18\x01 \x03(\x0b\x32\x1a.infermesh.v1.RankedTarget\x12\x13\n\x0bmodel_known\x18\x02 \x01(\x08\x12\x12\n\ncandidates\x18\x03 \x01(\r\x12\x10\n\x08\x65xcluded\x18\x04 \x03(\t\x12\x16\n\x0ereservation_id\x18\x05 \x01(\t\x12\x15\n\rretry_after_s\x18\x06 \x01(\x01\"Q\n\x0c\x41\x64mitRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.infermesh.v1.RequestFeatures\x12\x11\n\ttarget_id\x18\x02 \x01(\t\"`\n\rAdmitResponse\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\x01\"\xd8\x01\n\x07Outcome\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x11\n\ttarget_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x0e\n\x06status\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x13\n\x06ttft_s\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tlatency_s\x18\x08 \x01(\x01\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\rB\t\n\x07_ttft_s\"7\n\x0cOutcomeBatch\x12\'\n\x08outcomes\x18\x01 \x03(\x0b\x32\x15.infermesh.v1.Outcome\"\x1e\n\nOutcomeAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r2\xb3\x02\n\x07Scoring\x12U\n\x0cScoreTargets\x12!.infermesh.v1.ScoreTargetsRequest\x1a\".infermesh.v1.ScoreTargetsResponse\x12@\n\x05\x41\x64mit\x12\x1a.infermesh.v1.AdmitRequest\x1a\x1b.infermesh.v1.AdmitResponse\x12\x45\n\rReportOutcome\x12\x1a.infermesh.v1.OutcomeBatch\x1a\x18.infermesh.v1.OutcomeAck\x12H\n\x0eStreamOutcomes\x12\x1a.infermesh.v1.OutcomeBatch\x1a\x18.infermesh.v1.OutcomeAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"infermesh/core/proto/scoring.proto\x12\x0cinfermesh.v1\x1a infermesh/core/proto/types.proto\"\xc7\x02\n\x0fRequestFeatures\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\tslo_class\x18\x02 \x01(\x0e\x32\x16.infermesh.v1.SloClass\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\r\x12\x12\n\nprefix_key\x18\x05 \x01(\x04\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x0e\n\x06stream\x18\x07 \x01(\x08\x12;\n\x07\x66ilters\x18\x08 \x03(\x0b\x32*.infermesh.v1.RequestFeatures.FiltersEntry\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x13\n\x0bprefix_keys\x18\n \x03(\x04\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x13ScoreTargetsRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.infermesh.v1.RequestFeatures\x12\x13\n\x0bmax_targets\x18\x02 \x01(\r\x12\x0f\n\x07reserve\x18\x03 \x01(\x08\"L\n\x0bScoreReason\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x8d\x02\n\x0cRankedTarget\x12\x11\n\ttarget_id\x18\x01 \x01(\t\x12$\n\x03key\x18\x02 \x01(\x0b\x32\x17.infermesh.v1.TargetKey\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12*\n\x07reasons\x18\x06 \x03(\x0b\x32\x19.infermesh.v1.ScoreReason\x12\x36\n\x06labels\x18\x07 \x03(\x0b\x32&.infermesh.v1.RankedTarget.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xad\x01\n\x14ScoreTargetsResponse\x12+\n\x07targets\x18\x01 \x03(\x0b\x32\x1a.infermesh.v1.RankedTarget\x12\x13\n\x0bmodel_known\x18\x02 \x01(\x08\x12\x12\n\ncandidates\x18\x03 \x01(\r\x12\x10\n\x08\x65xcluded\x18\x04 \x03(\t\x12\x16\n\x0ereservation_id\x18\x05 \x01(\t\x12\x15\n\rretry_after_s\x18\x06 \x01(\x01\"Q\n\x0c\x41\x64mitRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.infermesh.v1.RequestFeatures\x12\x11\n\ttarget_id\x18\x02 \x01(\t\"`\n\rAdmitResponse\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\x01\"\xd8\x01\n\x07Outcome\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x11\n\ttarget_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x0e\n\x06status\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x13\n\x06ttft_s\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tlatency_s\x18\x08 \x01(\x01\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\rB\t\n\x07_ttft_s\"7\n\x0cOutcomeBatch\x12\'\n\x08outcomes\x18\x01 \x03(\x0b\x32\x15.infermesh.v1.Outcome\"\x1e\n\nOutcomeAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r2\xb3\x02\n\x07Scoring\x12U\n\x0cScoreTargets\x12!.infermesh.v1.ScoreTargetsRequest\x1a\".infermesh.v1.ScoreTargetsResponse\x12@\n\x05\x41\x64mit\x12\x1a.infermesh.v1.AdmitRequest\x1a\x1b.infermesh.v1.AdmitResponse\x12\x45\n\rReportOutcome\x12\x1a.infermesh.v1.OutcomeBatch\x1a\x18.infermesh.v1.OutcomeAck\x12H\n\x0eStreamOutcomes\x12\x1a.infermesh.v1.OutcomeBatch\x1a\x18.infermesh.v1.OutcomeAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,29 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKEDTARGET_LABELSENTRY']._loaded_options = None
   _globals['_RANKEDTARGET_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_REQUESTFEATURES']._serialized_start=87
-  _globals['_REQUESTFEATURES']._serialized_end=393
-  _globals['_REQUESTFEATURES_FILTERSENTRY']._serialized_start=347
-  _globals['_REQUESTFEATURES_FILTERSENTRY']._serialized_end=393
-  _globals['_SCORETARGETSREQUEST']._serialized_start=395
-  _globals['_SCORETARGETSREQUEST']._serialized_end=502
-  _globals['_SCOREREASON']._serialized_start=504
-  _globals['_SCOREREASON']._serialized_end=580
-  _globals['_RANKEDTARGET']._serialized_start=583
-  _globals['_RANKEDTARGET']._serialized_end=852
-  _globals['_RANKEDTARGET_LABELSENTRY']._serialized_start=807
-  _globals['_RANKEDTARGET_LABELSENTRY']._serialized_end=852
-  _globals['_SCORETARGETSRESPONSE']._serialized_start=855
-  _globals['_SCORETARGETSRESPONSE']._serialized_end=1028
-  _globals['_ADMITREQUEST']._serialized_start=1030
-  _globals['_ADMITREQUEST']._serialized_end=1111
-  _globals['_ADMITRESPONSE']._serialized_start=1113
-  _globals['_ADMITRESPONSE']._serialized_end=1209
-  _globals['_OUTCOME']._serialized_start=1212
-  _globals['_OUTCOME']._serialized_end=1428
-  _globals['_OUTCOMEBATCH']._serialized_start=1430
-  _globals['_OUTCOMEBATCH']._serialized_end=1485
-  _globals['_OUTCOMEACK']._serialized_start=1487
-  _globals['_OUTCOMEACK']._serialized_end=1517
-  _globals['_SCORING']._serialized_start=1520
-  _globals['_SCORING']._serialized_end=1827
+  _globals['_REQUESTFEATURES']._serialized_end=414
+  _globals['_REQUESTFEATURES_FILTERSENTRY']._serialized_start=368
+  _globals['_REQUESTFEATURES_FILTERSENTRY']._serialized_end=414
+  _globals['_SCORETARGETSREQUEST']._serialized_start=416
+  _globals['_SCORETARGETSREQUEST']._serialized_end=523
+  _globals['_SCOREREASON']._serialized_start=525
+  _globals['_SCOREREASON']._serialized_end=601
+  _globals['_RANKEDTARGET']._serialized_start=604
+  _globals['_RANKEDTARGET']._serialized_end=873
+  _globals['_RANKEDTARGET_LABELSENTRY']._serialized_start=828
+  _globals['_RANKEDTARGET_LABELSENTRY']._serialized_end=873
+  _globals['_SCORETARGETSRESPONSE']._serialized_start=876
+  _globals['_SCORETARGETSRESPONSE']._serialized_end=1049
+  _globals['_ADMITREQUEST']._serialized_start=1051
+  _globals['_ADMITREQUEST']._serialized_end=1132
+  _globals['_ADMITRESPONSE']._serialized_start=1134
+  _globals['_ADMITRESPONSE']._serialized_end=1230
+  _globals['_OUTCOME']._serialized_start=1233
+  _globals['_OUTCOME']._serialized_end=1449
+  _globals['_OUTCOMEBATCH']._serialized_start=1451
+  _globals['_OUTCOMEBATCH']._serialized_end=1506
+  _globals['_OUTCOMEACK']._serialized_start=1508
+  _globals['_OUTCOMEACK']._serialized_end=1538
+  _globals['_SCORING']._serialized_start=1541
+  _globals['_SCORING']._serialized_end=1848
 # @@protoc_insertion_point(module_scope)

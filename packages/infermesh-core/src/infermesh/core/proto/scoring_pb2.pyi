@@ -54,6 +54,7 @@ class RequestFeatures(_message.Message):
     STREAM_FIELD_NUMBER: _builtins.int
     FILTERS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PREFIX_KEYS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     slo_class: _types_pb2.SloClass.ValueType
     prompt_tokens: _builtins.int
@@ -67,6 +68,12 @@ class RequestFeatures(_message.Message):
     def filters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """label filters a target must match"""
 
+    @_builtins.property
+    def prefix_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Hashes of the prompt's first 64, 128, 256, ... tokens (4 characters a token for text),
+        shallowest first; empty from a router that sends only prefix_key.
+        """
+
     def __init__(
         self,
         *,
@@ -79,10 +86,11 @@ class RequestFeatures(_message.Message):
         stream: _builtins.bool = ...,
         filters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        prefix_keys: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filters", b"filters", "max_output_tokens", b"max_output_tokens", "model", b"model", "prefix_key", b"prefix_key", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "slo_class", b"slo_class", "stream", b"stream", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filters", b"filters", "max_output_tokens", b"max_output_tokens", "model", b"model", "prefix_key", b"prefix_key", "prefix_keys", b"prefix_keys", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "slo_class", b"slo_class", "stream", b"stream", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,6 +24,7 @@ from infermesh.core.model import ModelState, RequestFeatures, TargetKey, finite_
 from infermesh.core.policy import Drain, PolicySet, ScoringPolicy
 from infermesh.core.scoring.gpu_health import gpu_exclusion_reason
 from infermesh.core.scoring.inflight import InflightTracker
+from infermesh.core.scoring.prefix import LearningScorer
 from infermesh.core.scoring.sampling import CandidateSampler
 from infermesh.core.scoring.state import StateStore
 
@@ -233,7 +234,10 @@ class ScoringEngine:
         # set_policy, whose PolicySet keeps every cached policy alive meanwhile.
         self._weights_cache: dict[int, tuple[ScoringPolicy, tuple[WeightedScorer, ...], float]] = {}
         self._policy_filters = False
-        self.sampler = CandidateSampler(max_candidates, seed=sample_seed)
+        scorer_objects = [ws.scorer for ws in self.scorers]
+        self.sampler = CandidateSampler(max_candidates, seed=sample_seed, scorers=scorer_objects)
+        # Scorers told where each ranked request goes (its first target), e.g. prefix affinity.
+        self._learners = tuple(s for s in scorer_objects if isinstance(s, LearningScorer))
 
     def set_policy(self, policy: PolicySet) -> None:
         """Use `policy` from the next ranking on (drains, pins, scoring weights and filters).
@@ -412,9 +416,7 @@ class ScoringEngine:
         if sampler.applies(len(candidates)):
             keys = store.candidate_keys(request.model)
             target_ids = self._target_ids(keys)
-            order = sampler.order(
-                request.model, keys, candidates, target_ids, request.prefix_key, now
-            )
+            order = sampler.order(request.model, keys, candidates, target_ids, request, now)
             ranking = self._rank(
                 request,
                 now,
@@ -424,13 +426,23 @@ class ScoringEngine:
                 sampler.max_candidates,
             )
             if ranking.targets:
-                return ranking
+                return self._learned(request, ranking, now)
             # Nothing usable among the sampled: look at every candidate before giving up.
         else:
             target_ids = self._target_ids(candidates)
-        return self._rank(
+        ranking = self._rank(
             request, now, max_targets, candidates, zip(candidates, target_ids, strict=True), 0
         )
+        return self._learned(request, ranking, now)
+
+    def _learned(self, request: RequestFeatures, ranking: Ranking, now: float) -> Ranking:
+        """Tell the learning scorers where the request goes (the first target), then return
+        the ranking."""
+        if ranking.targets:
+            target_id = ranking.targets[0].target_id
+            for learner in self._learners:
+                learner.learn(request, target_id, now)
+        return ranking
 
     def _rank(
         self,

@@ -1,16 +1,29 @@
-"""Prefix affinity: keeps requests sharing a prompt prefix on one replica until it is loaded.
+"""Prefix affinity: sends requests whose prompts start alike to the replicas that served such
+prompts recently, while those replicas have room.
 
-The rendezvous (highest-random-weight) hash that orders the replicas for a prefix lives here
-too, so the candidate sampler (infermesh.core.scoring.sampling) and the scorer agree on where a
-prefix belongs.
+A request carries keys of its prompt's leading tokens at increasing depths (`PREFIX_DEPTHS`:
+64, 128, ... tokens, `RequestFeatures.prefix_keys`). The engine tells the `PrefixIndex` where
+each ranked request went (`PrefixAffinityScorer.learn`); the scorer then finds, for each
+candidate, the deepest of the request's keys that was recently sent there (the longest match,
+like llm-d's prefix scorer over block hashes) and scores the fraction of the prompt that match
+covers. A prompt none of whose keys was seen recently scores a neutral 0.5 everywhere, so a
+never-seen prompt goes where the other scorers (queue, KV) send it: to an idle replica, not to
+a hashed one.
+
+The candidate sampler (infermesh.core.scoring.sampling) reads the same index, so at fleet scale
+the replicas the scorer would favour are always among the scored ones.
+
+The rendezvous (highest-random-weight) hash is here too: the simulator's routing cells use it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
+from typing import Protocol, runtime_checkable
 
 import attrs
 
@@ -19,21 +32,120 @@ from infermesh.core.contracts import ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
 from infermesh.core.scoring.capacity import decode_rate
 
-__all__ = ["PrefixAffinityScorer", "hrw_weight", "target_hash"]
+__all__ = [
+    "PREFIX_DEPTHS",
+    "LearningScorer",
+    "PrefixAffinityScorer",
+    "PrefixIndex",
+    "hrw_weight",
+    "request_prefix_keys",
+    "target_hash",
+]
 
 _MASK64 = (1 << 64) - 1
+
+PREFIX_DEPTHS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+"""Depths, in tokens, of a prompt's prefix keys (all multiples of vLLM's 16-token KV block).
+
+`prefix_keys[i]` hashes the prompt's first `PREFIX_DEPTHS[i]` tokens (the first key hashes the
+whole prompt when it is shorter than 64 tokens); text is hashed at 4 characters per token."""
+
+RECENT_S = 300.0
+"""How long the index remembers that a prefix was sent to a replica (its prefix cache is likely
+to still hold it)."""
+MAX_KEYS = 65536
+"""Prefix keys the index remembers (least recently used dropped first)."""
+HOMES_PER_KEY = 8
+"""Replicas remembered per key (the least recently used dropped first)."""
+
+
+def request_prefix_keys(request: RequestFeatures) -> tuple[int, ...]:
+    """The request's prefix keys, shallowest first: `prefix_keys`, or `(prefix_key,)` from a
+    router that sends only the one key; empty without any."""
+    if request.prefix_keys:
+        return request.prefix_keys
+    return (request.prefix_key,) if request.prefix_key else ()
+
+
+class PrefixIndex:
+    """Where prompts with each prefix key were sent recently: key -> {target id: when}.
+
+    Bounded: at most `max_keys` keys (least recently used dropped first) and `homes_per_key`
+    targets per key; an entry older than `recent_s` (injected clock) no longer counts.
+    Sans-I/O: every call takes the time.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_keys: int = MAX_KEYS,
+        homes_per_key: int = HOMES_PER_KEY,
+        recent_s: float = RECENT_S,
+    ) -> None:
+        if max_keys < 1 or homes_per_key < 1:
+            raise ValueError(
+                f"PrefixIndex needs max_keys >= 1 and homes_per_key >= 1, "
+                f"got {max_keys} and {homes_per_key}"
+            )
+        if not (recent_s > 0 and math.isfinite(recent_s)):
+            raise ValueError(f"PrefixIndex recent_s must be a finite number > 0, got {recent_s}")
+        self.max_keys = max_keys
+        self.homes_per_key = homes_per_key
+        self.recent_s = recent_s
+        # key -> {target id: last sent}, both in least-recently-used-first order
+        self._homes: OrderedDict[int, dict[str, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._homes)
+
+    def record(self, keys: Sequence[int], target_id: str, now: float) -> None:
+        """A request with these prefix keys was sent to `target_id` at `now`."""
+        entries = self._homes
+        for key in keys:
+            homes = entries.get(key)
+            if homes is None:
+                entries[key] = {target_id: now}
+                if len(entries) > self.max_keys:
+                    entries.popitem(last=False)
+                continue
+            entries.move_to_end(key)
+            homes.pop(target_id, None)
+            homes[target_id] = now
+            if len(homes) > self.homes_per_key:
+                del homes[next(iter(homes))]
+
+    def matches(self, keys: Sequence[int], now: float) -> Iterator[tuple[int, list[str]]]:
+        """(depth level, targets it was sent to recently) for each of `keys` (level i is
+        `keys[i]`) that has any, deepest first; the most recently used target first."""
+        entries = self._homes
+        horizon = now - self.recent_s
+        for level in range(len(keys) - 1, -1, -1):
+            homes = entries.get(keys[level])
+            if not homes:
+                continue
+            recent = [tid for tid, at in homes.items() if at >= horizon]
+            if recent:
+                recent.reverse()
+                yield level, recent
+
+
+@runtime_checkable
+class LearningScorer(Protocol):
+    """A scorer that learns where the engine sent each ranked request (its first target)."""
+
+    def learn(self, request: RequestFeatures, target_id: str, now: float) -> None: ...
 
 
 @lru_cache(maxsize=65536)
 def target_hash(target_id: str) -> int:
-    """A target id's stable 64-bit hash (its rendezvous and ring position)."""
+    """A target id's stable 64-bit hash (its rendezvous position)."""
     return int.from_bytes(hashlib.blake2b(target_id.encode(), digest_size=8).digest(), "big")
 
 
 def hrw_weight(prefix_key: int, target_id: str) -> int:
     """Rendezvous (highest-random-weight) weight of a target for a prefix key.
 
-    Stable across processes and machines (no per-process hash seed), so every agent that sees
+    Stable across processes and machines (no per-process hash seed), so every process that sees
     the same candidates orders them the same way for a prefix.
     """
     x = (prefix_key ^ target_hash(target_id)) & _MASK64
@@ -45,75 +157,101 @@ def hrw_weight(prefix_key: int, target_id: str) -> int:
 
 @attrs.frozen
 class PrefixAffinityScorer:
-    """Keeps requests sharing a prompt prefix on one replica until it is loaded.
+    """Keeps requests whose prompts start alike on the replicas that hold that prefix, until
+    those replicas are loaded.
 
-    Bounded-load consistent hashing: the candidates are ordered by rendezvous hash of
-    (prefix key, target); the first whose load (`TargetView.load`: running + waiting + unseen,
-    corrected for what the routers did since the scrape) is below the capacity scores 1, the
-    rest 0.
+    For each candidate, the deepest of the request's prefix keys (`PREFIX_DEPTHS`) that the
+    engine sent to it within `RECENT_S` (`PrefixIndex`) is its match; score = matched depth /
+    the deepest match among the candidates, so the replica holding most of the prompt scores 1,
+    one holding only a shared system prompt less, the others 0. A replica whose load
+    (`TargetView.load`: running + waiting + unseen, corrected for what the routers did since
+    the scrape) is at or above the capacity scores 0: the prefix spills to wherever the other
+    scorers send it, and that replica becomes one more home of the prefix. A prompt none of
+    whose keys was sent anywhere recently scores a neutral 0.5 on every target.
+
     The capacity is max(ceil(load_factor * (total load + 1) / candidates), min_capacity): the
     bounded-load rule, but never below `min_capacity`, so a replica that batches many sequences
-    keeps its prefix (and its prefix cache) while the others are idle. Without a prefix key
-    every target scores a neutral 0.5.
+    keeps its prefix (and its prefix cache) while the others are idle. A replica slower than the
+    candidates' median measured decode rate (infermesh.core.scoring.capacity) gets that capacity
+    scaled by its relative speed (at least 1).
 
-    A replica slower than the candidates' median measured decode rate (infermesh.core.scoring.
-    capacity) gets that capacity scaled by its relative speed (at least 1): a GPU running at a
-    quarter of the median speed keeps about a quarter of the hashed tenants. Faster replicas and
-    replicas without a measured rate keep the full capacity.
+    The index is this scorer's own memory: `configured` (called once per engine) gives the
+    configured scorer a fresh one, and the engine feeds it through `learn`.
     """
 
     load_factor: float = 1.25
     min_capacity: int = 4
     name: str = "prefix"
     default_weight: float = 3.0
+    index: PrefixIndex = attrs.field(factory=PrefixIndex, eq=False, repr=False)
 
     def configured(self, scoring: ScoringConfig) -> PrefixAffinityScorer:
         return attrs.evolve(
             self,
             load_factor=scoring.prefix_load_factor,
             min_capacity=scoring.prefix_min_capacity,
+            index=PrefixIndex(),
         )
+
+    def learn(self, request: RequestFeatures, target_id: str, now: float) -> None:
+        """Remember that `request` was sent to `target_id` at `now`."""
+        keys = request_prefix_keys(request)
+        if keys:
+            self.index.record(keys, target_id, now)
 
     def score(self, request: RequestFeatures, targets: Sequence[TargetView]) -> list[ScoreResult]:
         count = len(targets)
-        prefix_key = request.prefix_key
-        if prefix_key == 0 or count == 0:
-            neutral = ScoreResult(0.5, "no prefix key: neutral")
-            return [neutral] * count
+        keys = request_prefix_keys(request)
+        if not keys or count == 0:
+            return [_NO_KEY] * count
+        level_of: dict[str, int] = {}
+        top = -1
+        for level, homes in self.index.matches(keys, targets[0].now):
+            if top < 0:
+                top = level
+            for tid in homes:
+                level_of.setdefault(tid, level)
+        if top < 0:
+            return [_NOT_SEEN] * count
         loads = [v.load for v in targets]
         bounded = math.ceil(self.load_factor * (sum(loads) + 1) / count)
         capacity = max(bounded, self.min_capacity)
         caps = _speed_capacities(targets, capacity)
-        weights = [hrw_weight(prefix_key, v.key.target_id) for v in targets]
-        order = sorted(range(count), key=weights.__getitem__, reverse=True)
-        if caps is None:
-            chosen_rank = next((r for r, i in enumerate(order) if loads[i] < capacity), None)
-        else:
-            chosen_rank = next((r for r, i in enumerate(order) if loads[i] < caps[i][0]), None)
-        if chosen_rank is None:  # only reachable with load_factor < 1
-            chosen_rank = min(range(count), key=lambda r: loads[order[r]])
-        chosen = order[chosen_rank]
+        top_depth = _depth(top)
         deferred = ScoreResult.deferred
-        results: list[ScoreResult] = [_UNSET] * count
-        placed = chosen_rank + 1
-        for rank, i in enumerate(order):
-            mine = i == chosen
-            results[i] = deferred(
-                1.0 if mine else 0.0,
-                _prefix_reason,
-                prefix_key,
-                rank,
-                count,
-                loads[i],
-                capacity if caps is None else caps[i][0],
-                bounded,
-                0 if mine else placed,
-                1.0 if caps is None else caps[i][1],
+        results: list[ScoreResult] = []
+        not_here = ScoreResult.deferred(0.0, _elsewhere_reason, keys[top], top_depth)
+        for i, view in enumerate(targets):
+            matched = level_of.get(view.key.target_id)
+            if matched is None:
+                results.append(not_here)
+                continue
+            cap, speed = (capacity, 1.0) if caps is None else caps[i]
+            depth = _depth(matched)
+            fits = loads[i] < cap
+            results.append(
+                deferred(
+                    depth / top_depth if fits else 0.0,
+                    _home_reason,
+                    keys[matched],
+                    depth,
+                    top_depth,
+                    loads[i],
+                    cap,
+                    bounded,
+                    speed,
+                )
             )
         return results
 
 
-_UNSET = ScoreResult(0.0, "")
+_NO_KEY = ScoreResult(0.5, "no prefix key: neutral")
+_NOT_SEEN = ScoreResult(0.5, "prefix not sent anywhere recently: neutral")
+
+
+def _depth(level: int) -> int:
+    """Tokens covered by the key at `level` (nominal: a short prompt's one key covers less)."""
+    return PREFIX_DEPTHS[min(level, len(PREFIX_DEPTHS) - 1)]
 
 
 def _speed_capacities(
@@ -138,36 +276,29 @@ def _speed_capacities(
     return caps
 
 
-def _prefix_reason(
-    prefix_key: int,
-    rank: int,
-    count: int,
+def _elsewhere_reason(key: int, top_depth: int) -> str:
+    return f"prefix {key:016x} (~{top_depth} tokens) was sent to other replicas recently"
+
+
+def _home_reason(
+    key: int,
+    depth: int,
+    top_depth: int,
     load: float,
     capacity: int,
     bounded: int,
-    chosen_rank: int,
-    speed: float = 1.0,
+    speed: float,
 ) -> str:
-    """Why a target got its prefix score; `chosen_rank` is 0 for the chosen target itself, else
-    the 1-based rendezvous rank of the chosen one."""
+    """Why a replica that recently got this prompt's prefix scored what it did."""
     if speed < 1.0:
         capacity_text = f"capacity {capacity} (scaled to its {speed:.2g}x median decode speed)"
     elif capacity > bounded:
         capacity_text = f"capacity {capacity} (minimum; bounded-load {bounded})"
     else:
         capacity_text = f"capacity {capacity} (bounded-load)"
-    prefix = f"prefix {prefix_key:016x}"
-    if not chosen_rank:
-        relation = "<" if load < capacity else ">="
-        reason = (
-            f"{prefix} placed here (rendezvous rank {rank + 1}/{count}), "
-            f"load {load:g} {relation} {capacity_text}"
-        )
-        if rank:
-            reason += f"; spilled past {rank} loaded replica(s)"
-        return reason
+    match = f"prefix {key:016x}: first ~{depth} tokens sent here recently"
+    if depth < top_depth:
+        match += f" (another replica matches ~{top_depth})"
     if load >= capacity:
-        why = f"loaded (load {load:g} >= {capacity_text})"
-    else:  # ranked after the chosen one, which is the first with room
-        why = f"not chosen: rank {chosen_rank} has room (load {load:g}, {capacity_text})"
-    return f"{prefix} rendezvous rank {rank + 1}/{count}, {why}"
+        return f"{match}, but loaded (load {load:g} >= {capacity_text})"
+    return f"{match}, load {load:g} < {capacity_text}"

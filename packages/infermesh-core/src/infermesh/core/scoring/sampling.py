@@ -3,9 +3,9 @@
 Scoring every replica costs ~20 µs each, so at 10,000 replicas one decision takes hundreds of
 milliseconds. Above `scoring.max_candidates` the engine scores at most that many, chosen as
 
-1. the prefix owners: the `owners` successors of the request's prefix key on a consistent-hash
-   ring of the model's targets (rebuilt only when membership changes), so requests sharing a
-   prefix keep meeting the same replicas;
+1. the prefix owners: the replicas the prefix scorer would favour, i.e. where the request's
+   prefix keys were sent recently (its `PrefixIndex`, deepest match first, at most `owners`),
+   so the cap never hides the replica that holds the prompt's prefix;
 2. the least loaded: the `max_candidates // 4` targets with the least scraped running + waiting,
    recomputed at most every `refresh_s` of the injected clock (the engine adds its own in-flight
    requests when it scores them, so a stale pick that has since filled up scores low);
@@ -14,24 +14,22 @@ milliseconds. Above `scoring.max_candidates` the engine scores at most that many
 The trade-off: the best replica of the whole fleet is scored only when it is among these, so
 a decision is near-best (the queue scorer sees the least loaded and a fair sample of the
 rest), not best; and the prefix scorer's bounded-load capacity is computed over the scored set.
-A non-owner whose rendezvous weight beats every owner's for the request's prefix is skipped,
-so the prefix always lands on an owner while one has room. Pure: no clock, no I/O.
+Pure: no clock, no I/O.
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-from infermesh.core.model import ModelState, TargetKey
-from infermesh.core.scoring.prefix import hrw_weight, target_hash
+from infermesh.core.model import ModelState, RequestFeatures, TargetKey
+from infermesh.core.scoring.prefix import PrefixIndex, request_prefix_keys
 
 __all__ = ["CandidateSampler"]
 
 OWNERS = 8
-"""Prefix owners scored per request (ring successors of its prefix key)."""
+"""Prefix owners scored per request (replicas its prefix was sent to recently)."""
 LOW_LOAD_REFRESH_S = 1.0
 """How often (injected clock) the least-loaded targets of a model are recomputed."""
 _MAX_ENTRIES = 1024
@@ -47,14 +45,25 @@ class CandidateSampler:
         seed: int = 0,
         owners: int = OWNERS,
         refresh_s: float = LOW_LOAD_REFRESH_S,
+        scorers: Iterable[object] = (),
     ) -> None:
+        """`scorers`: the engine's scorers; the first with a `PrefixIndex` as `index` (the
+        prefix scorer) supplies the prefix owners."""
         self.max_candidates = max_candidates
         self.owners = min(owners, max_candidates)
         self.low_load = max(1, max_candidates // 4)
         self.refresh_s = refresh_s
         self._rng = random.Random(seed)
-        # model -> (its keys tuple, ring hashes ascending, candidate index of each)
-        self._rings: dict[str, tuple[tuple[TargetKey, ...], list[int], list[int]]] = {}
+        self.prefix_index = next(
+            (
+                index
+                for index in (getattr(s, "index", None) for s in scorers)
+                if isinstance(index, PrefixIndex)
+            ),
+            None,
+        )
+        # model -> (its keys tuple, target id -> candidate index)
+        self._positions: dict[str, tuple[tuple[TargetKey, ...], dict[str, int]]] = {}
         # model -> (its keys tuple, when computed, least-loaded indices)
         self._low: dict[str, tuple[tuple[TargetKey, ...], float, tuple[int, ...]]] = {}
 
@@ -67,7 +76,7 @@ class CandidateSampler:
         keys: tuple[TargetKey, ...],
         candidates: tuple[ModelState, ...],
         target_ids: tuple[str, ...],
-        prefix_key: int,
+        request: RequestFeatures,
         now: float,
     ) -> Iterator[int]:
         """Indices into `candidates`: owners, then least loaded, then random ones, each once.
@@ -76,40 +85,50 @@ class CandidateSampler:
         after `2 * max_candidates` draws."""
         count = len(candidates)
         seen: set[int] = set()
-        owners = self._owners(model, keys, target_ids, prefix_key) if prefix_key else ()
-        for i in owners:
+        for i in self._owners(model, keys, target_ids, request, now):
             seen.add(i)
             yield i
-        top = max((hrw_weight(prefix_key, target_ids[i]) for i in owners), default=None)
-
-        def beats_owners(i: int) -> bool:
-            return top is not None and hrw_weight(prefix_key, target_ids[i]) > top
-
         for i in self._least_loaded(model, keys, candidates, now):
-            if i not in seen and not beats_owners(i):
+            if i not in seen:
                 seen.add(i)
                 yield i
         randrange = self._rng.randrange
         for _ in range(2 * self.max_candidates):
             i = randrange(count)
-            if i not in seen and not beats_owners(i):
+            if i not in seen:
                 seen.add(i)
                 yield i
 
     def _owners(
-        self, model: str, keys: tuple[TargetKey, ...], target_ids: tuple[str, ...], prefix_key: int
+        self,
+        model: str,
+        keys: tuple[TargetKey, ...],
+        target_ids: tuple[str, ...],
+        request: RequestFeatures,
+        now: float,
     ) -> list[int]:
-        ring = self._rings.get(model)
-        if ring is None or ring[0] is not keys:
-            if len(self._rings) >= _MAX_ENTRIES:
-                self._rings.clear()
-            points = sorted((target_hash(tid), i) for i, tid in enumerate(target_ids))
-            ring = (keys, [h for h, _ in points], [i for _, i in points])
-            self._rings[model] = ring
-        _, hashes, indices = ring
-        start = bisect.bisect_left(hashes, prefix_key)
-        count = len(indices)
-        return [indices[(start + j) % count] for j in range(min(self.owners, count))]
+        """Where the prefix scorer would look: the recent homes of the request's prefix keys,
+        deepest match first."""
+        index = self.prefix_index
+        prefix_keys = request_prefix_keys(request)
+        if index is None or not prefix_keys or not self.owners:
+            return []
+        cached = self._positions.get(model)
+        if cached is None or cached[0] is not keys:
+            if len(self._positions) >= _MAX_ENTRIES:
+                self._positions.clear()
+            cached = (keys, {tid: i for i, tid in enumerate(target_ids)})
+            self._positions[model] = cached
+        position = cached[1]
+        owners: list[int] = []
+        for _, homes in index.matches(prefix_keys, now):
+            for tid in homes:
+                i = position.get(tid)
+                if i is not None and i not in owners:
+                    owners.append(i)
+                    if len(owners) >= self.owners:
+                        return owners
+        return owners
 
     def _least_loaded(
         self,
