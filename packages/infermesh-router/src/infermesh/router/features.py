@@ -11,19 +11,28 @@ the first prompt (or its first 64 token ids). 256 characters are about 64 tokens
 share a key however their later turns differ, which is what lets prefix affinity send them to the
 replica that already holds those blocks. Shorter shared prefixes include the start of the user
 turn and so spread over replicas, which is right because there is little cache to reuse.
+
+Prefix keys (`RequestFeatures.prefix_keys`): the same hash at several depths
+(infermesh.core.scoring.prefix.PREFIX_DEPTHS: the first 64, 128, 256, ... tokens, taken as 4
+characters a token for text) over the whole prompt — for chat, every message written as
+`role:text\\n` in order, so a conversation's next turn shares the keys of its earlier turns; for
+completions, the first prompt (its text or token ids). A prompt gets the keys of the depths it
+reaches, and at least one (over the whole prompt when it is shorter than 64 tokens). The
+prefix scorer favours the replica that recently got the deepest of them.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 import orjson
 
 from infermesh.core.model import RequestFeatures, SloClass
+from infermesh.core.scoring.prefix import PREFIX_DEPTHS
 from infermesh.router.errors import bad_request
 
 __all__ = [
@@ -33,6 +42,8 @@ __all__ = [
     "estimate_tokens",
     "parse_request",
     "prefix_key_of",
+    "text_prefix_keys",
+    "token_prefix_keys",
 ]
 
 PREFIX_CHARS = 256
@@ -81,6 +92,48 @@ def prefix_key_of(data: bytes) -> int:
     return key or 1
 
 
+def _digest_key(digest: bytes) -> int:
+    return int.from_bytes(digest, "big") or 1
+
+
+def text_prefix_keys(text: str) -> tuple[int, ...]:
+    """Keys of `text`'s first 4 x `PREFIX_DEPTHS` characters (those it reaches; at least the
+    first, over all of a shorter text); empty for empty text. The first key is
+    `prefix_key_of` of the first 256 characters."""
+    if not text:
+        return ()
+    hasher = hashlib.blake2b(digest_size=8)
+    done = 0
+    keys: list[int] = []
+    for depth in PREFIX_DEPTHS:
+        end = depth * CHARS_PER_TOKEN
+        if keys and len(text) < end:
+            break
+        hasher.update(text[done:end].encode("utf-8", "surrogatepass"))
+        done = end
+        keys.append(_digest_key(hasher.digest()))
+    return tuple(keys)
+
+
+def token_prefix_keys(token_ids: Sequence[int]) -> tuple[int, ...]:
+    """Keys of the first `PREFIX_DEPTHS` token ids (those the prompt reaches; at least the
+    first, over all of a shorter prompt); empty for no ids. The first key is the prefix key of
+    the first 64 ids."""
+    if not token_ids:
+        return ()
+    hasher = hashlib.blake2b(b"ids:", digest_size=8)
+    done = 0
+    keys: list[int] = []
+    for depth in PREFIX_DEPTHS:
+        if keys and len(token_ids) < depth:
+            break
+        chunk = ",".join([str(t) for t in token_ids[done:depth]])
+        hasher.update((chunk if not done else "," + chunk).encode())
+        done = depth
+        keys.append(_digest_key(hasher.digest()))
+    return tuple(keys)
+
+
 def _text_prefix_key(text: str) -> int:
     return prefix_key_of(text[:PREFIX_CHARS].encode("utf-8", "surrogatepass"))
 
@@ -113,8 +166,8 @@ def _content_text(content: Any, where: str) -> str:
     )
 
 
-def _chat_prompt(body: Mapping[str, Any]) -> tuple[int, int]:
-    """(prompt characters, prefix key) of a chat request's `messages`."""
+def _chat_prompt(body: Mapping[str, Any]) -> tuple[int, int, tuple[int, ...]]:
+    """(prompt characters, prefix key, prefix keys) of a chat request's `messages`."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise bad_request(
@@ -128,6 +181,7 @@ def _chat_prompt(body: Mapping[str, Any]) -> tuple[int, int]:
     prefix_parts: list[str] = []
     prefix_len = 0
     prefix_done = False
+    conversation: list[str] = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
@@ -139,13 +193,15 @@ def _chat_prompt(body: Mapping[str, Any]) -> tuple[int, int]:
             )
         text = _content_text(message.get("content"), where)
         chars += len(text)
+        conversation.append(f"{role}:{text}\n")
         if not prefix_done:
             if prefix_len < PREFIX_CHARS:
                 block = f"{role}:{text}\n"
                 prefix_parts.append(block)
                 prefix_len += len(block)
             prefix_done = role == "user" or prefix_len >= PREFIX_CHARS
-    return chars, _text_prefix_key("".join(prefix_parts))
+    keys = text_prefix_keys("".join(conversation))
+    return chars, _text_prefix_key("".join(prefix_parts)), keys
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -154,27 +210,29 @@ def _is_token_ids(value: Any) -> bool:
     )
 
 
-def _completion_prompt(body: Mapping[str, Any]) -> tuple[int, int]:
-    """(prompt tokens, prefix key) of a completions request's `prompt`.
+def _completion_prompt(body: Mapping[str, Any]) -> tuple[int, int, tuple[int, ...]]:
+    """(prompt tokens, prefix key, prefix keys) of a completions request's `prompt`.
 
     `prompt` may be a string, a list of strings, a list of token ids, or a list of such lists.
     """
     prompt = body.get("prompt")
     expected = "a string, a list of strings, or a list of token ids"
     if isinstance(prompt, str):
-        return estimate_tokens(len(prompt)), _text_prefix_key(prompt)
+        keys = text_prefix_keys(prompt)
+        return estimate_tokens(len(prompt)), _text_prefix_key(prompt), keys
     if not isinstance(prompt, list) or not prompt:
         got = "missing" if prompt is None else f"a {type(prompt).__name__}"
         if isinstance(prompt, list):
             got = "an empty list"
         raise bad_request(f"'prompt' is required and must be {expected}; got {got}", param="prompt")
     if _is_token_ids(prompt):
-        return len(prompt), _token_ids_key(prompt)
+        return len(prompt), _token_ids_key(prompt), token_prefix_keys(prompt)
     if all(isinstance(p, str) for p in prompt):
         chars = sum(len(p) for p in prompt)
-        return estimate_tokens(chars), _text_prefix_key(prompt[0])
+        return estimate_tokens(chars), _text_prefix_key(prompt[0]), text_prefix_keys(prompt[0])
     if all(_is_token_ids(p) for p in prompt):
-        return sum(len(p) for p in prompt), _token_ids_key(prompt[0])
+        tokens = sum(len(p) for p in prompt)
+        return tokens, _token_ids_key(prompt[0]), token_prefix_keys(prompt[0])
     raise bad_request(f"'prompt' must be {expected}", param="prompt")
 
 
@@ -270,24 +328,26 @@ def parse_request(
     stream = _bool_field(parsed, "stream")
     include_usage = _include_usage(parsed)
     if route is Route.CHAT:
-        chars, prefix_key = _chat_prompt(parsed)
+        chars, prefix_key, prefix_keys = _chat_prompt(parsed)
         prompt_tokens = estimate_tokens(chars)
         max_tokens = _optional_int(parsed, "max_completion_tokens")
         if max_tokens is None:
             max_tokens = _optional_int(parsed, "max_tokens")
     elif route is Route.COMPLETIONS:
-        prompt_tokens, prefix_key = _completion_prompt(parsed)
+        prompt_tokens, prefix_key, prefix_keys = _completion_prompt(parsed)
         max_tokens = _optional_int(parsed, "max_tokens")
     else:
         if stream:
             raise bad_request("embeddings cannot be streamed; drop 'stream'", param="stream")
         prompt_tokens, prefix_key, max_tokens = _embedding_input(parsed), 0, 0
+        prefix_keys = ()
     features = RequestFeatures(
         model=model,
         slo_class=slo_class,
         prompt_tokens=prompt_tokens,
         max_output_tokens=max_tokens or 0,
         prefix_key=prefix_key,
+        prefix_keys=prefix_keys,
         tenant=(tenant_header or "").strip(),
         stream=stream,
         request_id=request_id,

@@ -5,8 +5,8 @@ publishes: running, waiting, KV usage, windowed TTFT/ITL/e2e means and token rat
 the scrape time). Each decision is `ScoringEngine.rank` with the built-in scorers at their default
 weights (queue, KV headroom, prefix affinity, net penalty from the per-link RTT, GPU health),
 over a real `InflightTracker` that holds a reservation per routed request and gets its outcome
-(TTFT) when the request finishes, as the router reports it. The prefix key is the router's own
-(`infermesh.router.features.prefix_key_of` over the leading token ids).
+(TTFT) when the request finishes, as the router reports it. The prefix keys are the router's own
+(`infermesh.router.features.token_prefix_keys` of the token ids).
 """
 
 from __future__ import annotations
@@ -17,20 +17,26 @@ from infermesh.core.config import ScoringConfig
 from infermesh.core.model import ModelStateDelta, RequestFeatures, SloClass, TargetKey
 from infermesh.core.scoring.engine import ScoringEngine
 from infermesh.core.scoring.inflight import InflightTracker
-from infermesh.core.scoring.scorers import builtin_scorers, hrw_weight
+from infermesh.core.scoring.prefix import hrw_weight
+from infermesh.core.scoring.scorers import builtin_scorers
 from infermesh.core.scoring.state import StateStore
 from infermesh.dev.sim.route.strategy import ReplicaView, SimRequest, prompt_token_ids
-from infermesh.router.features import PREFIX_TOKEN_IDS, prefix_key_of
+from infermesh.router.features import token_prefix_keys
 
-__all__ = ["MODEL", "InferMeshStrategy", "prefix_key"]
+__all__ = ["MODEL", "InferMeshStrategy", "prefix_key", "prefix_keys"]
 
 MODEL = "sim-model"
 
 
+def prefix_keys(request: SimRequest) -> tuple[int, ...]:
+    """The keys the router computes from a prompt given as token ids (its first 64, 128, ...
+    ids)."""
+    return token_prefix_keys(prompt_token_ids(request))
+
+
 def prefix_key(request: SimRequest) -> int:
-    """The key the router computes from a prompt given as token ids (its first 64 ids)."""
-    head = prompt_token_ids(request)[:PREFIX_TOKEN_IDS]
-    return prefix_key_of(b"ids:" + ",".join(str(t) for t in head).encode())
+    """The router's single prefix key of the prompt (over its first 64 token ids)."""
+    return prefix_keys(request)[0]
 
 
 class _Cell:
@@ -127,13 +133,15 @@ class InferMeshStrategy:
     def choose(
         self, request: SimRequest, replicas: Sequence[ReplicaView], now: float
     ) -> str | None:
-        key = prefix_key(request)
+        keys = prefix_keys(request)
+        key = keys[0]
         features = RequestFeatures(
             model=MODEL,
             slo_class=SloClass(request.slo_class),
             prompt_tokens=request.prompt_tokens,
             max_output_tokens=request.output_tokens,
             prefix_key=key,
+            prefix_keys=keys,
             tenant=request.tenant,
             request_id=request.request_id,
         )
