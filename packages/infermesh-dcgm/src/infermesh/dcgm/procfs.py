@@ -9,6 +9,7 @@ reason; nothing here raises for malformed socket tables.
 from __future__ import annotations
 
 import ipaddress
+import string
 import sys
 
 import attrs
@@ -51,9 +52,9 @@ class SocketTable:
 def _address(text: str, byteorder: str) -> IpAddress:
     """A /proc/net/tcp* address: 8 (IPv4) or 32 (IPv6) hex digits, in 32-bit words written in
     the host's byte order."""
+    if len(text) not in (8, 32) or not all(c in string.hexdigits for c in text):
+        raise ValueError(f"local address {text!r} is not 8 or 32 hex digits")
     raw = bytes.fromhex(text)
-    if len(raw) not in (4, 16):
-        raise ValueError(f"address {text!r} is neither 8 nor 32 hex digits")
     if byteorder == "little":
         raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     if len(raw) == 4:
@@ -78,13 +79,15 @@ def parse_socket_table(
         try:
             if len(fields) < 10 or not fields[0].endswith(":"):
                 raise ValueError(f"expected a socket row of at least 10 fields, got {line!r}")
-            local, port_text = fields[1].split(":")
-            state = int(fields[3], 16)
-            if state != TCP_LISTEN:
+            local, _, port_text = fields[1].partition(":")
+            if fields[3] != f"{TCP_LISTEN:02X}":
                 continue
             address = _address(local, byteorder)
-            port = int(port_text, 16)
-            inode = int(fields[9])
+            if not port_text or not all(c in string.hexdigits for c in port_text):
+                raise ValueError(f"local port {port_text!r} is not hex")
+            if not fields[9].isdigit():
+                raise ValueError(f"inode {fields[9]!r} is not a number")
+            port, inode = int(port_text, 16), int(fields[9])
         except ValueError as exc:
             skipped.append(f"{source} line {number}: {exc}")
             continue
