@@ -40,6 +40,12 @@ SWEEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25)
 )
 @click.option("--seed", type=int, default=1, show_default=True, help="Same seed, same numbers.")
 @click.option(
+    "--seeds",
+    default=None,
+    help="Comma-separated seeds (e.g. 1,2,3): run each and report the median of each column"
+    " (counts are totals); the JSON keeps every seed's rows. Overrides --seed.",
+)
+@click.option(
     "--duration",
     type=click.FloatRange(min=0.0, min_open=True),
     default=60.0,
@@ -100,6 +106,32 @@ SWEEP_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25)
     help="Split InferMesh's routing into cells of this many replicas [default: one cell].",
 )
 @click.option(
+    "--gpu-telemetry/--no-gpu-telemetry",
+    default=True,
+    show_default=True,
+    help="Scrapes carry each GPU's state (DCGM's view; the degraded GPU reports thermal"
+    " throttling) to InferMesh's store.",
+)
+@click.option(
+    "--admission/--no-admission",
+    default=True,
+    show_default=True,
+    help="InferMesh's routers run admission (SLO-class slots and queues, saturation shedding).",
+)
+@click.option(
+    "--hedging/--no-hedging",
+    default=True,
+    show_default=True,
+    help="InferMesh's routers hedge requests with no first token after the learnt delay.",
+)
+@click.option(
+    "--routers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Router processes in front of the fleet (admission and hedge state each)"
+    " [default: one per node of 8 replicas].",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -119,6 +151,7 @@ def route_command(
     trace: Path | None,
     strategies: str,
     seed: int,
+    seeds: str | None,
     duration: float,
     rate: float | None,
     profiles: str,
@@ -129,6 +162,10 @@ def route_command(
     rtt_ms: str,
     kv_blocks_cap: int | None,
     cell_size: int | None,
+    gpu_telemetry: bool,
+    admission: bool,
+    hedging: bool,
+    routers: int | None,
     out: Path | None,
     jobs: int,
     sweep: bool,
@@ -136,7 +173,8 @@ def route_command(
     """Route one workload over REPLICAS engine-model replicas with each strategy in turn.
 
     The same requests, GPUs, RTTs and degraded replica for every strategy; InferMesh's strategy
-    runs the live system's state store, in-flight tracker and scorers.
+    runs the live system's state store, in-flight tracker and scorers, behind routers that run
+    the live admission and hedging.
     """
     import random
 
@@ -147,7 +185,7 @@ def route_command(
         report_dict,
         write_json,
     )
-    from infermesh.dev.sim.route.runner import RouteSimSettings, run_route_sim, run_sweep
+    from infermesh.dev.sim.route.runner import RouteSimSettings, run_seeds, run_sweep
     from infermesh.dev.sim.route.world import FleetSpec, build_views
 
     try:
@@ -162,7 +200,10 @@ def route_command(
             scrape_interval_s=scrape_interval,
             telemetry_delay_s=telemetry_delay,
             kv_blocks_cap=kv_blocks_cap,
+            gpu_telemetry=gpu_telemetry,
         )
+        seed_list = _seeds(seeds) if seeds is not None else [seed]
+        seed = seed_list[0]
         settings = RouteSimSettings(
             fleet=fleet,
             strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
@@ -172,13 +213,20 @@ def route_command(
             rate=rate if rate is not None else 1.2 * replicas,
             seed=seed,
             cell_size=cell_size,
+            admission=admission,
+            hedging=hedging,
+            routers=routers,
         )
-        metrics = run_route_sim(settings, jobs=jobs)
+        runs = run_seeds(settings, seed_list, jobs=jobs)
     except (ValueError, KeyError) as exc:
         raise click.UsageError(str(exc)) from exc
+    metrics = runs.median
     points = run_sweep(settings, SWEEP_FACTORS, jobs) if sweep else []
     degraded_ids = build_views(fleet, random.Random(seed))[1]
-    report = report_dict(settings, metrics, points, degraded_ids)
+    per_seed = runs.per_seed if len(seed_list) > 1 else None
+    report = report_dict(settings, metrics, points, degraded_ids, per_seed)
+    if per_seed:
+        click.echo(f"median over seeds {', '.join(map(str, seed_list))} (counts: totals)")
     click.echo(format_table(metrics))
     if report["goals"]:
         click.echo("goals: " + ", ".join(f"{k}={v}" for k, v in report["goals"].items()))
@@ -187,10 +235,24 @@ def route_command(
     out.mkdir(parents=True, exist_ok=True)
     write_json(report, out / "route.json")
     click.echo(f"wrote {out / 'route.json'}")
-    title = f"{trace.name if trace else workload}, {replicas} replicas, seed {seed}"
+    seeds_label = f"seed {seed}" if len(seed_list) == 1 else f"seeds {seeds}"
+    title = f"{trace.name if trace else workload}, {replicas} replicas, {seeds_label}"
     try:
         plot_cdf(metrics, out / "ttft_cdf.png", f"TTFT CDF: {title}")
         if points:
             plot_sweep(points, out / "ttft_vs_load.png", f"p95 TTFT vs load: {title}")
     except ImportError:
         click.echo("no plots: install infermesh-dev[plots] (matplotlib)", err=True)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        message = f"--seeds takes comma-separated integers like 1,2,3, got {text!r}"
+        raise ValueError(message) from None
+    if not seeds:
+        raise ValueError("--seeds needs at least one seed, like 1,2,3")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds repeats a seed: {text!r}")
+    return seeds

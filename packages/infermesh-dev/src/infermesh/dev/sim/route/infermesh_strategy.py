@@ -6,7 +6,10 @@ the scrape time). Each decision is `ScoringEngine.rank` with the built-in scorer
 weights (queue, KV headroom, prefix affinity, net penalty from the per-link RTT, GPU health),
 over a real `InflightTracker` that holds a reservation per routed request and gets its outcome
 (TTFT) when the request finishes, as the router reports it. The prefix keys are the router's own
-(`infermesh.router.features.token_prefix_keys` of the token ids).
+(`infermesh.router.features.token_prefix_keys` of the token ids). GPU telemetry reaches the
+same store as `GpuStateDelta`s (`observe_gpu`), each target labelled with its GPU's UUID, so the
+`gpu_health` scorer sees the degraded replica's throttled GPU. With hedging on, each decision
+also keeps the next-ranked targets (`backups`) for the hedge, as the router's decision does.
 """
 
 from __future__ import annotations
@@ -14,12 +17,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from infermesh.core.config import ScoringConfig
-from infermesh.core.model import ModelStateDelta, RequestFeatures, SloClass, TargetKey
+from infermesh.core.model import (
+    GpuState,
+    Labels,
+    ModelState,
+    ModelStateDelta,
+    RequestFeatures,
+    SloClass,
+    TargetKey,
+)
 from infermesh.core.scoring.engine import ScoringEngine
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.prefix import hrw_weight
 from infermesh.core.scoring.scorers import builtin_scorers
 from infermesh.core.scoring.state import StateStore
+from infermesh.dev.sim.route.gpu_telemetry import gpu_uuid_of
 from infermesh.dev.sim.route.strategy import ReplicaView, SimRequest, prompt_token_ids
 from infermesh.router.features import token_prefix_keys
 
@@ -81,9 +93,14 @@ class InferMeshStrategy:
         self._cell_of: dict[str, _Cell] = {}
         self._replica_of: dict[str, str] = {}
         self._versions: dict[str, int] = {}
-        self._reservations: dict[str, str] = {}
+        self._reservations: dict[str, tuple[str, str]] = {}
+        """request id -> (reservation id, replica id) of its first attempt."""
         self._ttfts: dict[str, float] = {}
+        self._gpus: dict[str, GpuState] = {}
         self.unroutable = 0
+        self.backup_targets = 0
+        """Next-ranked targets to keep per decision for hedges (set by the simulator)."""
+        self.backups: dict[str, tuple[str, ...]] = {}
 
     @property
     def store(self) -> StateStore:
@@ -111,11 +128,16 @@ class InferMeshStrategy:
         key = self._key(replica)
         version = self._versions.get(replica.replica_id, 0) + 1
         self._versions[replica.replica_id] = version
+        labels = {}
+        if version == 1:  # the target runs on its own GPU (the adapter's gpu_uuid label)
+            uuid = gpu_uuid_of(replica.replica_id)
+            labels["labels"] = Labels(node=replica.node, gpu_uuid=uuid)
         self._cell_of[replica.replica_id].store.apply_model_delta(
             ModelStateDelta(
                 key=key,
                 version=version,
                 changes={
+                    **labels,
                     "running": float(replica.running),
                     "waiting": float(replica.waiting),
                     "kv_cache_usage": replica.kv_usage,
@@ -129,6 +151,26 @@ class InferMeshStrategy:
                 },
             )
         )
+
+    def observe_gpu(self, replica: ReplicaView, gpu: GpuState, now: float) -> None:
+        """A scrape of `replica`'s GPU arrived: the delta from the last one goes to its cell's
+        store, as the agent's DCGM adapter publishes it."""
+        self._key(replica)
+        last = self._gpus.get(replica.replica_id)
+        delta = last.delta_to(gpu) if last is not None else GpuState(key=gpu.key).delta_to(gpu)
+        self._gpus[replica.replica_id] = gpu
+        self._cell_of[replica.replica_id].store.apply_gpu_delta(delta)
+
+    def _cell_for(self, key: int) -> _Cell:
+        cells = self._cells
+        return cells[0] if len(cells) == 1 else max(cells, key=lambda c: hrw_weight(key, c.hash_id))
+
+    def fleet_of(self, request: SimRequest) -> Sequence[ModelState]:
+        """The replicas `request` is ranked against (its cell's), for admission's saturation."""
+        if not self._cells:
+            return ()
+        cell = self._cells[0] if len(self._cells) == 1 else self._cell_for(prefix_key(request))
+        return cell.store.candidates(MODEL)
 
     def choose(
         self, request: SimRequest, replicas: Sequence[ReplicaView], now: float
@@ -149,28 +191,41 @@ class InferMeshStrategy:
         if not cells:
             self.unroutable += 1
             return None
-        cell = cells[0] if len(cells) == 1 else max(cells, key=lambda c: hrw_weight(key, c.hash_id))
-        ranking = cell.engine.rank(features, now, max_targets=1)
+        cell = self._cell_for(key)
+        ranking = cell.engine.rank(features, now, max_targets=1 + self.backup_targets)
         if not ranking.targets:
             self.unroutable += 1
             return None
         target_id = ranking.targets[0].target_id
+        replica_id = self._replica_of[target_id]
         reservation = cell.inflight.reserve(target_id, now)
-        self._reservations[request.request_id] = reservation.reservation_id
-        return self._replica_of[target_id]
+        self._reservations[request.request_id] = (reservation.reservation_id, replica_id)
+        if self.backup_targets:
+            self.backups[request.request_id] = tuple(
+                self._replica_of[t.target_id] for t in ranking.targets[1:]
+            )
+        return replica_id
 
     def on_first_token(self, request: SimRequest, replica_id: str | None, now: float) -> None:
         self._ttfts[request.request_id] = now - request.arrival_s
 
-    def on_finish(self, request: SimRequest, replica_id: str, now: float, ok: bool) -> None:
-        reservation_id = self._reservations.pop(request.request_id, None)
-        ttft_s = self._ttfts.pop(request.request_id, None)
-        if reservation_id is None:
+    def on_cancel(self, request: SimRequest, replica_id: str, now: float) -> None:
+        """An attempt on `replica_id` lost the hedge race and was cancelled: its reservation
+        (if it was the first attempt) ends as the router reports a cancelled attempt (499)."""
+        held = self._reservations.get(request.request_id)
+        if held is None or held[1] != replica_id:
             return
+        del self._reservations[request.request_id]
+        self._cell_of[replica_id].inflight.release_outcome(
+            held[0], now, status=499, latency_s=now - request.arrival_s
+        )
+
+    def on_finish(self, request: SimRequest, replica_id: str, now: float, ok: bool) -> None:
+        held = self._reservations.pop(request.request_id, None)
+        ttft_s = self._ttfts.pop(request.request_id, None)
         status = 200 if ok else 503
         inflight = self._cell_of[replica_id].inflight
-        inflight.release_outcome(
-            reservation_id, now, status=status, latency_s=now - request.arrival_s
-        )
+        if held is not None:
+            inflight.release_outcome(held[0], now, status=status, latency_s=now - request.arrival_s)
         target_id = self._target_of[replica_id].target_id
         inflight.record_outcome(target_id, ok=ok, status=status, ttft_s=ttft_s)

@@ -34,10 +34,12 @@ _COLUMNS: tuple[tuple[str, str, float, str], ...] = (
     ("e2e p50 s", "e2e_p50_s", 1, ".2f"),
     ("e2e p95 s", "e2e_p95_s", 1, ".2f"),
     ("out tok/s", "output_tokens_per_s", 1, ".0f"),
+    ("tok/s arr", "window_tokens_per_s", 1, ".0f"),
     ("goodput", "goodput", 100, ".1f"),
     ("prefix hit %", "prefix_hit_rate", 100, ".1f"),
     ("GPU-s/1k tok", "gpu_s_per_1k_tokens", 1, ".2f"),
     ("hedge %", "hedge_extra_load", 100, ".1f"),
+    ("hedge tok %", "hedge_extra_tokens", 100, ".1f"),
     ("done/rej/open", "", 1, ""),
 )
 
@@ -82,6 +84,13 @@ def goals(metrics: Sequence[StrategyMetrics]) -> dict[str, Any]:
             if top.output_tokens_per_s
             else None
         )
+        window = max(peers, key=lambda m: m.window_tokens_per_s)
+        out["best_peer_window_throughput"] = window.strategy
+        out["window_throughput_vs_best_peer"] = (
+            round(ours.window_tokens_per_s / window.window_tokens_per_s, 4)
+            if window.window_tokens_per_s
+            else None
+        )
     return out
 
 
@@ -98,7 +107,10 @@ def report_dict(
     metrics: Sequence[StrategyMetrics],
     sweep: Sequence[SweepPoint] = (),
     degraded: Sequence[str] = (),
+    per_seed: dict[int, list[StrategyMetrics]] | None = None,
 ) -> dict[str, Any]:
+    """The JSON report; with `per_seed`, `strategies` holds the median rows and `seeds` every
+    seed's own rows and goals."""
     report: dict[str, Any] = {
         "scenario": "route",
         "settings": _settings_dict(settings),
@@ -106,6 +118,11 @@ def report_dict(
         "strategies": [m.to_json() for m in metrics],
         "goals": goals(metrics),
     }
+    if per_seed:
+        report["seeds"] = [
+            {"seed": seed, "strategies": [m.to_json() for m in rows], "goals": goals(rows)}
+            for seed, rows in per_seed.items()
+        ]
     if sweep:
         report["sweep"] = [
             {"rate": point.rate, "strategies": [m.to_json() for m in point.metrics]}

@@ -2,6 +2,9 @@
 
 Every strategy gets a fresh `World` built from the same seed (so the same GPUs, RTTs and
 degraded replica) and the same list of requests; nothing reads a clock or global randomness.
+`run_seeds` repeats that for several seeds (each its own requests and fleet draw) and summarises
+each strategy by `median_metrics`. InferMesh runs behind routers with the live admission and
+hedging (`RouterSpec`); the peers route every request at once, as they do.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ from pathlib import Path
 import attrs
 
 from infermesh.dev.sim.route.infermesh_strategy import InferMeshStrategy
-from infermesh.dev.sim.route.metrics import StrategyMetrics, compute_metrics
+from infermesh.dev.sim.route.metrics import StrategyMetrics, compute_metrics, median_metrics
+from infermesh.dev.sim.route.router_tier import RouterSpec
 from infermesh.dev.sim.route.strategy import SimRequest, Strategy
 from infermesh.dev.sim.route.world import FleetSpec, World
 
 __all__ = [
     "RouteSimSettings",
+    "SeedRuns",
     "SweepPoint",
     "make_strategy",
     "run_route_sim",
+    "run_seeds",
     "run_sweep",
     "strategy_names",
 ]
@@ -67,6 +73,12 @@ class RouteSimSettings:
     drain_s: float = 300.0
     cell_size: int | None = None
     """InferMesh's routing cells (see `InferMeshStrategy`); None: one cell, the whole fleet."""
+    admission: bool = True
+    """InferMesh's routers run admission (SLO-class slots, queues, saturation shedding)."""
+    hedging: bool = True
+    """InferMesh's routers hedge before the first token (live defaults)."""
+    routers: int | None = None
+    """Router processes in front of the fleet; None: one per node of 8 replicas."""
 
     def __attrs_post_init__(self) -> None:
         if not self.strategies:
@@ -78,6 +90,12 @@ class RouteSimSettings:
                 raise ValueError(f"unknown strategy {name!r}; choose from {choices}")
         if self.duration_s <= 0 or self.rate <= 0:
             raise ValueError("duration and rate must be positive")
+        if self.routers is not None and self.routers < 1:
+            raise ValueError("routers must be at least 1")
+
+    @property
+    def router_spec(self) -> RouterSpec:
+        return RouterSpec(admission=self.admission, hedging=self.hedging, routers=self.routers)
 
 
 def load_requests(settings: RouteSimSettings) -> list[SimRequest]:
@@ -94,9 +112,15 @@ def _run_one(
 ) -> StrategyMetrics:
     name = settings.strategies[index]
     strategy = make_strategy(name, random.Random(settings.seed * 1_000 + index), settings.cell_size)
-    world = World(settings.fleet, strategy, settings.seed)
+    world = World(settings.fleet, strategy, settings.seed, settings.router_spec)
     result = world.run(requests, duration_s, settings.drain_s)
-    return compute_metrics(name, result, hedges=getattr(strategy, "hedges", 0))
+    return compute_metrics(name, result)
+
+
+def _duration_s(settings: RouteSimSettings, requests: Sequence[SimRequest]) -> float:
+    if settings.trace is not None and requests:
+        return max(r.arrival_s for r in requests) + 1e-9
+    return settings.duration_s
 
 
 def run_route_sim(
@@ -106,9 +130,7 @@ def run_route_sim(
     in that many processes (the numbers are the same: each run is independent)."""
     if requests is None:
         requests = load_requests(settings)
-    duration_s = settings.duration_s
-    if settings.trace is not None and requests:
-        duration_s = max(r.arrival_s for r in requests) + 1e-9
+    duration_s = _duration_s(settings, requests)
     indices = range(len(settings.strategies))
     if jobs <= 1 or len(settings.strategies) == 1:
         return [_run_one(settings, i, requests, duration_s) for i in indices]
@@ -117,6 +139,47 @@ def run_route_sim(
     with ProcessPoolExecutor(max_workers=min(jobs, len(settings.strategies))) as pool:
         futures = [pool.submit(_run_one, settings, i, requests, duration_s) for i in indices]
         return [future.result() for future in futures]
+
+
+@attrs.frozen
+class SeedRuns:
+    """Each strategy's runs over several seeds: `median` (one row per strategy, in order, see
+    `median_metrics`) and `per_seed` (seed -> one row per strategy)."""
+
+    median: list[StrategyMetrics]
+    per_seed: dict[int, list[StrategyMetrics]]
+
+
+def run_seeds(settings: RouteSimSettings, seeds: Sequence[int], jobs: int = 1) -> SeedRuns:
+    """`run_route_sim` once per seed (each seed its own requests, GPUs, RTTs and degraded
+    replica; a trace is the same requests every time); `jobs` > 1 runs the (seed, strategy)
+    pairs in that many processes, with the same numbers."""
+    if not seeds:
+        raise ValueError("name at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("seeds must differ")
+    runs = [attrs.evolve(settings, seed=seed) for seed in seeds]
+    loads = [load_requests(run) for run in runs]
+    pairs = [(s, i) for s in range(len(runs)) for i in range(len(settings.strategies))]
+    if jobs <= 1 or len(pairs) == 1:
+        rows = [_run_one(runs[s], i, loads[s], _duration_s(runs[s], loads[s])) for s, i in pairs]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(pairs))) as pool:
+            futures = [
+                pool.submit(_run_one, runs[s], i, loads[s], _duration_s(runs[s], loads[s]))
+                for s, i in pairs
+            ]
+            rows = [future.result() for future in futures]
+    per_seed: dict[int, list[StrategyMetrics]] = {seed: [] for seed in seeds}
+    for (s, _), row in zip(pairs, rows, strict=True):
+        per_seed[seeds[s]].append(row)
+    median = [
+        median_metrics([per_seed[seed][i] for seed in seeds])
+        for i in range(len(settings.strategies))
+    ]
+    return SeedRuns(median=median, per_seed=per_seed)
 
 
 @attrs.frozen
