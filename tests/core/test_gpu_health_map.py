@@ -1,4 +1,5 @@
-"""Which GPUs serve which replica: `[[runtimes]] gpus` becomes its targets' `gpu_uuid` label."""
+"""Which GPUs serve which replica: `[[runtimes]] gpus`, the runtime's own labels or the discovered
+GPUs become its targets' `gpu_uuid` label, in that order of precedence."""
 
 from __future__ import annotations
 
@@ -34,3 +35,34 @@ def test_configured_gpus_label_every_target_of_the_runtime_and_override_discover
 def test_without_configured_gpus_deltas_pass_unchanged() -> None:
     delta = ModelStateDelta(KEY, 1, {"labels": Labels(gpu_uuid="GPU-9")})
     assert GpuAssigner("", StateStore().get_model).assign(delta) is delta
+
+
+def test_discovered_gpus_land_with_the_next_delta_unless_the_runtime_reports_its_own() -> None:
+    store = StateStore()
+    assigner = GpuAssigner("", store.get_model)
+    store.apply_model_delta(assigner.assign(ModelStateDelta(KEY, 1, {"labels": Labels()})))
+    assigner.discovered = "GPU-3,GPU-4"
+    # The next delta, without labels, carries the stored labels with the discovered GPUs.
+    store.apply_model_delta(assigner.assign(ModelStateDelta(KEY, 2, {"running": 1.0})))
+    state = store.get_model(KEY)
+    assert state is not None
+    assert state.labels.gpu_uuid == "GPU-3,GPU-4"
+    unchanged = ModelStateDelta(KEY, 3, {"running": 2.0})
+    assert assigner.assign(unchanged) is unchanged
+    # GPUs the runtime adapter reports (Triton's metric labels) win over discovered ones.
+    store.apply_model_delta(
+        assigner.assign(ModelStateDelta(KEY, 4, {"labels": Labels(gpu_uuid="GPU-9")}))
+    )
+    store.apply_model_delta(assigner.assign(ModelStateDelta(KEY, 5, {"running": 3.0})))
+    state = store.get_model(KEY)
+    assert state is not None
+    assert state.labels.gpu_uuid == "GPU-9"
+
+
+def test_configured_gpus_win_over_discovered_ones() -> None:
+    store = StateStore()
+    assigner = GpuAssigner("GPU-1", store.get_model, discovered="GPU-3")
+    store.apply_model_delta(assigner.assign(ModelStateDelta(KEY, 1, {"running": 1.0})))
+    state = store.get_model(KEY)
+    assert state is not None
+    assert state.labels.gpu_uuid == "GPU-1"
