@@ -18,15 +18,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from infermesh.core.config import ConfigError
 from infermesh.core.contracts import AdapterContext
 from infermesh.dcgm.nvml import NvmlAdapter, load_nvml
+from infermesh.dcgm.nvml_processes import NvmlProcesses
 from infermesh.dcgm.nvml_reader import NvmlReader, NvmlUnavailableError
+from infermesh.dcgm.proc_reader import discover_replica_gpus
 from infermesh.dcgm.reading import DeviceReading
 
 MIB = 1024 * 1024
@@ -65,7 +69,8 @@ def show(value: Any, style: str) -> str:
 
 
 def field_lines(device: DeviceReading) -> tuple[list[str], dict[str, object]]:
-    lines, facts = [], {}
+    lines: list[str] = []
+    facts: dict[str, object] = {}
     for name, label, style in FIELDS:
         value = getattr(device, name)
         if value is not None:
@@ -116,6 +121,55 @@ async def adapter_states(nvml: Any) -> list[dict[str, object]]:
         await adapter.aclose()
 
 
+def command_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def process_lines(processes: NvmlProcesses) -> tuple[list[str], dict[str, object]]:
+    """One line per GPU or MIG instance with the processes NVML lists there, or why none."""
+    by_gpu: dict[str, list[int]] = {}
+    for process in processes.processes:
+        by_gpu.setdefault(process.gpu, []).append(process.pid)
+    lines = []
+    for gpu in sorted({*by_gpu, *processes.unlisted}):
+        pids = by_gpu.get(gpu, [])
+        listed = ", ".join(f"{pid} ({command_of(pid)})" for pid in pids) or "none"
+        why = processes.unlisted.get(gpu)
+        lines.append(f"  {gpu}: {listed}" + (f"  — {why}" if why else ""))
+    facts = {"processes": by_gpu, "unlisted": processes.unlisted}
+    return lines or ["  (no processes on any GPU)"], facts
+
+
+def port_lines(reader: NvmlReader, ports: list[int]) -> tuple[list[str], dict[str, object], float]:
+    """What the resolver maps each port to, and how long one discovery took (ms)."""
+    host = socket.gethostname()  # a host name: a listener on any address of the port counts
+    urls = {port: f"http://{host}:{port}" for port in ports}
+    started = time.perf_counter()
+    processes = reader.running_processes()
+    found = discover_replica_gpus(list(urls.values()), processes.processes, processes.unlisted)
+    took_ms = (time.perf_counter() - started) * 1000
+    lines: list[str] = []
+    facts: dict[str, object] = {}
+    for port, url in urls.items():
+        answer = found.replicas[url]
+        server = f" (server pid {', '.join(map(str, answer.pids))})" if answer.pids else ""
+        gpus = ", ".join(answer.gpus)
+        lines.append(
+            f"  port {port}: {gpus}{server}" if gpus else f"  port {port}: — {answer.reason}"
+        )
+        facts[str(port)] = {
+            "gpus": list(answer.gpus),
+            "pids": list(answer.pids),
+            "reason": answer.reason,
+        }
+    for line in found.skipped:
+        lines.append(f"  skipped socket-table line: {line}")
+    return lines, facts, took_ms
+
+
 async def timed_reads(reader: NvmlReader, reads: int) -> list[float]:
     times = []
     for _ in range(reads):
@@ -128,6 +182,13 @@ async def timed_reads(reader: NvmlReader, reads: int) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reads", type=int, default=20, help="timed reads of every GPU")
+    parser.add_argument(
+        "--port",
+        type=int,
+        action="append",
+        default=[],
+        help="a runtime's port: print the GPUs replica discovery maps it to (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         nvml = load_nvml("nvml_check")
@@ -164,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         for lost in reading.lost:
             print(f"LOST: {lost}")
         times = asyncio.run(timed_reads(reader, max(1, args.reads)))
+        print("\nprocesses NVML lists per GPU and MIG instance:")
+        lines, process_facts = process_lines(reader.running_processes())
+        print("\n".join(lines))
+        lines, port_facts, discovery_ms = port_lines(reader, args.port)
+        if args.port:
+            print(f"\nreplica discovery ({discovery_ms:.1f} ms for NVML and /proc):")
+            print("\n".join(lines))
     finally:
         reader.close()
     states = asyncio.run(adapter_states(nvml))
@@ -189,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                 "read_ms_median": round(statistics.median(times), 3),
                 "read_ms_max": round(max(times), 3),
                 "reads": len(times),
+                **process_facts,
+                "ports": port_facts,
+                "discovery_ms": round(discovery_ms, 3),
             },
             default=str,
         )
