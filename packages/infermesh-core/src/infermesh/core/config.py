@@ -151,8 +151,9 @@ class RuntimeConfig:
     """Adapter-specific keys, passed unparsed to the adapter."""
     gpus: list[str] = attrs.field(factory=list)
     """UUIDs of the GPUs (or MIG instances) this runtime runs on, e.g. `["GPU-3f2a..."]`: its
-    targets are as healthy as the worst of them. Empty: what the adapter discovers (Triton's
-    `gpu_uuid` labels), else every GPU of the node counts for scoring but none excludes."""
+    targets are as healthy as the worst of them. Empty: what the adapter reports (Triton's
+    `gpu_uuid` labels), else what the `nvml` GPU source discovers from the runtime's processes,
+    else every GPU of the node counts for scoring but none excludes."""
 
 
 @attrs.define
