@@ -36,7 +36,7 @@ from .dashboard_support import (
     unexported,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 # ---------------------------------------------------------------------- the extractor
 
