@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -13,8 +12,9 @@ import pytest
 from infermesh.core.proto import scoring_pb2, scoring_pb2_grpc
 from infermesh.dev.harness import LocalMesh, ReplicaSpec, free_port
 from infermesh.dev.loadgen import replica_tag_of
+from infermesh.dev.pytest_plugin import StartMesh
 
-from .conftest import MODEL, spec
+from .conftest import MODEL
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -43,24 +43,20 @@ def install_example_plugin(site: Path) -> None:
 
 
 @pytest.fixture
-async def plugin_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
+async def plugin_mesh(tmp_path: Path, infermesh_start_router: StartMesh) -> LocalMesh:
+    """Two replicas behind an agent and router whose processes see the example plugin."""
     site = tmp_path / "site"
     site.mkdir()
     install_example_plugin(site)
     preferred_port = free_port()
-    mesh = LocalMesh(
-        spec(
-            ReplicaSpec("h100", "plain"),
-            ReplicaSpec("h100", "preferred", port=preferred_port),
-            extra_config=f'[scoring.weights]\n"preferred-endpoint" = {WEIGHT}',
-            env=(
-                ("PYTHONPATH", str(site)),
-                ("INFERMESH_PREFERRED_ENDPOINTS", f"http://127.0.0.1:{preferred_port}"),
-            ),
-        )
+    return await infermesh_start_router(
+        ReplicaSpec("h100", "plain"),
+        ReplicaSpec("h100", "preferred", port=preferred_port),
+        model=MODEL,
+        extra_config=f'[scoring.weights]\n"preferred-endpoint" = {WEIGHT}',
+        env=(("INFERMESH_PREFERRED_ENDPOINTS", f"http://127.0.0.1:{preferred_port}"),),
+        plugin_paths=[site],
     )
-    async with mesh:
-        yield mesh
 
 
 def baseline_total(target: scoring_pb2.RankedTarget) -> float:
