@@ -210,6 +210,23 @@ class StateCollector(Collector):
             for name, count in sorted(self.engine.scorer_failures.items()):
                 failures.add_metric([name], count)
         yield failures
+        if self.engine is not None:
+            yield from self._policy(self.engine)
+
+    def _policy(self, engine: ScoringEngine) -> Iterable[Metric]:
+        """The operator policy in force in this agent's scoring (all agents converge on one
+        revision; a lagging agent still ranks with an older policy)."""
+        policy = engine.policy
+        yield GaugeMetricFamily(
+            "infermesh_agent_policy_revision",
+            "Revision of the operator policy this agent scores with (0: none applied yet).",
+            value=policy.revision,
+        )
+        yield GaugeMetricFamily(
+            "infermesh_agent_policy_drained_nodes",
+            "Nodes drained by the policy this agent scores with (they get no new requests).",
+            value=len(policy.drains),
+        )
 
 
 GOSSIP_STATES = ("alive", "suspect", "dead", "left")
