@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Protocol
+
 import aiohttp
 import anyio
 import pytest
@@ -13,9 +16,16 @@ from infermesh.core.plugins import PluginHost
 from infermesh.dev.fake_clock import FakeClock
 from infermesh_example_runtime.adapter import LlamaCppAdapter
 
-from .conftest import LlamaServer
-
 pytestmark = pytest.mark.anyio
+
+
+class LlamaServer(Protocol):
+    """What these tests use of conftest's emulated llama-server (the `llama_server` fixture)."""
+
+    alias: str
+    url: str
+    loading: bool
+    release: asyncio.Event
 
 
 def context(url: str, **options: object) -> AdapterContext:
