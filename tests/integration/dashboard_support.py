@@ -236,3 +236,46 @@ def alert_expressions(rules: str) -> Iterator[tuple[str, str]]:
                 break
             body.append(following.strip())
         yield alert, " ".join(part for part in body if part)
+
+
+SELECTOR = re.compile(r"(?<![A-Za-z0-9_:.])([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}")
+MATCHER_LABEL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
+LABEL_LIST = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+TARGET_LABELS = frozenset({"job", "instance"})
+"""Labels Prometheus adds to every series it scrapes."""
+
+
+def unknown_labels(expr: str, labels_of: dict[str, frozenset[str]]) -> list[str]:
+    """Label names an expression uses that its metrics don't carry: in a selector's matchers
+    (checked against that metric), or in `by (...)`/`on (...)` lists (against all its metrics).
+
+    `labels_of` maps a series name (`_bucket` series with `le`) to its labels; metrics it
+    lacks are left to the metric-name check.
+    """
+    problems: list[str] = []
+    known = [labels_of[name] for name in promql_metric_names(expr) if name in labels_of]
+    everywhere = frozenset().union(*known) | TARGET_LABELS
+    for name, matchers in SELECTOR.findall(GRAFANA_VARIABLE.sub("0", expr)):
+        if name not in labels_of:
+            continue
+        for label in MATCHER_LABEL.findall(matchers):
+            if label not in labels_of[name] | TARGET_LABELS | {"__name__"}:
+                problems.append(f"{name} has no label {label!r}")
+    for listed in LABEL_LIST.findall(expr):
+        for label in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", listed):
+            if label not in everywhere:
+                problems.append(f"no metric in the expression has the label {label!r}")
+    return problems
+
+
+def series_labels(documented: dict[str, tuple[str, frozenset[str]]]) -> dict[str, frozenset[str]]:
+    """Series name -> labels, from documented families (histograms: `_bucket` with `le`)."""
+    out: dict[str, frozenset[str]] = {}
+    for name, (kind, labels) in documented.items():
+        out[name] = labels
+        if kind == "counter":
+            out[name.removesuffix("_total")] = labels
+        if kind == "histogram":
+            out[f"{name}_bucket"] = labels | {"le"}
+            out[f"{name}_sum"] = out[f"{name}_count"] = labels
+    return out

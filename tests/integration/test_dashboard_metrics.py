@@ -33,7 +33,9 @@ from .dashboard_support import (
     load_dashboard,
     promql_metric_names,
     sample_labels,
+    series_labels,
     unexported,
+    unknown_labels,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -250,3 +252,25 @@ def test_alert_expressions_are_read_from_one_and_several_lines() -> None:
     assert list(alert_expressions(rules)) == [("One", "a > 1"), ("Two", "sum(b) / sum(c)")]
     with pytest.raises(ValueError, match="the alert rules"):
         alert_rules("```yaml\nfoo: 1\n```\n")
+
+
+def test_dashboard_and_alerts_use_only_labels_their_metrics_carry() -> None:
+    labels_of = series_labels(documented_metrics(OBSERVABILITY.read_text()))
+    labels_of["up"] = frozenset()
+    expressions = [*dashboard_expressions(load_dashboard())]
+    expressions += alert_expressions(alert_rules(OBSERVABILITY.read_text()))
+    problems = [
+        f"{where}: {problem}"
+        for where, expr in expressions
+        for problem in unknown_labels(expr, labels_of)
+    ]
+    assert not problems, "labels the metrics don't have:\n" + "\n".join(problems)
+
+
+def test_an_unknown_label_is_reported() -> None:
+    labels_of = {"m_bucket": frozenset({"model", "le"}), "g": frozenset({"node"})}
+    expr = 'sum by (le, modle) (rate(m_bucket{model=~"$model", nod="x"}[5m])) / on (node) g'
+    assert unknown_labels(expr, labels_of) == [
+        "m_bucket has no label 'nod'",
+        "no metric in the expression has the label 'modle'",
+    ]
