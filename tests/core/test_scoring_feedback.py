@@ -17,7 +17,8 @@ from infermesh.core.contracts import TargetView
 from infermesh.core.model import ModelState, ModelStateDelta, RequestFeatures, TargetKey
 from infermesh.core.scoring.engine import RankedTarget, ScoringEngine
 from infermesh.core.scoring.inflight import InflightTracker, runtime_ran
-from infermesh.core.scoring.scorers import builtin_scorers, hrw_weight
+from infermesh.core.scoring.prefix import LearningScorer
+from infermesh.core.scoring.scorers import builtin_scorers
 from infermesh.core.scoring.state import StateStore
 
 SCRAPE = 1_000.0
@@ -208,7 +209,12 @@ class Mesh:
         self.names = ("a", "b", "c")
         for name in self.names:
             self.scrape(name, SCRAPE)
-        self.home = max(self.names, key=lambda n: hrw_weight(PREFIX, key(n).target_id))
+        # PREFIX was last sent to b (not the replica the id tie-break would pick)
+        self.home = "b"
+        for ws in self.engine.scorers:
+            if isinstance(ws.scorer, LearningScorer):
+                features = RequestFeatures(model=MODEL, prefix_key=PREFIX)
+                ws.scorer.learn(features, key(self.home).target_id, SCRAPE)
 
     def scrape(self, name: str, at: float, **changes: Any) -> None:
         target = key(name)
@@ -249,7 +255,7 @@ def test_sequential_requests_with_one_prefix_stay_home_after_each_finishes() -> 
         assert mesh.view(mesh.home, now).load == 0
     after = mesh.best(now)
     assert "1 finished since" in reason(after, "queue")
-    assert "placed here" in reason(after, "prefix")
+    assert "sent here recently" in reason(after, "prefix")
 
 
 def test_without_the_outcome_the_stale_running_count_spills_the_prefix() -> None:

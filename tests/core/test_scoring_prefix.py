@@ -1,4 +1,5 @@
-"""Prefix affinity: a minimum capacity under the bounded-load rule, and reasons that say why."""
+"""Prefix affinity: homes learnt from where requests went, the longest match over prefix keys,
+neutral for prompts not seen recently, bounded memory, and reasons that say why."""
 
 from __future__ import annotations
 
@@ -6,70 +7,139 @@ import pytest
 
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import ScoreResult, TargetView
-from infermesh.core.model import ModelState, RequestFeatures, TargetKey
-from infermesh.core.scoring.engine import ScoringSetupError, resolve_scorers
-from infermesh.core.scoring.scorers import PrefixAffinityScorer, builtin_scorers, hrw_weight
+from infermesh.core.model import ModelState, ModelStateDelta, RequestFeatures, TargetKey
+from infermesh.core.scoring.engine import ScoringEngine, ScoringSetupError, resolve_scorers
+from infermesh.core.scoring.inflight import InflightTracker
+from infermesh.core.scoring.prefix import RECENT_S, PrefixIndex
+from infermesh.core.scoring.scorers import PrefixAffinityScorer, builtin_scorers
+from infermesh.core.scoring.state import StateStore
 
 PREFIX = 0x5EED
 NAMES = ("a", "b", "c")
+NOW = 50.0
 
 
 def key(name: str) -> TargetKey:
     return TargetKey(model="llama", node=name, endpoint=f"http://{name}:8000")
 
 
-ORDER = sorted(NAMES, key=lambda n: hrw_weight(PREFIX, key(n).target_id), reverse=True)
-"""The rendezvous order of the replicas for PREFIX: ORDER[0] is the prefix's home."""
+def request(*keys: int) -> RequestFeatures:
+    return RequestFeatures(model="llama", prefix_key=keys[0], prefix_keys=keys)
 
 
-def score(scorer: PrefixAffinityScorer, **loads: float) -> dict[str, ScoreResult]:
-    views = [TargetView(ModelState(key=key(n), running=loads.get(n, 0.0))) for n in NAMES]
-    results = scorer.score(RequestFeatures(model="llama", prefix_key=PREFIX), views)
+def score(
+    scorer: PrefixAffinityScorer, features: RequestFeatures | None = None, **loads: int
+) -> dict[str, ScoreResult]:
+    views = [TargetView(ModelState(key=key(n), running=loads.get(n, 0.0)), now=NOW) for n in NAMES]
+    results = scorer.score(features or RequestFeatures(model="llama", prefix_key=PREFIX), views)
     return dict(zip(NAMES, results, strict=True))
 
 
-def chosen(results: dict[str, ScoreResult]) -> str:
-    (name,) = [n for n, r in results.items() if r.score == 1.0]
-    return name
+def homed(home: str = "b", min_capacity: int = 4) -> PrefixAffinityScorer:
+    """A scorer that has seen PREFIX go to `home`."""
+    scorer = PrefixAffinityScorer(min_capacity=min_capacity)
+    scorer.learn(RequestFeatures(model="llama", prefix_key=PREFIX), key(home).target_id, NOW)
+    return scorer
+
+
+def test_a_prompt_never_sent_anywhere_is_neutral_everywhere() -> None:
+    results = score(PrefixAffinityScorer())
+    assert {r.score for r in results.values()} == {0.5}
+    assert results["a"].reason == "prefix not sent anywhere recently: neutral"
+    no_key = score(PrefixAffinityScorer(), RequestFeatures(model="llama"))
+    assert no_key["a"].reason == "no prefix key: neutral"
 
 
 @pytest.mark.parametrize("home_load", [0, 1, 2, 3])
 def test_the_home_keeps_its_prefix_below_the_minimum_capacity_while_others_idle(
     home_load: int,
 ) -> None:
-    results = score(PrefixAffinityScorer(), **{ORDER[0]: home_load})
-    assert chosen(results) == ORDER[0]
-    assert "capacity 4 (minimum; bounded-load" in results[ORDER[0]].reason
-    assert "not chosen: rank 1 has room (load 0, capacity 4" in results[ORDER[1]].reason
+    results = score(homed("b"), b=home_load)
+    assert [n for n, r in results.items() if r.score == 1.0] == ["b"]
+    assert results["a"].score == results["c"].score == 0.0
+    assert "capacity 4 (minimum; bounded-load" in results["b"].reason
+    assert "was sent to other replicas recently" in results["a"].reason
 
 
-def test_at_the_minimum_capacity_the_prefix_spills_to_the_next_replica() -> None:
-    results = score(PrefixAffinityScorer(), **{ORDER[0]: 4})
-    assert chosen(results) == ORDER[1]
-    assert results[ORDER[0]].reason.endswith(
-        "loaded (load 4 >= capacity 4 (minimum; bounded-load 3))"
-    )
-    assert "spilled past 1 loaded replica(s)" in results[ORDER[1]].reason
+def test_at_the_minimum_capacity_the_home_scores_nothing_so_the_prefix_spills() -> None:
+    results = score(homed("b"), b=4)
+    assert {r.score for r in results.values()} == {0.0}
+    assert results["b"].reason.endswith("loaded (load 4 >= capacity 4 (minimum; bounded-load 3))")
 
 
 def test_above_the_minimum_the_bounded_load_rule_decides() -> None:
-    busy = {ORDER[1]: 10.0, ORDER[2]: 10.0}
     # total 33: capacity ceil(1.25 * 34 / 3) = 15
-    kept = score(PrefixAffinityScorer(), **busy, **{ORDER[0]: 13})
-    assert chosen(kept) == ORDER[0]
-    assert "load 13 < capacity 15 (bounded-load)" in kept[ORDER[0]].reason
+    kept = score(homed("b"), a=10, c=10, b=13)
+    assert kept["b"].score == 1.0
+    assert "load 13 < capacity 15 (bounded-load)" in kept["b"].reason
     # total 40: capacity ceil(1.25 * 41 / 3) = 18
-    spilled = score(PrefixAffinityScorer(), **busy, **{ORDER[0]: 20})
-    assert chosen(spilled) == ORDER[1]
-    assert "loaded (load 20 >= capacity 18 (bounded-load))" in spilled[ORDER[0]].reason
+    spilled = score(homed("b"), a=10, c=10, b=20)
+    assert spilled["b"].score == 0.0
+    assert "loaded (load 20 >= capacity 18 (bounded-load))" in spilled["b"].reason
 
 
 def test_a_minimum_of_zero_is_the_pure_bounded_load_rule() -> None:
-    scorer = PrefixAffinityScorer(min_capacity=0)
     # one request on the home, the others idle: capacity ceil(1.25 * 2 / 3) = 1
-    results = score(scorer, **{ORDER[0]: 1})
-    assert chosen(results) == ORDER[1]
-    assert "capacity 1 (bounded-load)" in results[ORDER[0]].reason
+    results = score(homed("b", min_capacity=0), b=1)
+    assert results["b"].score == 0.0
+    assert "capacity 1 (bounded-load)" in results["b"].reason
+
+
+def test_the_longest_match_wins_and_a_shared_system_prompt_gets_partial_credit() -> None:
+    tenant, session, turn2 = 0x7E, 0x5E55, 0x7272
+    scorer = PrefixAffinityScorer()
+    # another session of the tenant went to a; this session's first turn (128 tokens) to c
+    scorer.learn(request(tenant, 0x0123), key("a").target_id, NOW)
+    scorer.learn(request(tenant, session), key("c").target_id, NOW)
+    # the second turn repeats the first and goes deeper
+    results = score(scorer, request(tenant, session, turn2))
+    assert results["c"].score == 1.0
+    assert "first ~128 tokens sent here recently" in results["c"].reason
+    assert results["a"].score == 0.5  # only the tenant's first 64 of 128 tokens
+    assert "(another replica matches ~128)" in results["a"].reason
+    assert results["b"].score == 0.0
+
+
+def test_a_prefix_not_seen_for_longer_than_the_window_is_neutral_again() -> None:
+    scorer = homed("b")
+    views = [TargetView(ModelState(key=key(n)), now=NOW + RECENT_S + 1) for n in NAMES]
+    results = scorer.score(RequestFeatures(model="llama", prefix_key=PREFIX), views)
+    assert {r.score for r in results} == {0.5}
+
+
+def test_the_index_is_bounded_in_keys_and_in_homes_per_key() -> None:
+    index = PrefixIndex(max_keys=3, homes_per_key=2)
+    for k in range(1, 6):
+        index.record((k,), "t1", float(k))
+    assert len(index) == 3
+    assert list(index.matches((1, 2), 10.0)) == []  # the oldest keys were dropped
+    assert list(index.matches((5,), 10.0)) == [(0, ["t1"])]
+    for t in ("t1", "t2", "t3"):
+        index.record((5,), t, 10.0)
+    assert list(index.matches((5,), 10.0)) == [(0, ["t3", "t2"])]
+    with pytest.raises(ValueError, match="max_keys >= 1"):
+        PrefixIndex(max_keys=0)
+    with pytest.raises(ValueError, match="recent_s must be a finite number > 0"):
+        PrefixIndex(recent_s=float("nan"))
+
+
+def test_the_engine_teaches_the_scorer_where_each_request_went() -> None:
+    store = StateStore()
+    for i, n in enumerate(NAMES):
+        delta = {"running": 0.0 if n == "c" else 2.0, "last_updated": NOW}
+        store.apply_model_delta(ModelStateDelta(key(n), i + 1, delta))
+    registered = {s.name: s for s in builtin_scorers()}
+    engine = ScoringEngine.from_config(store, InflightTracker(), registered, ScoringConfig())
+    features = request(PREFIX)
+    first = engine.rank(features, NOW)
+    assert first.targets[0].target_id == key("c").target_id  # new prefix: the idle one
+    # c is now busier than the others, but it holds the prefix
+    store.apply_model_delta(ModelStateDelta(key("c"), 9, {"running": 3.0, "last_updated": NOW}))
+    second = engine.rank(features, NOW + 1)
+    assert second.targets[0].target_id == key("c").target_id
+    # every engine has its own memory: a fresh one has not seen the prefix
+    other = ScoringEngine.from_config(store, InflightTracker(), registered, ScoringConfig())
+    assert other.rank(features, NOW + 1).targets[0].target_id != key("c").target_id
 
 
 def test_the_minimum_capacity_comes_from_scoring_config() -> None:

@@ -38,7 +38,10 @@ def engine_with(count: int) -> ScoringEngine:
 
 
 def test_ranked_reasons_read_as_the_eagerly_formatted_text() -> None:
-    ranking = engine_with(2).rank(RequestFeatures(model="llama", prefix_key=PREFIX), NOW)
+    engine = engine_with(2)
+    request = RequestFeatures(model="llama", prefix_key=PREFIX)
+    engine.rank(request, NOW)  # the first request with PREFIX goes to n0, the idle one
+    ranking = engine.rank(request, NOW)
     reasons = {
         t.target_id.split("|")[0]: {r.scorer: r.reason for r in t.reasons} for t in ranking.targets
     }
@@ -46,16 +49,15 @@ def test_ranked_reasons_read_as_the_eagerly_formatted_text() -> None:
     assert reasons == {
         "n1": {
             "kv": "KV cache 10% used",
-            "prefix": f"{prefix} placed here (rendezvous rank 1/2), "
-            "load 3 < capacity 4 (minimum; bounded-load 3)",
+            "prefix": f"{prefix} (~64 tokens) was sent to other replicas recently",
             "queue": "work left 3750ms (running 1, waiting 1, in-flight 1); mean 1875ms",
             "net_penalty": "rtt unknown: treated as local",
             "gpu_health": "no GPU telemetry",
         },
         "n0": {
             "kv": "KV cache 0% used",
-            "prefix": f"{prefix} rendezvous rank 2/2, not chosen: rank 1 has room "
-            "(load 0, capacity 4 (minimum; bounded-load 3))",
+            "prefix": f"{prefix}: first ~64 tokens sent here recently, "
+            "load 0 < capacity 4 (minimum; bounded-load 3)",
             "queue": "work left 0ms (running 0, waiting 0, in-flight 0); mean 1875ms",
             "net_penalty": "rtt unknown: treated as local",
             "gpu_health": "no GPU telemetry",

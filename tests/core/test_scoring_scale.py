@@ -14,13 +14,7 @@ from infermesh.core.model import ModelState, ModelStateDelta, RequestFeatures, T
 from infermesh.core.policy import DrainNode, PolicySet
 from infermesh.core.scoring.engine import Ranking, ScoringEngine, ScoringSetupError
 from infermesh.core.scoring.inflight import InflightTracker
-from infermesh.core.scoring.sampling import OWNERS
-from infermesh.core.scoring.scorers import (
-    PrefixAffinityScorer,
-    builtin_scorers,
-    hrw_weight,
-    target_hash,
-)
+from infermesh.core.scoring.scorers import PrefixAffinityScorer, builtin_scorers
 from infermesh.core.scoring.state import StateStore
 
 MODEL = "llama"
@@ -119,48 +113,45 @@ def fleet() -> StateStore:
     return store
 
 
-def ring_owners(store: StateStore) -> set[str]:
-    """The OWNERS ring successors of PREFIX: the prefix's owners in a bounded set."""
-    ids = sorted((s.key.target_id for s in store.candidates(MODEL)), key=target_hash)
-    start = next(n for n, t in enumerate(ids) if target_hash(t) >= PREFIX)
-    return {ids[(start + j) % len(ids)] for j in range(OWNERS)}
+def prefix_results(ranking: Ranking) -> dict[str, ScoreResult]:
+    return {
+        t.target_id: r
+        for t in ranking.targets
+        for ws, r in zip(t.scorers, t.results, strict=True)
+        if ws.name == "prefix"
+    }
 
 
-def test_a_big_fleet_scores_a_bounded_set_with_the_prefix_owner_and_the_least_loaded(
+def test_a_big_fleet_scores_a_bounded_set_and_a_new_prefix_goes_to_the_least_loaded(
     fleet: StateStore,
 ) -> None:
     ranking = engine(fleet).rank(RequestFeatures(model=MODEL, prefix_key=PREFIX), NOW)
     ids = [t.target_id for t in ranking.targets]
     assert len(ids) == 64
     assert ranking.candidates == FLEET
-    assert key(4321).target_id in ids
-    # every owner is scored, exactly one target holds the prefix, and it is an owner
-    assert ring_owners(fleet) <= set(ids)
-    prefix = {
-        t.target_id: r
-        for t in ranking.targets
-        for ws, r in zip(t.scorers, t.results, strict=True)
-        if ws.name == "prefix"
-    }
-    (home,) = [tid for tid, r in prefix.items() if r.score == 1.0]
-    assert home in ring_owners(fleet)
+    # never sent anywhere: prefix is neutral, so the queue sends it to the idle replica
+    assert ids[0] == key(4321).target_id
+    assert {r.score for r in prefix_results(ranking).values()} == {0.5}
 
 
-def test_the_prefix_home_is_the_same_on_every_decision_and_engine(fleet: StateStore) -> None:
+def test_the_prefix_home_is_always_scored_and_kept_however_big_the_fleet(
+    fleet: StateStore,
+) -> None:
+    # The sampler's owners are the prefix scorer's homes: a home that is neither least loaded
+    # nor likely to be sampled (1 in 10,000) is scored and chosen on every decision.
+    e = engine(fleet, max_candidates=32)
     request = RequestFeatures(model=MODEL, prefix_key=PREFIX)
-
-    def home(e: ScoringEngine) -> str:
+    home = key(77).target_id
+    for ws in e.scorers:
+        if ws.name == "prefix":
+            assert isinstance(ws.scorer, PrefixAffinityScorer)
+            ws.scorer.learn(request, home, NOW)
+    for _ in range(5):
         ranking = e.rank(request, NOW)
-        return next(
-            t.target_id
-            for t in ranking.targets
-            for ws, r in zip(t.scorers, t.results, strict=True)
-            if ws.name == "prefix" and r.score == 1.0
-        )
-
-    first = engine(fleet, max_candidates=64)
-    homes = {home(first) for _ in range(5)} | {home(engine(fleet, max_candidates=32))}
-    assert len(homes) == 1
+        assert ranking.targets[0].target_id == home
+        scores = prefix_results(ranking)
+        assert scores[home].score == 1.0
+        assert [tid for tid, r in scores.items() if r.score > 0] == [home]
 
 
 def test_drained_and_unhealthy_targets_are_never_returned() -> None:
@@ -202,33 +193,25 @@ def speed_views(slow_itl_s: float, slow_load: float) -> list[TargetView]:
     return [TargetView(slow), *views]
 
 
-def prefix_home_first(views: list[TargetView]) -> tuple[list[TargetView], int]:
-    """Views with the slow replica (views[0]) as the rendezvous home of some prefix key."""
-    for prefix_key in range(1, 1000):
-        weights = [hrw_weight(prefix_key, v.key.target_id) for v in views]
-        if max(weights) == weights[0]:
-            return views, prefix_key
-    raise AssertionError("no prefix key homes on the slow replica")
-
-
 def prefix_scores(views: list[TargetView], prefix_key: int) -> list[ScoreResult]:
-    return PrefixAffinityScorer().score(RequestFeatures(model=MODEL, prefix_key=prefix_key), views)
+    """The prefix scores of `views` after a request with `prefix_key` went to views[0]."""
+    scorer = PrefixAffinityScorer()
+    request = RequestFeatures(model=MODEL, prefix_key=prefix_key)
+    scorer.learn(request, views[0].key.target_id, views[0].now)
+    return scorer.score(request, views)
 
 
 def test_a_replica_at_a_quarter_speed_keeps_a_quarter_of_the_prefix_capacity() -> None:
-    views, prefix_key = prefix_home_first(speed_views(0.04, slow_load=1.0))
-    results = prefix_scores(views, prefix_key)
+    results = prefix_scores(speed_views(0.04, slow_load=1.0), PREFIX)
     # capacity 4 (minimum) scaled to 0.25: 1, so a load of 1 spills the prefix
     assert results[0].score == 0.0
     assert "capacity 1 (scaled to its 0.25x median decode speed)" in results[0].reason
     # at full speed the same load keeps it
-    views, prefix_key = prefix_home_first(speed_views(0.01, slow_load=1.0))
-    assert prefix_scores(views, prefix_key)[0].score == 1.0
+    assert prefix_scores(speed_views(0.01, slow_load=1.0), PREFIX)[0].score == 1.0
 
 
 def test_an_idle_slow_replica_still_keeps_its_prefix() -> None:
-    views, prefix_key = prefix_home_first(speed_views(0.04, slow_load=0.0))
-    assert prefix_scores(views, prefix_key)[0].score == 1.0
+    assert prefix_scores(speed_views(0.04, slow_load=0.0), PREFIX)[0].score == 1.0
 
 
 def test_a_replica_that_becomes_idle_is_among_the_least_loaded_after_a_refresh() -> None:
