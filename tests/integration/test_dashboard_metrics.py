@@ -122,6 +122,7 @@ def test_the_dashboard_is_importable_and_covers_every_area() -> None:
         "Admission",
         "Retries",
         "Gossip",
+        "Policy",
         "GPU",
         "Runtimes",
     ):
