@@ -9,7 +9,10 @@ everything again. Modes: the InferMesh agent + router (`infermesh router run`, d
 end-to-end latency and throughput side by side, each mode's split over the replicas, the issue's
 goals, and one JSON line (the last line of stdout).
 
-    uv run python benchmarks/routing_quality.py [--requests 360] [--rate 16]
+    uv run python benchmarks/routing_quality.py [--requests 360] [--rate 16] [--seeds 7,11]
+
+With `--seeds` it runs the whole comparison once per seed (a new trace each) and then prints
+the figures pooled over the seeds: each mode's percentiles over all its requests.
 
 Every process listens on 127.0.0.1 and is stopped on exit, Ctrl-C included. It measures and
 reports; it never asserts timings. See docs/benchmarks.md.
@@ -49,8 +52,9 @@ from benchmarks.quality.report import (
     render_json,
     render_table,
     row_from_report,
+    row_from_reports,
 )
-from infermesh.dev.loadgen import LoadSpec, PromptMix, run_load
+from infermesh.dev.loadgen import LoadReport, LoadSpec, PromptMix, run_load
 
 ROUTERS = (INFERMESH, *VLLM_ROUTER_POLICIES)
 DEFAULT_FLEET = "h100,a100,a10,h100@0.25"
@@ -122,6 +126,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="cap on requests in flight at the client (open loop while below it)",
     )
     parser.add_argument("--seed", type=int, default=7, help="seed of the trace")
+    parser.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=None,
+        metavar="S,S,...",
+        help="run once per seed, then print the figures pooled over them (overrides --seed)",
+    )
     parser.add_argument("--model", default="bench-model", help="model the emulators serve")
     parser.add_argument(
         "--vllm-router",
@@ -151,6 +162,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a comma list of integers, e.g. 7,11,13; got {text!r}"
+        ) from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"names a seed twice: {text!r}")
+    return seeds
+
+
 def trace_spec(base_url: str, args: argparse.Namespace) -> LoadSpec:
     """The trace every mode gets: same seed, so the same arrivals, tenants and prompts."""
     return LoadSpec(
@@ -169,10 +192,10 @@ def trace_spec(base_url: str, args: argparse.Namespace) -> LoadSpec:
 
 def measure_mode(
     router: str, replicas: Sequence[Replica], args: argparse.Namespace, log_dir: Path
-) -> tuple[Row | None, str, str]:
-    """(row, detail, why skipped): one cold fleet + router, the trace, everything stopped."""
+) -> tuple[LoadReport | None, str, str]:
+    """(report, detail, why skipped): one cold fleet + router, the trace, everything stopped."""
     mode = mode_name(router)
-    mode_dir = log_dir / mode.replace(" ", "-")
+    mode_dir = log_dir / f"seed{args.seed}" / mode.replace(" ", "-")
     mode_dir.mkdir(parents=True, exist_ok=True)
     with ProcessGroup(mode_dir) as procs:
         try:
@@ -189,7 +212,7 @@ def measure_mode(
         f"{row.errors} errors",
         file=sys.stderr,
     )
-    return row, up.detail, ""
+    return report, up.detail, ""
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -201,29 +224,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.monotonic()
     replicas: tuple[Replica, ...] = args.fleet
-    rows: list[Row] = []
+    seeds: tuple[int, ...] = args.seeds or (args.seed,)
+    reports: dict[str, list[LoadReport]] = {}
     details: dict[str, str] = {}
     skipped: dict[str, str] = {}
+    fleet = ", ".join(r.label for r in replicas)
     with contextlib.ExitStack() as stack:
         if args.log_dir:
             log_dir = Path(args.log_dir).resolve()
             log_dir.mkdir(parents=True, exist_ok=True)
         else:
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imquality-")))
-        fleet = ", ".join(r.label for r in replicas)
         print(f"fleet per mode: {fleet}", file=sys.stderr)
         try:
-            for router in args.routers:
-                row, detail, why = measure_mode(router, replicas, args, log_dir)
-                if row is None:
-                    skipped[mode_name(router)] = why
-                    print(f"NOTE: {mode_name(router)} not measured: {why}", file=sys.stderr)
-                    continue
-                rows.append(row)
-                details[row.mode] = detail
+            for seed in seeds:
+                args.seed = seed
+                rows: list[Row] = []
+                for router in args.routers:
+                    mode = mode_name(router)
+                    if mode in skipped:
+                        continue
+                    report, detail, why = measure_mode(router, replicas, args, log_dir)
+                    if report is None:
+                        skipped[mode] = why
+                        print(f"NOTE: {mode} not measured: {why}", file=sys.stderr)
+                        continue
+                    reports.setdefault(mode, []).append(report)
+                    rows.append(row_from_report(mode, report))
+                    details[mode] = detail
+                if len(seeds) > 1:
+                    print(f"seed {seed}:")
+                    print(render_table(rows))
+                    print(render_goals(rows))
+                    print()
         except KeyboardInterrupt:
             print("interrupted; stopping servers", file=sys.stderr)
             return 130
+    rows = [row_from_reports(mode, mode_reports) for mode, mode_reports in reports.items()]
     for row in rows:
         if row.errors:
             print(
@@ -237,16 +274,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tenants": args.tenants,
         "prefix_chars": args.prefix_chars,
         "max_tokens": args.max_tokens,
-        "seed": args.seed,
+        "seed": seeds[0] if len(seeds) == 1 else None,
+        "seeds": list(seeds),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "wall_s": round(time.monotonic() - started, 1),
         "modes": details,
     }
+    if len(seeds) > 1:
+        print(f"pooled over seeds {', '.join(map(str, seeds))}:")
     print(render_table(rows))
+    traces = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
     print(
         f"\nTTFT and e2e in ms over streamed requests; every mode: a cold fleet of {fleet}, "
-        f"{args.requests} requests at {args.rate:g}/s (seed {args.seed}), "
+        f"{args.requests} requests at {args.rate:g}/s ({traces}), "
         f"{os.cpu_count()} CPUs shared by the client and every server."
     )
     print(render_goals(rows))

@@ -23,6 +23,7 @@ __all__ = [
     "render_json",
     "render_table",
     "row_from_report",
+    "row_from_reports",
 ]
 
 ROUND_ROBIN = "vllm-router round_robin"
@@ -58,6 +59,16 @@ def _ms(value: float | None) -> float:
 
 
 def row_from_report(mode: str, report: LoadReport) -> Row:
+    return row_from_reports(mode, (report,))
+
+
+def row_from_reports(mode: str, reports: Sequence[LoadReport]) -> Row:
+    """One mode's row over one trace, or pooled over several (e.g. one per seed): latency
+    percentiles over every request of them all, rates over their summed wall time."""
+    report = LoadReport(
+        records=tuple(r for each in reports for r in each.records),
+        wall_s=sum(each.wall_s for each in reports),
+    )
     summary = summarize(report.records)
     good = [r for r in report.records if r.ok]
     first_error = next((f"HTTP {r.status}: {r.error}" for r in report.records if not r.ok), "")

@@ -150,3 +150,27 @@ def test_arguments_and_the_same_trace_for_every_mode(script: ModuleType) -> None
         script.parse_args(["--routers", "least_loaded"])
     with pytest.raises(SystemExit):
         script.parse_args(["--rate", "0"])
+
+
+def test_pooled_rows_take_percentiles_over_every_seeds_requests(report: ModuleType) -> None:
+    fast = LoadReport(records=tuple(_record(0.01, 0.1) for _ in range(10)), wall_s=1.0)
+    slow = LoadReport(records=tuple(_record(1.0, 2.0, tag="r1-a10") for _ in range(10)), wall_s=3.0)
+    pooled = report.row_from_reports("infermesh", [fast, slow])
+    assert pooled.requests == pooled.ok == 20
+    assert pooled.ttft_p50_ms == 505.0  # interpolated between the two halves
+    assert pooled.ttft_p95_ms == 1000.0
+    assert pooled.ok_per_s == 5.0  # 20 requests over 4 s of traces
+    assert pooled.share_by_replica == {"r0-h100": 0.5, "r1-a10": 0.5}
+    assert report.row_from_report("infermesh", fast) == report.row_from_reports("infermesh", [fast])
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [("7,x", "comma list of integers"), ("7,7", "names a seed twice")],
+)
+def test_bad_seed_lists_are_refused_with_what_is_wrong(
+    script: ModuleType, seeds: str, message: str
+) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        script.parse_seeds(seeds)
+    assert script.parse_seeds("7,11,13") == (7, 11, 13)
