@@ -214,3 +214,27 @@ def test_url_and_unknown_options_are_refused(fake: FakeNvml) -> None:
     with_url = attrs.evolve(context(), url="http://127.0.0.1:9400/metrics")
     with pytest.raises(ConfigError, match="reads the local GPUs and takes no url"):
         NvmlAdapter(with_url, nvml=fake)
+
+
+def test_running_processes_per_gpu_and_mig_instance_with_the_gpus_nvml_cannot_ask(
+    fake: FakeNvml,
+) -> None:
+    fake.gpus[0].processes = [13]
+    fake.gpus[
+        1
+    ].processes = pynvml.NVMLError_NotSupported  # consumer GPUs may not list compute processes
+    fake.gpus[1].graphics = pynvml.NVMLError_NoPermission
+    fake.gpus[2].migs[0].processes = [11]  # asked on the instance's own handle
+    fake.gpus[2].processes = [(12, 5)]  # NVML's aggregate answer, placing pid 12 on GI 5
+    reader = NvmlReader(fake)
+    reader.start()
+    try:
+        listed = reader.running_processes()
+    finally:
+        reader.close()
+    assert {(p.pid, p.gpu) for p in listed.processes} == {
+        (11, f"{A100}/gi1"),
+        (12, f"{A100}/gi5"),
+        (13, H100),
+    }
+    assert listed.unlisted == {RTX: "compute: not supported on this GPU; graphics: no permission"}
