@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the sdist and the wheel of every InferMesh distribution into dist/ with `python -m build`
-# (each in its own isolated build environment), then `twine check --strict` all of them.
+# (each in its own isolated build environment), `twine check --strict` all of them, then install
+# them all by name from dist/ in a fresh virtual environment and load every plugin.
 #   scripts/build_dists.sh                 refuses if packages/ has uncommitted changes
 #   scripts/build_dists.sh --allow-dirty   builds the working tree as it is (not for a release)
 # Upload afterwards with `uv run twine upload dist/*` (see README, Releasing).
@@ -11,7 +12,7 @@ allow_dirty=0
 for arg in "$@"; do
   case "$arg" in
     --allow-dirty) allow_dirty=1 ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) echo "build_dists: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -55,4 +56,29 @@ fi
 
 echo "== twine check"
 "$UV" run --no-sync twine check --strict dist/*
+
+# Every wheel installs by name in a fresh virtual environment (ours only from dist/, third-party
+# ones at uv.lock's versions) and every plugin loads there.
+echo "== install check: all distributions from dist/ in a fresh virtual environment"
+check_dir="$(mktemp -d)"
+trap 'rm -rf "$check_dir"' EXIT
+"$UV" export --frozen --no-hashes --all-packages --no-emit-workspace --format requirements-txt \
+  --no-header --quiet --output-file "$check_dir/constraints.txt"
+python="$("$UV" run --no-sync python -c 'import sys; print(sys.executable)')"
+"$UV" venv --no-config --quiet --python "$python" "$check_dir/venv"
+requirements=()
+for package in "${packages[@]}"; do requirements+=("$(basename "$package")==$version"); done
+dist_dir="$PWD/dist"
+(cd "$check_dir" && "$UV" pip install --no-config --quiet --python venv/bin/python \
+  --find-links "$dist_dir" --constraint constraints.txt "${requirements[@]}")
+"$check_dir/venv/bin/infermesh" --strict-plugins --version
+"$check_dir/venv/bin/python" - <<'PY'
+from importlib.metadata import entry_points
+
+for ep in sorted(entry_points(group="infermesh"), key=lambda ep: ep.name):
+    ep.load()  # a plugin that cannot be imported from its wheel fails the release here
+    print(f"  plugin {ep.name:<8} {ep.value:<28} {ep.dist.name} {ep.dist.version}")
+for ep in entry_points(group="console_scripts", name="infermesh"):
+    print(f"  console script infermesh = {ep.value} ({ep.dist.name})")
+PY
 ls -l dist
