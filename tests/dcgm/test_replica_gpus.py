@@ -4,11 +4,13 @@ the socket-table, fd-link and stat parsers, and the resolver from a runtime URL 
 from __future__ import annotations
 
 import ipaddress
+import sys
 from pathlib import Path
 
 import pytest
 
 from infermesh.core.scoring.gpu_map import ReplicaGpus
+from infermesh.dcgm.proc_reader import discover_replica_gpus
 from infermesh.dcgm.procfs import SocketTable, parent_pid, parse_socket_table, socket_inode
 from infermesh.dcgm.replica_gpus import (
     GpuProcess,
@@ -186,3 +188,39 @@ def test_nvml_pids_from_another_pid_namespace_are_named() -> None:
     found = resolve("http://127.0.0.1:8000", gpu_processes=(GpuProcess(98765, "GPU-A"),))
     assert "NVML lists processes this /proc does not show (pids 98765)" in found.reason
     assert "another PID namespace" in found.reason
+
+
+# --------------------------------------------------------------------------- the /proc shell
+
+
+def test_without_linux_or_a_socket_table_every_runtime_gets_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = "http://127.0.0.1:8000"
+    monkeypatch.setattr(sys, "platform", "linux")
+    found = discover_replica_gpus([url], [], proc=tmp_path)
+    assert found.replicas[url].reason == (
+        f"replica discovery cannot read the socket table: {tmp_path}/net/tcp does not exist"
+    )
+    monkeypatch.setattr(sys, "platform", "darwin")
+    found = discover_replica_gpus([url], [GpuProcess(1, "GPU-A")])
+    assert found.replicas[url] == ReplicaGpus(
+        reason="replica discovery reads Linux's /proc; this is darwin"
+    )
+
+
+def test_a_recorded_proc_tree_is_read_like_the_real_one(tmp_path: Path) -> None:
+    (tmp_path / "net").mkdir()
+    for name in ("tcp", "tcp6"):
+        (tmp_path / "net" / name).write_text((DATA / name).read_text())
+    for pid, parent in PARENTS.items():
+        (tmp_path / str(pid) / "fd").mkdir(parents=True)
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (python3 (x)) S {parent} 1 1 0\n")
+    (tmp_path / "100" / "fd" / "3").symlink_to("socket:[40001]")
+    (tmp_path / "100" / "fd" / "4").symlink_to("/dev/null")
+    (tmp_path / "self").mkdir()  # not a pid: ignored
+    found = discover_replica_gpus(["http://127.0.0.1:8000"], ON_GPUS, proc=tmp_path)
+    assert found.replicas["http://127.0.0.1:8000"] == ReplicaGpus(
+        gpus=("GPU-A", "GPU-B"), pids=(100,)
+    )
+    assert len(found.skipped) == 3  # the garbage lines of the recorded tables

@@ -73,26 +73,23 @@ def _held_sockets(fd_dir: Path, inodes: frozenset[int]) -> frozenset[int]:
 
 
 def read_process_table(inodes: frozenset[int], proc: Path = PROC) -> ProcessTable:
-    """Every process's parent, and which processes hold the sockets `inodes`."""
+    """Every process's parent, and which processes hold the sockets `inodes` (nothing is read
+    when `inodes` is empty: no runtime's port listens, so no process can be its server)."""
     parents: dict[int, int] = {}
     sockets: dict[int, frozenset[int]] = {}
     unreadable = 0
-    for entry in os.scandir(proc):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
+    if not inodes:
+        return ProcessTable(parents=parents, sockets=sockets)
+    with os.scandir(proc) as entries:
+        pids = [int(entry.name) for entry in entries if entry.name.isdigit()]
+    for pid in pids:
         try:
-            parents[pid] = parent_pid((proc / entry.name / "stat").read_text(errors="replace"))
-        except (OSError, ValueError):  # exited meanwhile
-            continue
-        if not inodes:
-            continue
-        try:
-            held = _held_sockets(proc / entry.name / "fd", inodes)
-        except PermissionError:
+            parents[pid] = parent_pid((proc / str(pid) / "stat").read_text(errors="replace"))
+            held = _held_sockets(proc / str(pid) / "fd", inodes)
+        except PermissionError:  # another user's process: its open files are not ours to read
             unreadable += 1
             continue
-        except OSError:
+        except (OSError, ValueError):  # exited meanwhile
             continue
         if held:
             sockets[pid] = held
