@@ -94,18 +94,20 @@ class NvmlReader:
         return f"nvmlInit failed: {exc}"
 
     def close(self) -> None:
-        """Free the event set and nvmlShutdown; errors are logged, never raised."""
-        if not self._started:
-            return
-        nvml = self.nvml
-        self._started = False
-        try:
-            if self._event_set is not None:
-                nvml.nvmlEventSetFree(self._event_set)
-                self._event_set = None
-            nvml.nvmlShutdown()
-        except nvml.NVMLError as exc:
-            log.warning("nvmlShutdown failed", error=str(exc))
+        """Free the event set and nvmlShutdown, after a read or process list in flight (from a
+        cancelled caller) ends; errors are logged, never raised."""
+        with self._lock:
+            if not self._started:
+                return
+            nvml = self.nvml
+            self._started = False
+            try:
+                if self._event_set is not None:
+                    nvml.nvmlEventSetFree(self._event_set)
+                    self._event_set = None
+                nvml.nvmlShutdown()
+            except nvml.NVMLError as exc:
+                log.warning("nvmlShutdown failed", error=str(exc))
 
     # ------------------------------------------------------------------ one read
 
