@@ -28,7 +28,15 @@ import attrs
 from infermesh.core.contracts import TargetView
 from infermesh.core.model import ModelState, RequestFeatures
 
-__all__ = ["Speed", "decode_rate", "service_s", "tokens_per_request"]
+__all__ = [
+    "Speed",
+    "decode_rate",
+    "forget_speed",
+    "median_tokens",
+    "service_s",
+    "state_speed",
+    "tokens_per_request",
+]
 
 
 @attrs.frozen
@@ -42,7 +50,41 @@ class Speed:
 
 
 def decode_rate(state: ModelState) -> Speed | None:
-    """The target's measured per-sequence decode rate, or None when nothing measures it."""
+    """The target's measured per-sequence decode rate, or None when nothing measures it.
+
+    Computed once per state (a ModelState is immutable and replaced on every change)."""
+    return state_speed(state)[1]
+
+
+def state_speed(state: ModelState) -> tuple[ModelState, Speed | None, float | None]:
+    """`(state, decode_rate(state), its decode tokens per request or None)`, computed on the
+    first call for this state object and then looked up (the scorers ask on every decision)."""
+    cached = _SPEEDS.get(id(state))
+    if cached is not None and cached[0] is state:
+        return cached
+    speed = _measure_rate(state)
+    entry = (state, speed, _decode_tokens(state, speed))
+    if len(_SPEEDS) >= _SPEEDS_SIZE:
+        _SPEEDS.clear()
+    _SPEEDS[id(state)] = entry
+    return entry
+
+
+def forget_speed(state: ModelState | None) -> None:
+    """Drop `state`'s entry (the store calls it when a delta replaces the state)."""
+    if state is not None:
+        cached = _SPEEDS.get(id(state))
+        if cached is not None and cached[0] is state:
+            del _SPEEDS[id(state)]
+
+
+# id(ModelState) -> (it, its rate, its decode tokens): the state is kept in the entry, so its
+# id cannot be reused by another state while the entry lives; cleared whole when full.
+_SPEEDS: dict[int, tuple[ModelState, Speed | None, float | None]] = {}
+_SPEEDS_SIZE = 1 << 15
+
+
+def _measure_rate(state: ModelState) -> Speed | None:
     itl_s = state.itl_s
     if itl_s is not None and itl_s > 0 and math.isfinite(itl_s):
         return Speed(1.0 / itl_s, "itl")
@@ -70,12 +112,18 @@ def tokens_per_request(
 
     `speeds`: each view's `decode_rate`, when the caller has them already."""
     if speeds is None:
-        speeds = [decode_rate(v.state) for v in views]
-    measured = sorted(
-        t
-        for t in (_decode_tokens(v.state, sp) for v, sp in zip(views, speeds, strict=True))
-        if t is not None
-    )
+        measured = sorted(t for t in (state_speed(v.state)[2] for v in views) if t is not None)
+    else:
+        measured = sorted(
+            t
+            for t in (_decode_tokens(v.state, sp) for v, sp in zip(views, speeds, strict=True))
+            if t is not None
+        )
+    return median_tokens(measured, request)
+
+
+def median_tokens(measured: list[float], request: RequestFeatures) -> float | None:
+    """`tokens_per_request` from the sorted decode tokens of the targets that measure them."""
     if measured:
         middle = len(measured) // 2
         if len(measured) % 2:

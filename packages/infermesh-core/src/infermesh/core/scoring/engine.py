@@ -12,6 +12,7 @@ already in flight are not touched: a drain only stops new ones.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -22,11 +23,13 @@ from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import Scorer, ScoreResult, TargetView
 from infermesh.core.model import ModelState, RequestFeatures, TargetKey, finite_or_none
 from infermesh.core.policy import Drain, PolicySet, ScoringPolicy
+from infermesh.core.scoring.columns import ScoreColumn, column_of, results_column
 from infermesh.core.scoring.gpu_health import gpu_exclusion_reason
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.prefix import LearningScorer
 from infermesh.core.scoring.sampling import CandidateSampler
 from infermesh.core.scoring.state import StateStore
+from infermesh.core.scoring.views import make_view
 
 __all__ = [
     "ConfigurableScorer",
@@ -418,12 +421,7 @@ class ScoringEngine:
             target_ids = self._target_ids(keys)
             order = sampler.order(request.model, keys, candidates, target_ids, request, now)
             ranking = self._rank(
-                request,
-                now,
-                max_targets,
-                candidates,
-                ((candidates[i], target_ids[i]) for i in order),
-                sampler.max_candidates,
+                request, now, max_targets, candidates, target_ids, order, sampler.max_candidates
             )
             if ranking.targets:
                 return self._learned(request, ranking, now)
@@ -431,7 +429,7 @@ class ScoringEngine:
         else:
             target_ids = self._target_ids(candidates)
         ranking = self._rank(
-            request, now, max_targets, candidates, zip(candidates, target_ids, strict=True), 0
+            request, now, max_targets, candidates, target_ids, range(len(candidates)), 0
         )
         return self._learned(request, ranking, now)
 
@@ -450,13 +448,64 @@ class ScoringEngine:
         now: float,
         max_targets: int,
         candidates: tuple[ModelState, ...],
-        pairs: Iterable[tuple[ModelState, str]],
+        target_ids: tuple[str, ...],
+        indices: Iterable[int],
         limit: int,
     ) -> Ranking:
-        """Rank the (state, target id) `pairs`; with `limit` > 0, stop after that many usable
-        ones. `candidates` is every target of the model (for the count)."""
-        inflight = self.inflight
+        """Rank the candidates at `indices` (`target_ids` holds each candidate's id); with
+        `limit` > 0, stop after that many usable ones."""
         policy = self._request_policy(request)
+        ids, targets, excluded_list = self._views(
+            request, now, candidates, target_ids, indices, limit, policy
+        )
+        excluded_ = tuple(excluded_list)
+        if not targets:
+            transient = any(e.transient for e in excluded_)
+            retry_after_s = RETRY_TRANSIENT_S if transient else RETRY_UNAVAILABLE_S
+            return Ranking((), True, len(candidates), excluded_, retry_after_s)
+        scorers, total_weight = self._weighted(policy.scoring)
+        columns = [self._run_scorer(ws, request, targets) for ws in scorers]
+        count = len(targets)
+        if count == 1:
+            results = tuple(column.result(0) for column in columns)
+            total = sum(ws.weight * r.score for ws, r in zip(scorers, results, strict=True))
+            score = min(1.0, total / total_weight)
+            only = RankedTarget(ids[0], targets[0], score, results, scorers)
+            return Ranking((only,), True, len(candidates), excluded_, 0.0)
+        totals = [0.0] * count
+        for ws, column in zip(scorers, columns, strict=True):
+            weight = ws.weight
+            totals = [t + weight * s for t, s in zip(totals, column.scores, strict=True)]
+        # Best total first, ties by target id: the same inputs always give the same order.
+        if 0 < max_targets < count:
+            order = heapq.nsmallest(max_targets, range(count), key=lambda i: (-totals[i], ids[i]))
+        else:
+            order = sorted(range(count), key=lambda i: (-totals[i], ids[i]))
+        ranked = tuple(
+            RankedTarget(
+                ids[i],
+                targets[i],
+                min(1.0, totals[i] / total_weight),
+                tuple([column.result(i) for column in columns]),
+                scorers,
+            )
+            for i in order
+        )
+        return Ranking(ranked, True, len(candidates), excluded_, 0.0)
+
+    def _views(
+        self,
+        request: RequestFeatures,
+        now: float,
+        candidates: tuple[ModelState, ...],
+        target_ids: tuple[str, ...],
+        indices: Iterable[int],
+        limit: int,
+        policy: _RequestPolicy,
+    ) -> tuple[list[str], list[TargetView], list[Exclusion]]:
+        """The ids and views of the usable candidates at `indices` (at most `limit` when > 0)
+        and the exclusions met on the way."""
+        inflight = self.inflight
         policy_filters = self._policy_filters
         ids: list[str] = []
         views: list[TargetView] = []
@@ -465,13 +514,13 @@ class ScoringEngine:
         stale_after_s = self.stale_after_s
         gpus_for = self.store.gpus_for
         stats_of = inflight.stats
-        in_flight = inflight.in_flight
-        finished_unseen = inflight.finished_unseen
-        open_before = inflight.open_before
+        corrections = inflight.corrections
         # One estimate per node per ranking: replicas of a model often share a node.
         rtt_by_node: dict[str, float | None] | None = None if self.rtt_estimate is None else {}
         rtt_s: float | None = None
-        for state, target_id in pairs:
+        for i in indices:
+            state = candidates[i]
+            target_id = target_ids[i]
             seen_at = state.last_updated
             # The usual case, checked inline: loaded, warm, healthy and fresh, no filters or
             # GPU labels; `exclusion` gives the same verdict (and the reason) otherwise.
@@ -495,57 +544,24 @@ class ScoringEngine:
                     rtt_s = rtt_by_node[node]
                 else:
                     rtt_s = rtt_by_node[node] = self._rtt_s(node)
+            in_flight, finished_unseen, open_before = corrections(target_id, seen_at, stale_after_s)
             ids.append(target_id)
             views.append(
-                TargetView(
-                    state=state,
-                    in_flight=in_flight(target_id, seen_at),
-                    finished_unseen=finished_unseen(target_id, seen_at),
-                    open_before_scrape=open_before(target_id, seen_at, stale_after_s),
-                    gpus=gpus_for(state),
-                    ttft_ewma_s=stats.ttft_ewma_s if stats else None,
-                    error_rate=stats.error_rate if stats else 0.0,
-                    now=now,
-                    rtt_s=rtt_s,
+                make_view(
+                    state,
+                    in_flight,
+                    gpus_for(state),
+                    stats.ttft_ewma_s if stats else None,
+                    stats.error_rate if stats else 0.0,
+                    now,
+                    finished_unseen,
+                    open_before,
+                    rtt_s,
                 )
             )
             if limit and len(views) >= limit:
                 break
-        if not views:
-            transient = any(e.transient for e in excluded)
-            retry_after_s = RETRY_TRANSIENT_S if transient else RETRY_UNAVAILABLE_S
-            return Ranking((), True, len(candidates), tuple(excluded), retry_after_s)
-        count = len(views)
-        scorers, total_weight = self._weighted(policy.scoring)
-        if count == 1:
-            results = tuple(self._run_scorer(ws, request, views)[0] for ws in scorers)
-            total = sum(ws.weight * r.score for ws, r in zip(scorers, results, strict=True))
-            score = min(1.0, total / total_weight)
-            only = RankedTarget(ids[0], views[0], score, results, scorers)
-            return Ranking((only,), True, len(candidates), tuple(excluded), 0.0)
-        totals = [0.0] * count
-        per_scorer: list[Sequence[ScoreResult]] = []
-        for ws in scorers:
-            results_ = self._run_scorer(ws, request, views)
-            per_scorer.append(results_)
-            weight = ws.weight
-            for i, result in enumerate(results_):
-                totals[i] += weight * result.score
-        # Best total first, ties by target id: the same inputs always give the same order.
-        order = sorted(range(count), key=lambda i: (-totals[i], ids[i]))
-        if max_targets > 0:
-            order = order[:max_targets]
-        ranked = tuple(
-            RankedTarget(
-                ids[i],
-                views[i],
-                min(1.0, totals[i] / total_weight),
-                tuple([results_[i] for results_ in per_scorer]),
-                scorers,
-            )
-            for i in order
-        )
-        return Ranking(ranked, True, len(candidates), tuple(excluded), 0.0)
+        return ids, views, excluded
 
     def _target_ids(
         self, candidates: tuple[ModelState, ...] | tuple[TargetKey, ...]
@@ -566,14 +582,26 @@ class ScoringEngine:
 
     def _run_scorer(
         self, ws: WeightedScorer, request: RequestFeatures, views: Sequence[TargetView]
-    ) -> Sequence[ScoreResult]:
+    ) -> ScoreColumn:
         # A broken third-party scorer must not take the hot path down: it counts as neutral.
+        scorer = ws.scorer
         try:
-            results = ws.scorer.score(request, views)
-            if len(results) != len(views):
-                raise ValueError(f"returned {len(results)} results for {len(views)} targets")
-            return results
+            score_column = column_of(scorer)
+            if score_column is None:
+                results = scorer.score(request, views)
+                if len(results) != len(views):
+                    raise ValueError(f"returned {len(results)} results for {len(views)} targets")
+                return results_column(results)
+            column = score_column(request, views)
+            scores = column.scores
+            if len(scores) != len(views):
+                raise ValueError(f"returned {len(scores)} scores for {len(views)} targets")
+            # C-speed range check; NaN fails `sum(...) >= 0` (min and max may skip it).
+            if not (min(scores) >= 0.0 and max(scores) <= 1.0 and sum(scores) >= 0.0):
+                bad = next(s for s in scores if not 0.0 <= s <= 1.0)
+                raise ValueError(f"score {bad} outside [0, 1]")
+            return column
         except Exception as exc:
             self.scorer_failures[ws.name] = self.scorer_failures.get(ws.name, 0) + 1
             failed = ScoreResult(0.5, f"scorer failed ({type(exc).__name__}: {exc}): neutral")
-            return [failed] * len(views)
+            return ScoreColumn([0.5] * len(views), lambda _: failed)

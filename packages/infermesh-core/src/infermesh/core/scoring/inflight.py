@@ -101,6 +101,9 @@ def runtime_ran(status: int) -> bool:
     return 200 <= status < 300 or status == CLIENT_CLOSED
 
 
+_NO_CORRECTIONS = (0, 0, 0)
+
+
 class InflightTracker:
     """Open reservations per target (ordered by start time), released ones telemetry has not
     caught up with, and per-target outcome EWMAs."""
@@ -247,6 +250,18 @@ class InflightTracker:
         if not upper:
             return 0
         return upper - bisect.bisect_right(starts, (since - window_s, 1 << 62))
+
+    def corrections(self, target_id: str, since: float, window_s: float) -> tuple[int, int, int]:
+        """`(in_flight, finished_unseen, open_before)` of `target_id` for telemetry read at
+        `since`, in one call (what the engine asks for every scored target); `(0, 0, 0)` at the
+        cost of two dict lookups for a target this tracker holds nothing for."""
+        if target_id not in self._by_target and target_id not in self._finished:
+            return _NO_CORRECTIONS
+        return (
+            self.in_flight(target_id, since),
+            self.finished_unseen(target_id, since),
+            self.open_before(target_id, since, window_s),
+        )
 
     def finished_unseen(self, target_id: str, since: float) -> int:
         """Released reservations on `target_id` that started at or before `since` (the

@@ -15,7 +15,8 @@ import attrs
 
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
-from infermesh.core.scoring.capacity import Speed, decode_rate, tokens_per_request
+from infermesh.core.scoring.capacity import Speed, median_tokens, state_speed
+from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn
 from infermesh.core.scoring.gpu_health import GpuHealthScorer
 from infermesh.core.scoring.prefix import PrefixAffinityScorer, hrw_weight, target_hash
 
@@ -36,7 +37,7 @@ WORK_FLOOR_S = 0.05
 WORK_CEILING_S = 1e6
 
 
-class QueueScorer:
+class QueueScorer(ColumnScorer):
     """Prefers targets with less work left, corrected for what the routers did since the scrape
     (in-flight requests added, finished ones taken off: `TargetView.expected_work_left_s`).
 
@@ -52,30 +53,35 @@ class QueueScorer:
     name = "queue"
     default_weight = 2.0
 
-    def score(self, request: RequestFeatures, targets: Sequence[TargetView]) -> list[ScoreResult]:
-        work: list[float] = []
-        speeds: list[tuple[float, Speed] | None] = []
+    def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
         # Capacity by measured throughput: each target's work in seconds of its own speed.
-        rates = [decode_rate(view.state) for view in targets]
-        tokens = tokens_per_request(targets, request, rates) if any(rates) else None
-        for view, speed in zip(targets, rates, strict=True):
+        # (state, rate, decode tokens) per target: computed by the store once per state change.
+        speeds = [state_speed(view.state) for view in targets]
+        tokens: float | None = None
+        if any(speed is not None for _, speed, _ in speeds):
+            measured_tokens = sorted(t for _, _, t in speeds if t is not None)
+            tokens = median_tokens(measured_tokens, request)
+        work: list[float] = []
+        measured: list[tuple[float, Speed] | None] = []
+        for view, (state, speed, _) in zip(targets, speeds, strict=True):
             w = view.expected_work_left_s
-            measured: tuple[float, Speed] | None = None
             if tokens is not None and speed is not None:
                 per_request_s = tokens / speed.tokens_per_s
-                w *= per_request_s / view.state.request_service_s
-                measured = (per_request_s, speed)
-            speeds.append(measured)
+                w *= per_request_s / state.request_service_s
+                measured.append((per_request_s, speed))
+            else:
+                measured.append(None)
             work.append(min(w, WORK_CEILING_S) if w >= 0.0 else 0.0)  # NaN -> 0
-        if not work:
-            return []
-        mean_s = sum(work) / len(work)
+        mean_s = sum(work) / len(work) if work else 0.0
         ref_s = max(mean_s, WORK_FLOOR_S)
-        deferred = ScoreResult.deferred
-        return [
-            deferred(1.0 / (1.0 + w / ref_s), _queue_reason, w, view, mean_s, measured, tokens)
-            for view, w, measured in zip(targets, work, speeds, strict=True)
-        ]
+        scores = [1.0 / (1.0 + w / ref_s) for w in work]
+
+        def result(i: int) -> ScoreResult:
+            return ScoreResult.deferred(
+                scores[i], _queue_reason, work[i], targets[i], mean_s, measured[i], tokens
+            )
+
+        return ScoreColumn(scores, result)
 
 
 def _queue_reason(
