@@ -49,25 +49,34 @@ def uv_binary() -> str:
     return found
 
 
-def run_uv(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run uv outside the workspace's settings; skip (fail under CI) when the index is down."""
+def run_uv(*args: str | Path, cwd: Path) -> None:
+    run_uv_together([args], cwd=cwd)
+
+
+def run_uv_together(commands: list[tuple[str | Path, ...]], cwd: Path) -> None:
+    """Run uv commands side by side, outside the workspace's settings; skip (fail under CI) when
+    the package index cannot be reached."""
     env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "UV_PYTHON"}}
-    result = subprocess.run(
-        [uv_binary(), *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    if result.returncode != 0 and any(sign in result.stderr for sign in UNREACHABLE):
-        reason = f"package index unreachable: {result.stderr.strip().splitlines()[-1]}"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the packaging tests; {reason}")
-        pytest.skip(reason)
-    assert result.returncode == 0, f"uv {' '.join(map(str, args))} failed:\n{result.stderr}"
-    return result
+    uv = uv_binary()
+    running = [
+        subprocess.Popen(
+            [uv, *map(str, args)],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    errors = [process.communicate(timeout=110)[1] for process in running]
+    for args, process, stderr in zip(commands, running, errors, strict=True):
+        if process.returncode != 0 and any(sign in stderr for sign in UNREACHABLE):
+            reason = f"package index unreachable: {stderr.strip().splitlines()[-1].strip()}"
+            if os.environ.get("CI"):
+                pytest.fail(f"CI must run the packaging tests; {reason}")
+            pytest.skip(reason)
+        assert process.returncode == 0, f"uv {' '.join(map(str, args))} failed:\n{stderr}"
 
 
 def artifact(dist_dir: Path, distribution: str, suffix: str) -> Path:
@@ -92,8 +101,9 @@ def metadata(dist_dir: Path, distribution: str) -> Message:
 def dist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """sdist and wheel (built from that sdist) of core, agent and vllm."""
     out = tmp_path_factory.mktemp("dist")
-    for distribution in BUILT:
-        run_uv("build", "--package", distribution, "--out-dir", out, "--quiet", cwd=ROOT)
+    run_uv_together(
+        [("build", "--package", name, "--out-dir", out, "--quiet") for name in BUILT], cwd=ROOT
+    )
     return out
 
 
