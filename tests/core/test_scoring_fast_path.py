@@ -21,7 +21,7 @@ from infermesh.core.model import (
     TargetKey,
 )
 from infermesh.core.scoring import capacity
-from infermesh.core.scoring.capacity import decode_rate, state_speed, tokens_per_request
+from infermesh.core.scoring.capacity import decode_rate, state_features, tokens_per_request
 from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn, column_of
 from infermesh.core.scoring.engine import ScoringEngine, WeightedScorer
 from infermesh.core.scoring.inflight import InflightTracker
@@ -80,12 +80,12 @@ def test_corrections_match_the_three_counts_and_are_zero_for_an_untouched_target
 
 def test_a_states_speed_is_computed_once_and_a_new_state_gets_its_own() -> None:
     slow = ModelState(key=KEY, itl_s=0.04, ttft_s=0.1, e2e_s=2.1)
-    first = state_speed(slow)
-    assert state_speed(slow) is first  # looked up, not recomputed
+    first = state_features(slow)
+    assert state_features(slow) is first  # looked up, not recomputed
     speed = decode_rate(slow)
     assert speed is not None
     assert speed.tokens_per_s == pytest.approx(25.0)
-    assert first[2] == pytest.approx(50.0)  # (2.1 - 0.1) s at 25 tokens/s
+    assert first.decode_tokens == pytest.approx(50.0)  # (2.1 - 0.1) s at 25 tokens/s
     fast = attrs.evolve(slow, itl_s=0.01, version=2)  # what the store does on a delta
     fast_speed = decode_rate(fast)
     assert fast_speed is not None
@@ -100,12 +100,12 @@ def test_the_store_has_each_states_speed_ready_before_a_decision() -> None:
     store = StateStore()
     store.apply_model_delta(ModelStateDelta(KEY, 1, {"itl_s": 0.02, "last_updated": NOW}))
     (state,) = store.candidates("m")
-    cached = capacity._SPEEDS.get(id(state))
+    cached = capacity._FEATURES.get(id(state))
     assert cached is not None
-    assert cached[0] is state
+    assert cached.state is state
     store.apply_model_delta(ModelStateDelta(KEY, 2, {"itl_s": 0.05}))
     (newer,) = store.candidates("m")
-    assert id(state) not in capacity._SPEEDS or capacity._SPEEDS[id(state)][0] is not state
+    assert id(state) not in capacity._FEATURES or capacity._FEATURES[id(state)].state is not state
     speed = decode_rate(newer)
     assert speed is not None
     assert speed.tokens_per_s == pytest.approx(20.0)

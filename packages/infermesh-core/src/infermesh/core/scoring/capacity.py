@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import attrs
 
@@ -30,11 +31,13 @@ from infermesh.core.model import ModelState, RequestFeatures
 
 __all__ = [
     "Speed",
+    "StateFeatures",
     "decode_rate",
-    "forget_speed",
+    "forget_features",
+    "kv_permille",
     "median_tokens",
     "service_s",
-    "state_speed",
+    "state_features",
     "tokens_per_request",
 ]
 
@@ -53,35 +56,61 @@ def decode_rate(state: ModelState) -> Speed | None:
     """The target's measured per-sequence decode rate, or None when nothing measures it.
 
     Computed once per state (a ModelState is immutable and replaced on every change)."""
-    return state_speed(state)[1]
+    return state_features(state).speed
 
 
-def state_speed(state: ModelState) -> tuple[ModelState, Speed | None, float | None]:
-    """`(state, decode_rate(state), its decode tokens per request or None)`, computed on the
-    first call for this state object and then looked up (the scorers ask on every decision)."""
-    cached = _SPEEDS.get(id(state))
-    if cached is not None and cached[0] is state:
+class StateFeatures(NamedTuple):
+    """What the scorers read of one state on every decision, computed once per state."""
+
+    state: ModelState
+    speed: Speed | None
+    """`decode_rate(state)`."""
+    decode_tokens: float | None
+    """Generated tokens per request it measures (decode time at its decode rate), or None."""
+    service_s: float
+    """`state.request_service_s`."""
+    kv_permille: int
+    """KV-cache usage in 0.1% steps, 0..1000 (NaN or unknown: 0)."""
+
+
+def state_features(state: ModelState) -> StateFeatures:
+    """`state`'s StateFeatures: computed on the first call for this state object (the store
+    calls it on every applied delta) and then looked up."""
+    cached = _FEATURES.get(id(state))
+    if cached is not None and cached.state is state:
         return cached
     speed = _measure_rate(state)
-    entry = (state, speed, _decode_tokens(state, speed))
-    if len(_SPEEDS) >= _SPEEDS_SIZE:
-        _SPEEDS.clear()
-    _SPEEDS[id(state)] = entry
-    return entry
+    features = StateFeatures(
+        state,
+        speed,
+        _decode_tokens(state, speed),
+        state.request_service_s,
+        kv_permille(state.kv_cache_usage),
+    )
+    if len(_FEATURES) >= _FEATURES_SIZE:
+        _FEATURES.clear()
+    _FEATURES[id(state)] = features
+    return features
 
 
-def forget_speed(state: ModelState | None) -> None:
+def forget_features(state: ModelState | None) -> None:
     """Drop `state`'s entry (the store calls it when a delta replaces the state)."""
     if state is not None:
-        cached = _SPEEDS.get(id(state))
-        if cached is not None and cached[0] is state:
-            del _SPEEDS[id(state)]
+        cached = _FEATURES.get(id(state))
+        if cached is not None and cached.state is state:
+            del _FEATURES[id(state)]
 
 
-# id(ModelState) -> (it, its rate, its decode tokens): the state is kept in the entry, so its
-# id cannot be reused by another state while the entry lives; cleared whole when full.
-_SPEEDS: dict[int, tuple[ModelState, Speed | None, float | None]] = {}
-_SPEEDS_SIZE = 1 << 15
+def kv_permille(usage: float) -> int:
+    """KV-cache usage (a fraction) in 0.1% steps, clamped to 0..1000; NaN (unknown) is 0."""
+    usage = min(1.0, max(0.0, usage)) if usage == usage else 0.0
+    return round(usage * 1000)
+
+
+# id(ModelState) -> its features: the entry holds the state, so its id cannot be reused by
+# another state while the entry lives; cleared whole when full (states not from a store).
+_FEATURES: dict[int, StateFeatures] = {}
+_FEATURES_SIZE = 1 << 15
 
 
 def _measure_rate(state: ModelState) -> Speed | None:
@@ -112,7 +141,9 @@ def tokens_per_request(
 
     `speeds`: each view's `decode_rate`, when the caller has them already."""
     if speeds is None:
-        measured = sorted(t for t in (state_speed(v.state)[2] for v in views) if t is not None)
+        measured = sorted(
+            t for t in (state_features(v.state).decode_tokens for v in views) if t is not None
+        )
     else:
         measured = sorted(
             t

@@ -15,7 +15,7 @@ import attrs
 
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
-from infermesh.core.scoring.capacity import Speed, median_tokens, state_speed
+from infermesh.core.scoring.capacity import Speed, kv_permille, median_tokens, state_features
 from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn
 from infermesh.core.scoring.gpu_health import GpuHealthScorer
 from infermesh.core.scoring.prefix import PrefixAffinityScorer, hrw_weight, target_hash
@@ -55,19 +55,26 @@ class QueueScorer(ColumnScorer):
 
     def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
         # Capacity by measured throughput: each target's work in seconds of its own speed.
-        # (state, rate, decode tokens) per target: computed by the store once per state change.
-        speeds = [state_speed(view.state) for view in targets]
+        # Each state's rate, decode tokens and service time: computed once per state change.
+        features = [state_features(view.state) for view in targets]
         tokens: float | None = None
-        if any(speed is not None for _, speed, _ in speeds):
-            measured_tokens = sorted(t for _, _, t in speeds if t is not None)
+        if any(f.speed is not None for f in features):
+            measured_tokens = sorted(
+                f.decode_tokens for f in features if f.decode_tokens is not None
+            )
             tokens = median_tokens(measured_tokens, request)
         work: list[float] = []
         measured: list[tuple[float, Speed] | None] = []
-        for view, (state, speed, _) in zip(targets, speeds, strict=True):
-            w = view.expected_work_left_s
+        for view, (state, speed, _, service_s, _) in zip(targets, features, strict=True):
+            if view.finished_unseen <= 0:
+                # `view.expected_work_left_s` (ModelState.work_left_with_s), inlined.
+                running = state.running
+                w = (state.waiting + view.unseen + 0.5 * running) * service_s / max(running, 1.0)
+            else:
+                w = view.expected_work_left_s
             if tokens is not None and speed is not None:
                 per_request_s = tokens / speed.tokens_per_s
-                w *= per_request_s / state.request_service_s
+                w *= per_request_s / service_s
                 measured.append((per_request_s, speed))
             else:
                 measured.append(None)
@@ -118,22 +125,28 @@ def _load_text(view: TargetView) -> str:
     return f"{text}; {'; '.join(notes)}"
 
 
-class KvHeadroomScorer(PerTargetScorer):
+class KvHeadroomScorer(ColumnScorer, PerTargetScorer):
     """Prefers targets with free KV-cache blocks: score = 1 - KV-cache usage (to 0.1%)."""
 
     name = "kv"
     default_weight = 1.0
 
     def score_one(self, request: RequestFeatures, target: TargetView) -> ScoreResult:
-        usage = target.state.kv_cache_usage
-        usage = min(1.0, max(0.0, usage)) if usage == usage else 0.0  # NaN -> unknown -> 0
-        return _kv_result(round(usage * 1000))
+        return _kv_result(kv_permille(target.state.kv_cache_usage))
+
+    def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
+        # Each state's usage in 0.1% steps: computed once per state change.
+        permille = [state_features(view.state).kv_permille for view in targets]
+        return ScoreColumn([_KV_SCORES[p] for p in permille], lambda i: _kv_result(permille[i]))
 
 
 @lru_cache(maxsize=1001)
 def _kv_result(usage_permille: int) -> ScoreResult:
     # One shared result per 0.1% step: this scorer then costs a dict lookup per target.
-    return ScoreResult(1.0 - usage_permille / 1000.0, f"KV cache {usage_permille / 10:g}% used")
+    return ScoreResult(_KV_SCORES[usage_permille], f"KV cache {usage_permille / 10:g}% used")
+
+
+_KV_SCORES = [1.0 - permille / 1000.0 for permille in range(1001)]
 
 
 # An RTT at or below this is as good as local: the score does not tell such targets apart.

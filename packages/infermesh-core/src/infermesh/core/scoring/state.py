@@ -4,7 +4,7 @@ Sans-I/O and single-writer: deltas are applied by synchronous calls on the event
 each one lands atomically; readers get immutable tuples (per-model candidate lists, rebuilt
 lazily on the first read after a write: a value change replaces one entry of a per-model dict,
 only a membership change re-sorts) and never scan the cluster. A delta also computes the new
-state's per-state scoring features (its measured decode rate, infermesh.core.scoring.capacity),
+state's scoring features (measured decode rate, KV use: capacity.StateFeatures),
 so decisions look them up. Never awaits, reads a clock or logs.
 """
 
@@ -23,7 +23,7 @@ from infermesh.core.model import (
     ModelStateDelta,
     TargetKey,
 )
-from infermesh.core.scoring.capacity import forget_speed, state_speed
+from infermesh.core.scoring.capacity import forget_features, state_features
 
 __all__ = ["ApplyCounts", "StateStore", "Subscription"]
 
@@ -87,8 +87,8 @@ class StateStore:
         self._models[delta.key] = new
         self._by_target_id[delta.key.target_id] = new
         # Per-state features the scorers read on every decision, computed here, once per change.
-        forget_speed(old)
-        state_speed(new)
+        forget_features(old)
+        state_features(new)
         old_names = _served_names(old) if old is not None else frozenset()
         for name in old_names | _served_names(new):
             self._reindex(name, new)
