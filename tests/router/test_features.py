@@ -13,6 +13,8 @@ from infermesh.router.features import (
     estimate_tokens,
     parse_request,
     prefix_key_of,
+    text_prefix_keys,
+    token_prefix_keys,
 )
 
 SYSTEM = "You are a meticulous assistant for the ACME support desk. " * 8  # > 256 characters
@@ -114,6 +116,49 @@ def test_prefix_key_only_reads_the_first_prefix_characters() -> None:
 
     assert key(base + "tail one") == key(base + "tail two")
     assert key("q" + base) != key(base)
+
+
+def test_a_conversations_next_turn_repeats_the_prefix_keys_of_its_earlier_turns() -> None:
+    history = [
+        {"role": "system", "content": SYSTEM * 3},  # ~1,400 characters
+        {"role": "user", "content": "u" * 700},
+        {"role": "assistant", "content": "a" * 2000},
+    ]
+    turn1 = parse_request(Route.CHAT, chat(messages=history[:2])).features
+    turn2 = parse_request(
+        Route.CHAT, chat(messages=[*history, {"role": "user", "content": "more"}])
+    ).features
+    other = parse_request(
+        Route.CHAT, chat(messages=[history[0], {"role": "user", "content": "v" * 700}])
+    ).features
+    # ~2,150 characters: the 256, 512, 1024 and 2048-character depths (64 to 512 tokens)
+    assert len(turn1.prefix_keys) == 4
+    assert turn2.prefix_keys[:4] == turn1.prefix_keys
+    assert len(turn2.prefix_keys) == 5  # ~4,130 characters: also the 4096-character depth
+    # another conversation of the tenant shares only what lies inside the system prompt
+    assert other.prefix_keys[:3] == turn1.prefix_keys[:3]
+    assert other.prefix_keys[3] != turn1.prefix_keys[3]
+    assert turn1.prefix_key == turn1.prefix_keys[0]
+
+
+def test_prefix_keys_are_at_fixed_depths_of_text_and_token_ids() -> None:
+    ids = list(range(5000))
+    keys = token_prefix_keys(ids)
+    assert len(keys) == 7  # 64 ... 4096 ids
+    assert keys[0] == prefix_key_of(b"ids:" + ",".join(map(str, ids[:64])).encode())
+    assert keys[3] == prefix_key_of(b"ids:" + ",".join(map(str, ids[:512])).encode())
+    assert token_prefix_keys(ids[:300]) == keys[:3]
+    assert token_prefix_keys(ids[:10]) == (prefix_key_of(b"ids:0,1,2,3,4,5,6,7,8,9"),)
+    assert token_prefix_keys([]) == ()
+    text = "t" * 5000
+    assert text_prefix_keys(text)[0] == prefix_key_of(b"t" * PREFIX_CHARS)
+    assert text_prefix_keys(text)[4] == prefix_key_of(b"t" * 4096)
+    assert len(text_prefix_keys(text)) == 5
+    assert text_prefix_keys("") == ()
+    body = orjson.dumps({"model": "m", "prompt": ids})
+    assert parse_request(Route.COMPLETIONS, body).features.prefix_keys == keys
+    embeddings = orjson.dumps({"model": "m", "input": "x" * 600})
+    assert parse_request(Route.EMBEDDINGS, embeddings).features.prefix_keys == ()
 
 
 def test_slo_class_and_tenant_come_from_headers() -> None:
