@@ -5,6 +5,7 @@ systemd units of examples/systemd run real `infermesh` commands with paths the c
 from __future__ import annotations
 
 import configparser
+import re
 import shlex
 import shutil
 import subprocess
@@ -115,3 +116,14 @@ def test_systemd_accepts_the_units(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert not result.stderr.strip(), result.stderr
+
+
+def test_quickstart_config_loads(tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "quickstart.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) == 1
+    path = tmp_path / "infermesh.toml"
+    path.write_text(blocks[0])
+    config = load_config(path, environ={})
+    assert config.control.listen == "127.0.0.1:7960"
+    assert [r.url for r in config.runtimes] == ["http://127.0.0.1:8000"]
