@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from infermesh.dev.profiles import GpuProfile
-from infermesh.dev.vllm_emulator import EmulatorConfig, EmulatorServer, start_emulator
+from infermesh.dev.vllm_emulator import EmulatorServer
 
 # A profile whose steps are long enough to watch tokens arrive one by one.
 SLOW = GpuProfile(
@@ -37,16 +37,14 @@ def slow_profile() -> GpuProfile:
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Callable[..., Awaitable[EmulatorServer]]]:
-    """Start emulators in this event loop: `await start(profile=..., loras=...)`."""
-    servers: list[EmulatorServer] = []
+def start(
+    infermesh_start_vllm: Callable[..., Awaitable[EmulatorServer]],
+) -> Callable[..., Awaitable[EmulatorServer]]:
+    """Start emulators in this event loop: `await start(profile=..., loras=...)`; the pytest
+    plugin's `infermesh_start_vllm` with the FAST profile by default (stopped after the test)."""
 
     async def _start(**options: object) -> EmulatorServer:
         options.setdefault("profile", FAST)
-        server = await start_emulator(EmulatorConfig(**options))  # type: ignore[arg-type]
-        servers.append(server)
-        return server
+        return await infermesh_start_vllm(**options)
 
-    yield _start
-    for server in servers:
-        await server.aclose()
+    return _start
