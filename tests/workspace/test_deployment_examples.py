@@ -1,6 +1,7 @@
-"""The production examples of docs/deployment.md stay usable: the three node configs of
-examples/three-node load through the real config loader and agree with each other, and the
-systemd units of examples/systemd run real `infermesh` commands with paths the configs use."""
+"""The examples of docs/deployment.md and docs/quickstart.md stay usable: the three node
+configs of examples/three-node and the quick start's config load through the real config loader,
+and the systemd units of examples/systemd run real `infermesh` commands with paths the configs
+use."""
 
 from __future__ import annotations
 
