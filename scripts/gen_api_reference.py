@@ -168,6 +168,9 @@ def render_message(
         lines += ["| field | number | type | description |", "|---|---|---|---|"]
         for index, field in enumerate(message.field):
             description = cell(comments.of([*path, _MESSAGE_FIELD, index]))
+            if field.HasField("oneof_index") and not field.proto3_optional:
+                oneof = message.oneof_decl[field.oneof_index].name
+                description = f"One of `{oneof}`. {description}".strip()
             kind = cell(field_type(field, message, package))
             lines.append(f"| `{field.name}` | {field.number} | `{kind}` | {description} |")
         lines.append("")
