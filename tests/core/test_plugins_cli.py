@@ -138,6 +138,7 @@ def test_plugins_new_writes_a_package_that_passes_its_own_tests(
         ("9acme", "invalid plugin name '9acme'"),
         ("import", "invalid plugin name 'import': 'import' cannot be a package name"),
         ("vllm", "a plugin named 'vllm' is already installed; choose another NAME"),
+        ("queue", "scorer 'queue' is already registered by plugin 'core'; two plugins cannot"),
     ],
 )
 def test_plugins_new_rejects_bad_names(

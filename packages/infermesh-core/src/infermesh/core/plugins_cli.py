@@ -23,6 +23,13 @@ from infermesh.core.plugins import ENV_ALLOW, ENV_BLOCK, PluginHost
 __all__ = ["PluginRow", "plugin_rows", "plugins_group"]
 
 HOOK_PREFIX = "infermesh_register_"
+REGISTERED_AS = {
+    "runtime": "runtime adapters",
+    "gpu": "GPU adapters",
+    "scorer": "scorers",
+    "transport": "transports",
+}
+"""`plugins new --kind` -> the registrations a new plugin of that kind must not clash with."""
 
 
 @attrs.frozen
@@ -202,9 +209,16 @@ def new_command(ctx: click.Context, name: str, kind: str, parent: Path) -> None:
     NAME with `_` for `-`. Never overwrites: NAME must not exist in --dir. The generated tests
     pass as written: `cd NAME && python -m pytest`.
     """
-    host = ctx.find_object(PluginHost)
-    if host is not None and name in host.plugin_names:
+    installed = {entry_point.name for entry_point in entry_points(group=hookspecs.PROJECT)}
+    if name in installed:
         raise click.UsageError(f"a plugin named {name!r} is already installed; choose another NAME")
+    host = ctx.find_object(PluginHost)
+    taken = host.registrations().get(REGISTERED_AS[kind], {}) if host is not None else {}
+    if name in taken:
+        raise click.UsageError(
+            f"{kind} {name!r} is already registered by plugin {taken[name]!r}; "
+            "two plugins cannot register the same name, choose another NAME"
+        )
     try:
         root = write_skeleton(name, kind, parent)
     except SkeletonError as exc:
