@@ -224,5 +224,5 @@ def new_command(ctx: click.Context, name: str, kind: str, parent: Path) -> None:
     except SkeletonError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"created {kind} plugin {name!r} in {root}")
-    click.echo(f"  cd {root} && python -m pytest    # its tests")
-    click.echo("  pip install -e .                 # then `infermesh plugins list` shows it")
+    click.echo(f"next: cd {root} && python -m pytest  (its tests pass as generated)")
+    click.echo("then: pip install -e . and `infermesh plugins list` shows it")
