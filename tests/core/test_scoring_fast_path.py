@@ -61,21 +61,23 @@ def test_make_view_equals_the_target_view_constructor(
         fast.in_flight = 0  # type: ignore[misc]
 
 
-def test_corrections_match_the_three_counts_and_are_zero_for_an_untouched_target() -> None:
+def test_view_inputs_match_the_trackers_counts_and_are_empty_for_an_untouched_target() -> None:
     tracker = InflightTracker(id_prefix="t")
-    sent_before = tracker.reserve("a", 9.5)
+    tracker.reserve("a", 9.5)  # sent before the scrape at 10.0
     finished = tracker.reserve("a", 9.0)
     tracker.release(finished.reservation_id, 10.5)
-    tracker.reserve("a", 11.0)
-    assert sent_before.target_id == "a"
-    expected = (
+    tracker.reserve("a", 11.0)  # sent after it
+    tracker.record_outcome("a", ok=False, status=500, ttft_s=0.25)
+    tracker.record_outcome("b", ok=True, status=200, ttft_s=0.5)
+    counts = (
         tracker.in_flight("a", 10.0),
         tracker.finished_unseen("a", 10.0),
         tracker.open_before("a", 10.0, 5.0),
     )
-    assert expected == (1, 1, 1)
-    assert tracker.corrections("a", 10.0, 5.0) == expected
-    assert tracker.corrections("untouched", 10.0, 5.0) == (0, 0, 0)
+    assert counts == (1, 1, 1)
+    assert tracker.view_inputs("a", 10.0, 5.0) == (*counts, 0.25, 0.2)
+    assert tracker.view_inputs("b", 10.0, 5.0) == (0, 0, 0, 0.5, 0.0)
+    assert tracker.view_inputs("untouched", 10.0, 5.0) == (0, 0, 0, None, 0.0)
 
 
 def test_a_states_speed_is_computed_once_and_a_new_state_gets_its_own() -> None:

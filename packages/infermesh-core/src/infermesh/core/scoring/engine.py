@@ -505,16 +505,17 @@ class ScoringEngine:
     ) -> tuple[list[str], list[TargetView], list[Exclusion]]:
         """The ids and views of the usable candidates at `indices` (at most `limit` when > 0)
         and the exclusions met on the way."""
-        inflight = self.inflight
         policy_filters = self._policy_filters
         ids: list[str] = []
         views: list[TargetView] = []
         excluded: list[Exclusion] = []
-        filters = request.filters
+        # Without request filters or policy filters, the usual target is checked inline.
+        plain = not request.filters and not policy_filters
         stale_after_s = self.stale_after_s
-        gpus_for = self.store.gpus_for
-        stats_of = inflight.stats
-        corrections = inflight.corrections
+        store = self.store
+        gpus_for = store.gpus_for
+        gpus_by_node = store.gpus_by_node
+        view_inputs = self.inflight.view_inputs
         # One estimate per node per ranking: replicas of a model often share a node.
         rtt_by_node: dict[str, float | None] | None = None if self.rtt_estimate is None else {}
         rtt_s: float | None = None
@@ -522,37 +523,39 @@ class ScoringEngine:
             state = candidates[i]
             target_id = target_ids[i]
             seen_at = state.last_updated
+            gpu_uuid = state.labels.gpu_uuid
             # The usual case, checked inline: loaded, warm, healthy and fresh, no filters or
             # GPU labels; `exclusion` gives the same verdict (and the reason) otherwise.
             if not (
-                state.loaded
+                plain
+                and state.loaded
                 and not state.warming
                 and state.healthy
                 and now - seen_at <= stale_after_s
-                and not filters
-                and not state.labels.gpu_uuid
-                and not policy_filters
+                and not gpu_uuid
             ):
                 exclusion = self._exclusion(state, request, now, policy)
                 if exclusion is not None:
                     excluded.append(exclusion)
                     continue
-            stats = stats_of(target_id)
             if rtt_by_node is not None:
                 node = state.key.node
                 if node in rtt_by_node:
                     rtt_s = rtt_by_node[node]
                 else:
                     rtt_s = rtt_by_node[node] = self._rtt_s(node)
-            in_flight, finished_unseen, open_before = corrections(target_id, seen_at, stale_after_s)
+            in_flight, finished_unseen, open_before, ttft_ewma_s, error_rate = view_inputs(
+                target_id, seen_at, stale_after_s
+            )
             ids.append(target_id)
             views.append(
                 make_view(
                     state,
                     in_flight,
-                    gpus_for(state),
-                    stats.ttft_ewma_s if stats else None,
-                    stats.error_rate if stats else 0.0,
+                    # StateStore.gpus_for, inlined for a target without a gpu_uuid label.
+                    gpus_for(state) if gpu_uuid else gpus_by_node.get(state.key.node, ()),
+                    ttft_ewma_s,
+                    error_rate,
                     now,
                     finished_unseen,
                     open_before,

@@ -32,6 +32,7 @@ import attrs
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import GpuState, RequestFeatures
+from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn, results_column
 
 __all__ = [
     "THROTTLE_FACTORS",
@@ -109,7 +110,7 @@ def gpu_score(
 
 
 @attrs.frozen
-class GpuHealthScorer(PerTargetScorer):
+class GpuHealthScorer(ColumnScorer, PerTargetScorer):
     """Sends less work to targets whose GPUs are throttled, hot or short of memory.
 
     score = the lowest `gpu_score` of the target's GPUs (1 without GPU telemetry). Faulty GPUs
@@ -124,6 +125,13 @@ class GpuHealthScorer(PerTargetScorer):
 
     def configured(self, scoring: ScoringConfig) -> GpuHealthScorer:
         return attrs.evolve(self, stale_after_s=scoring.stale_after_s)
+
+    def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
+        # A target without GPU telemetry gets the one shared result, without a call.
+        stale_after_s = self.stale_after_s
+        return results_column(
+            [_worst(t.gpus, t.now, stale_after_s) if t.gpus else _NO_GPUS for t in targets]
+        )
 
     def score_one(self, request: RequestFeatures, target: TargetView) -> ScoreResult:
         gpus = target.gpus

@@ -101,7 +101,7 @@ def runtime_ran(status: int) -> bool:
     return 200 <= status < 300 or status == CLIENT_CLOSED
 
 
-_NO_CORRECTIONS = (0, 0, 0)
+_NOTHING: tuple[int, int, int, float | None, float] = (0, 0, 0, None, 0.0)
 
 
 class InflightTracker:
@@ -251,16 +251,24 @@ class InflightTracker:
             return 0
         return upper - bisect.bisect_right(starts, (since - window_s, 1 << 62))
 
-    def corrections(self, target_id: str, since: float, window_s: float) -> tuple[int, int, int]:
-        """`(in_flight, finished_unseen, open_before)` of `target_id` for telemetry read at
-        `since`, in one call (what the engine asks for every scored target); `(0, 0, 0)` at the
-        cost of two dict lookups for a target this tracker holds nothing for."""
+    def view_inputs(
+        self, target_id: str, since: float, window_s: float
+    ) -> tuple[int, int, int, float | None, float]:
+        """What a scorer's view of `target_id` needs from this tracker, for telemetry read at
+        `since`: `(in_flight, finished_unseen, open_before, ttft_ewma_s, error_rate)` in one
+        call (the engine asks for every scored target); a target this tracker holds nothing
+        for costs three dict lookups."""
+        stats = self._stats.get(target_id)
         if target_id not in self._by_target and target_id not in self._finished:
-            return _NO_CORRECTIONS
+            if stats is None:
+                return _NOTHING
+            return (0, 0, 0, stats.ttft_ewma_s, stats.error_rate)
         return (
             self.in_flight(target_id, since),
             self.finished_unseen(target_id, since),
             self.open_before(target_id, since, window_s),
+            None if stats is None else stats.ttft_ewma_s,
+            0.0 if stats is None else stats.error_rate,
         )
 
     def finished_unseen(self, target_id: str, since: float) -> int:

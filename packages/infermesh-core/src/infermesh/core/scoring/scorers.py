@@ -16,7 +16,7 @@ import attrs
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
 from infermesh.core.scoring.capacity import Speed, kv_permille, median_tokens, state_features
-from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn
+from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn, results_column
 from infermesh.core.scoring.gpu_health import GpuHealthScorer
 from infermesh.core.scoring.prefix import PrefixAffinityScorer, hrw_weight, target_hash
 
@@ -69,7 +69,8 @@ class QueueScorer(ColumnScorer):
             if view.finished_unseen <= 0:
                 # `view.expected_work_left_s` (ModelState.work_left_with_s), inlined.
                 running = state.running
-                w = (state.waiting + view.unseen + 0.5 * running) * service_s / max(running, 1.0)
+                parallel = 1.0 if running < 1.0 else running  # max(running, 1.0)
+                w = (state.waiting + view.unseen + 0.5 * running) * service_s / parallel
             else:
                 w = view.expected_work_left_s
             if tokens is not None and speed is not None:
@@ -78,7 +79,8 @@ class QueueScorer(ColumnScorer):
                 measured.append((per_request_s, speed))
             else:
                 measured.append(None)
-            work.append(min(w, WORK_CEILING_S) if w >= 0.0 else 0.0)  # NaN -> 0
+            # min(w, WORK_CEILING_S); NaN -> 0
+            work.append((WORK_CEILING_S if w > WORK_CEILING_S else w) if w >= 0.0 else 0.0)
         mean_s = sum(work) / len(work) if work else 0.0
         ref_s = max(mean_s, WORK_FLOOR_S)
         scores = [1.0 / (1.0 + w / ref_s) for w in work]
@@ -154,7 +156,7 @@ LOCAL_RTT_S = 0.001
 
 
 @attrs.frozen
-class NetPenaltyScorer(PerTargetScorer):
+class NetPenaltyScorer(ColumnScorer, PerTargetScorer):
     """Prefers replicas a short network round trip away (`TargetView.rtt_s`, from Vivaldi).
 
     score = 1 at an RTT of at most 1 ms, falling linearly to 0 at `penalty_rtt_s` (default
@@ -175,6 +177,13 @@ class NetPenaltyScorer(PerTargetScorer):
             raise ValueError(
                 f"net_penalty penalty_rtt_s must be a finite number > {LOCAL_RTT_S}, got {value}"
             )
+
+    def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
+        # Most RTTs are unknown (gossip off, or not measured yet): one shared result.
+        score_one = self.score_one
+        return results_column(
+            [_RTT_UNKNOWN if t.rtt_s is None else score_one(request, t) for t in targets]
+        )
 
     def score_one(self, request: RequestFeatures, target: TargetView) -> ScoreResult:
         rtt_s = target.rtt_s

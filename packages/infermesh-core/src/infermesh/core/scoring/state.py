@@ -10,7 +10,7 @@ so decisions look them up. Never awaits, reads a clock or logs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Generic, TypeVar
 
 import attrs
@@ -184,6 +184,11 @@ class StateStore:
 
     def gpu_states(self) -> tuple[GpuState, ...]:
         return tuple(sorted(self._gpus.values(), key=_gpu_order))
+
+    @property
+    def gpus_by_node(self) -> Mapping[str, tuple[GpuState, ...]]:
+        """Each node's GPUs, ordered (read-only; `gpus_for` without a `gpu_uuid` label)."""
+        return self._gpus_by_node
 
     def gpus_for(self, state: ModelState) -> tuple[GpuState, ...]:
         """The GPUs a target runs on: those named in its `gpu_uuid` label (comma-separated), or
