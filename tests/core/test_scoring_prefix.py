@@ -100,6 +100,25 @@ def test_the_longest_match_wins_and_a_shared_system_prompt_gets_partial_credit()
     assert results["b"].score == 0.0
 
 
+def test_a_long_cold_prompt_prefers_fast_replicas_and_a_short_one_does_not_care() -> None:
+    # a at full speed (10 ms per token), b at a third of it, c unmeasured
+    views = [
+        TargetView(ModelState(key=key("a"), itl_s=0.01), now=NOW),
+        TargetView(ModelState(key=key("b"), itl_s=0.03), now=NOW),
+        TargetView(ModelState(key=key("c")), now=NOW),
+    ]
+    scorer = PrefixAffinityScorer()
+    long_prompt = RequestFeatures(model="llama", prefix_key=PREFIX, prompt_tokens=4096)
+    a, b, c = scorer.score(long_prompt, views)
+    assert a.score == c.score == 0.5
+    assert b.score == pytest.approx(0.5 / 3)
+    assert "a cold prefill of ~4096 tokens at 0.33x the fastest" in b.reason
+    short = RequestFeatures(model="llama", prefix_key=PREFIX, prompt_tokens=512)
+    assert scorer.score(short, views)[1].score == pytest.approx(0.5 * (1 - 0.25 * 2 / 3))
+    unknown = RequestFeatures(model="llama", prefix_key=PREFIX)
+    assert {r.score for r in scorer.score(unknown, views)} == {0.5}
+
+
 def test_a_prefix_not_seen_for_longer_than_the_window_is_neutral_again() -> None:
     scorer = homed("b")
     views = [TargetView(ModelState(key=key(n)), now=NOW + RECENT_S + 1) for n in NAMES]

@@ -212,7 +212,7 @@ class PrefixAffinityScorer:
             for tid in homes:
                 level_of.setdefault(tid, level)
         if top < 0:
-            return [_NOT_SEEN] * count
+            return _cold_scores(request.prompt_tokens, targets)
         loads = [v.load for v in targets]
         bounded = math.ceil(self.load_factor * (sum(loads) + 1) / count)
         capacity = max(bounded, self.min_capacity)
@@ -247,6 +247,40 @@ class PrefixAffinityScorer:
 
 _NO_KEY = ScoreResult(0.5, "no prefix key: neutral")
 _NOT_SEEN = ScoreResult(0.5, "prefix not sent anywhere recently: neutral")
+
+COLD_PROMPT_TOKENS = 2048
+"""A prompt no replica holds costs a full prefill wherever it goes: from this many prompt
+tokens on, a replica at a third of the fastest candidate's measured speed scores a third of
+neutral (shorter prompts proportionally less: their prefill is cheap anywhere)."""
+
+
+def _cold_scores(prompt_tokens: int, targets: Sequence[TargetView]) -> list[ScoreResult]:
+    """A prompt no candidate holds: neutral, less on replicas slower than the fastest measured
+    one, by the prompt's length (a long cold prefill belongs on a fast GPU)."""
+    count = len(targets)
+    weight = min(1.0, prompt_tokens / COLD_PROMPT_TOKENS)
+    if weight <= 0.0:
+        return [_NOT_SEEN] * count
+    rates = [decode_rate(v.state) for v in targets]
+    fastest = max((r.tokens_per_s for r in rates if r is not None), default=0.0)
+    if not fastest > 0:
+        return [_NOT_SEEN] * count
+    results: list[ScoreResult] = []
+    for rate in rates:
+        rel = 1.0 if rate is None else min(1.0, rate.tokens_per_s / fastest)
+        if rel >= 1.0:
+            results.append(_NOT_SEEN)
+            continue
+        score = 0.5 * (1.0 - weight * (1.0 - rel))
+        results.append(ScoreResult.deferred(score, _cold_reason, rel, prompt_tokens))
+    return results
+
+
+def _cold_reason(rel: float, prompt_tokens: int) -> str:
+    return (
+        f"prefix not sent anywhere recently: a cold prefill of ~{prompt_tokens} tokens at "
+        f"{rel:.2g}x the fastest candidate's measured speed"
+    )
 
 
 def _depth(level: int) -> int:
