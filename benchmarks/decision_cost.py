@@ -130,16 +130,23 @@ def time_in_process(
     features: Sequence[RequestFeatures],
     now: float,
     args: argparse.Namespace,
+    cpu_times: list[float] | None = None,
 ) -> list[float]:
+    """Wall-clock seconds per decision; each decision's thread CPU seconds are appended to
+    `cpu_times` when given."""
     for request in features[:WARMUP_DECISIONS]:
         engine.rank(request, now, args.max_targets)
     latencies: list[float] = []
     stop_at = time.perf_counter() + args.max_seconds
+    thread_time = time.thread_time
     for index in range(args.decisions):
         request = features[index % len(features)]
+        cpu_started = thread_time()
         started = time.perf_counter()
         ranking = engine.rank(request, now, args.max_targets)
         latencies.append(time.perf_counter() - started)
+        if cpu_times is not None:
+            cpu_times.append(thread_time() - cpu_started)
         if not ranking.targets:
             raise RuntimeError(f"no target ranked: {ranking.excluded[:3]}")
         if len(latencies) >= MIN_DECISIONS and time.perf_counter() > stop_at:
@@ -274,8 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for size in args.sizes:
             engine = build_engine(candidate_deltas(size, now, args.seed))
             features = requests(model_for(size), 256, args.seed)
-            latencies = time_in_process(engine, features, now, args)
-            rows.append(row_from_samples(IN_PROCESS, size, latencies))
+            cpu_times: list[float] = []
+            latencies = time_in_process(engine, features, now, args, cpu_times)
+            rows.append(row_from_samples(IN_PROCESS, size, latencies, cpu_times))
             print(f"  {IN_PROCESS} {size}: {len(latencies)} decisions", file=sys.stderr)
             if args.profile and size == max(args.sizes):
                 profile = profile_in_process(engine, features, now, args.max_targets)
@@ -297,11 +305,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "wall_s": round(time.monotonic() - started, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(render_table(rows))
     print(
         f"\nper decision; max_targets {args.max_targets}; built-in scorers, default weights; "
-        f"{os.cpu_count()} CPUs; {UDS}: one unary ScoreTargets call at a time, client included."
+        f"{os.cpu_count()} CPUs; {UDS}: one unary ScoreTargets call at a time, client included; "
+        f"cpu: the deciding thread's CPU time (in-process), which a loaded machine's waits for "
+        f"a CPU do not inflate; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}."
     )
     if profile:
         print(f"\ncProfile of the in-process path at {max(args.sizes):,} candidates:\n{profile}")

@@ -31,15 +31,34 @@ class Row:
     p99_ms: float
     max_ms: float
     mean_ms: float
+    cpu_p50_ms: float = math.nan
+    """The deciding thread's CPU time per decision (in-process only): the decision's cost
+    without the time the thread waited for a CPU on a shared machine."""
+    cpu_p99_ms: float = math.nan
 
 
-def row_from_samples(path: str, candidates: int, latencies_s: Sequence[float]) -> Row:
-    def ms(q: float) -> float:
-        value = percentile(latencies_s, q)
+def row_from_samples(
+    path: str,
+    candidates: int,
+    latencies_s: Sequence[float],
+    cpu_s: Sequence[float] = (),
+) -> Row:
+    def ms(samples: Sequence[float], q: float) -> float:
+        value = percentile(samples, q) if samples else None
         return math.nan if value is None else value * 1000.0
 
     mean = sum(latencies_s) / len(latencies_s) * 1000.0 if latencies_s else math.nan
-    return Row(path, candidates, len(latencies_s), ms(50), ms(99), ms(100), mean)
+    return Row(
+        path,
+        candidates,
+        len(latencies_s),
+        ms(latencies_s, 50),
+        ms(latencies_s, 99),
+        ms(latencies_s, 100),
+        mean,
+        ms(cpu_s, 50),
+        ms(cpu_s, 99),
+    )
 
 
 def goal_met(rows: Sequence[Row]) -> bool | None:
@@ -57,13 +76,14 @@ def _fmt(value: float) -> str:
 def render_table(rows: Sequence[Row]) -> str:
     header = (
         f"{'path':<11} {'candidates':>10} {'decisions':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'max ms':>8} {'mean ms':>8}"
+        f"{'max ms':>8} {'mean ms':>8} {'cpu p50':>8} {'cpu p99':>8}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
             f"{row.path:<11} {row.candidates:>10} {row.decisions:>9} {_fmt(row.p50_ms):>8} "
-            f"{_fmt(row.p99_ms):>8} {_fmt(row.max_ms):>8} {_fmt(row.mean_ms):>8}"
+            f"{_fmt(row.p99_ms):>8} {_fmt(row.max_ms):>8} {_fmt(row.mean_ms):>8} "
+            f"{_fmt(row.cpu_p50_ms):>8} {_fmt(row.cpu_p99_ms):>8}"
         )
     met = goal_met(rows)
     verdict = "- (not measured)" if met is None else ("met" if met else "MISSED")
@@ -93,6 +113,8 @@ def render_json(
                 "p99_ms": _num(r.p99_ms),
                 "max_ms": _num(r.max_ms),
                 "mean_ms": _num(r.mean_ms),
+                "cpu_p50_ms": _num(r.cpu_p50_ms),
+                "cpu_p99_ms": _num(r.cpu_p99_ms),
             }
             for r in rows
         ],

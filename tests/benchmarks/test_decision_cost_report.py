@@ -79,3 +79,24 @@ def test_in_process_run_times_every_decision(script: ModuleType) -> None:
     latencies = script.time_in_process(engine, requests(model_for(10), 32), 5.0, args)
     assert len(latencies) == 100
     assert all(0 <= value <= time.perf_counter() - started for value in latencies)
+
+
+def test_cpu_times_are_reported_for_in_process_rows_only(
+    report: ModuleType, script: ModuleType
+) -> None:
+    args = script.parse_args(["--sizes", "10", "--decisions", "100", "--paths", "in-process"])
+    from benchmarks.decision.states import candidate_deltas, model_for, requests
+
+    engine = script.build_engine(candidate_deltas(10, 5.0))
+    cpu_times: list[float] = []
+    latencies = script.time_in_process(engine, requests(model_for(10), 32), 5.0, args, cpu_times)
+    assert len(cpu_times) == len(latencies) == 100
+    assert all(value >= 0 for value in cpu_times)
+    in_process = report.row_from_samples("in-process", 10, latencies, cpu_times)
+    uds = report.row_from_samples("agent uds", 10, latencies)
+    assert in_process.cpu_p99_ms >= in_process.cpu_p50_ms >= 0
+    table = report.render_table([in_process, uds])
+    assert "cpu p99" in table
+    assert table.splitlines()[3].split()[-2:] == ["-", "-"]  # the uds row: not measured
+    line = json.loads(report.render_json([uds], settings={}, skipped={}))
+    assert line["results"][0]["cpu_p99_ms"] is None
