@@ -102,12 +102,15 @@ def test_the_store_has_each_states_speed_ready_before_a_decision() -> None:
     store = StateStore()
     store.apply_model_delta(ModelStateDelta(KEY, 1, {"itl_s": 0.02, "last_updated": NOW}))
     (state,) = store.candidates("m")
-    cached = capacity._FEATURES.get(id(state))
+    cached = capacity.FEATURES_BY_ID.get(id(state))
     assert cached is not None
     assert cached.state is state
     store.apply_model_delta(ModelStateDelta(KEY, 2, {"itl_s": 0.05}))
     (newer,) = store.candidates("m")
-    assert id(state) not in capacity._FEATURES or capacity._FEATURES[id(state)].state is not state
+    assert (
+        id(state) not in capacity.FEATURES_BY_ID
+        or capacity.FEATURES_BY_ID[id(state)].state is not state
+    )
     speed = decode_rate(newer)
     assert speed is not None
     assert speed.tokens_per_s == pytest.approx(20.0)
@@ -184,11 +187,19 @@ def test_a_column_out_of_range_counts_as_a_failed_scorer() -> None:
 
 
 def test_builtin_column_scorers_give_the_same_results_as_their_score() -> None:
+    store = store_of(12)
+    odd_usage = (math.nan, -0.5, 0.0, 0.0004, 0.0005, 0.4996, 1.0, 1.7, math.inf)
+    for i, usage in enumerate(odd_usage):
+        key = TargetKey(model="m", node=f"n{i}", endpoint=f"http://n{i}:8000")
+        store.apply_model_delta(ModelStateDelta(key, 2, {"kv_cache_usage": usage, "itl_s": 0.02}))
     registered = {s.name: s for s in builtin_scorers()}
-    engine = ScoringEngine.from_config(store_of(12), InflightTracker(), registered, ScoringConfig())
+    engine = ScoringEngine.from_config(store, InflightTracker(), registered, ScoringConfig())
     request = RequestFeatures(model="m", max_output_tokens=64)
     ranking = engine.rank(request, NOW)
     views = [t.view for t in ranking.targets]
     for index, ws in enumerate(engine.scorers):
         plain = list(ws.scorer.score(request, views))
         assert plain == [t.results[index] for t in ranking.targets], ws.name
+        score_one = getattr(ws.scorer, "score_one", None)
+        if score_one is not None:  # the per-target rule the column must agree with
+            assert plain == [score_one(request, v) for v in views], ws.name

@@ -30,6 +30,7 @@ from infermesh.core.contracts import TargetView
 from infermesh.core.model import ModelState, RequestFeatures
 
 __all__ = [
+    "FEATURES_BY_ID",
     "Speed",
     "StateFeatures",
     "decode_rate",
@@ -69,14 +70,12 @@ class StateFeatures(NamedTuple):
     """Generated tokens per request it measures (decode time at its decode rate), or None."""
     service_s: float
     """`state.request_service_s`."""
-    kv_permille: int
-    """KV-cache usage in 0.1% steps, 0..1000 (NaN or unknown: 0)."""
 
 
 def state_features(state: ModelState) -> StateFeatures:
     """`state`'s StateFeatures: computed on the first call for this state object (the store
     calls it on every applied delta) and then looked up."""
-    cached = _FEATURES.get(id(state))
+    cached = FEATURES_BY_ID.get(id(state))
     if cached is not None and cached.state is state:
         return cached
     speed = _measure_rate(state)
@@ -85,20 +84,19 @@ def state_features(state: ModelState) -> StateFeatures:
         speed,
         _decode_tokens(state, speed),
         state.request_service_s,
-        kv_permille(state.kv_cache_usage),
     )
-    if len(_FEATURES) >= _FEATURES_SIZE:
-        _FEATURES.clear()
-    _FEATURES[id(state)] = features
+    if len(FEATURES_BY_ID) >= FEATURES_BY_ID_SIZE:
+        FEATURES_BY_ID.clear()
+    FEATURES_BY_ID[id(state)] = features
     return features
 
 
 def forget_features(state: ModelState | None) -> None:
     """Drop `state`'s entry (the store calls it when a delta replaces the state)."""
     if state is not None:
-        cached = _FEATURES.get(id(state))
+        cached = FEATURES_BY_ID.get(id(state))
         if cached is not None and cached.state is state:
-            del _FEATURES[id(state)]
+            del FEATURES_BY_ID[id(state)]
 
 
 def kv_permille(usage: float) -> int:
@@ -107,10 +105,11 @@ def kv_permille(usage: float) -> int:
     return round(usage * 1000)
 
 
-# id(ModelState) -> its features: the entry holds the state, so its id cannot be reused by
-# another state while the entry lives; cleared whole when full (states not from a store).
-_FEATURES: dict[int, StateFeatures] = {}
-_FEATURES_SIZE = 1 << 15
+# id(ModelState) -> its features (the queue scorer reads it directly): the entry holds the
+# state, so its id cannot be reused by another state while the entry lives; cleared whole when
+# full (states not from a store).
+FEATURES_BY_ID: dict[int, StateFeatures] = {}
+FEATURES_BY_ID_SIZE = 1 << 15
 
 
 def _measure_rate(state: ModelState) -> Speed | None:

@@ -15,7 +15,14 @@ import attrs
 
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
-from infermesh.core.scoring.capacity import Speed, kv_permille, median_tokens, state_features
+from infermesh.core.scoring.capacity import (
+    FEATURES_BY_ID,
+    Speed,
+    StateFeatures,
+    kv_permille,
+    median_tokens,
+    state_features,
+)
 from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn, results_column
 from infermesh.core.scoring.gpu_health import GpuHealthScorer
 from infermesh.core.scoring.prefix import PrefixAffinityScorer, hrw_weight, target_hash
@@ -56,7 +63,15 @@ class QueueScorer(ColumnScorer):
     def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
         # Capacity by measured throughput: each target's work in seconds of its own speed.
         # Each state's rate, decode tokens and service time: computed once per state change.
-        features = [state_features(view.state) for view in targets]
+        features: list[StateFeatures] = []
+        cached = FEATURES_BY_ID.get
+        for view in targets:
+            # `state_features(view.state)`, its lookup inlined (the store filled it in).
+            state = view.state
+            entry = cached(id(state))
+            features.append(
+                entry if entry is not None and entry.state is state else state_features(state)
+            )
         tokens: float | None = None
         if any(f.speed is not None for f in features):
             measured_tokens = sorted(
@@ -65,7 +80,7 @@ class QueueScorer(ColumnScorer):
             tokens = median_tokens(measured_tokens, request)
         work: list[float] = []
         measured: list[tuple[float, Speed] | None] = []
-        for view, (state, speed, _, service_s, _) in zip(targets, features, strict=True):
+        for view, (state, speed, _, service_s) in zip(targets, features, strict=True):
             if view.finished_unseen <= 0:
                 # `view.expected_work_left_s` (ModelState.work_left_with_s), inlined.
                 running = state.running
@@ -137,8 +152,16 @@ class KvHeadroomScorer(ColumnScorer, PerTargetScorer):
         return _kv_result(kv_permille(target.state.kv_cache_usage))
 
     def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
-        # Each state's usage in 0.1% steps: computed once per state change.
-        permille = [state_features(view.state).kv_permille for view in targets]
+        permille: list[int] = []
+        for view in targets:
+            # `kv_permille(view.state.kv_cache_usage)`, inlined: clamped to 0..1, NaN -> 0.
+            usage = view.state.kv_cache_usage
+            if usage == usage:
+                permille.append(
+                    round((1.0 if usage > 1.0 else usage if usage > 0.0 else 0.0) * 1000)
+                )
+            else:
+                permille.append(0)
         return ScoreColumn([_KV_SCORES[p] for p in permille], lambda i: _kv_result(permille[i]))
 
 
