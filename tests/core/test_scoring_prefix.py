@@ -119,6 +119,16 @@ def test_a_long_cold_prompt_prefers_fast_replicas_and_a_short_one_does_not_care(
     assert {r.score for r in scorer.score(unknown, views)} == {0.5}
 
 
+def test_a_never_seen_prompt_still_keeps_off_a_replica_at_capacity() -> None:
+    results = score(PrefixAffinityScorer(), b=5)
+    assert results["b"].score == 0.0
+    assert results["b"].reason == (
+        "prefix not sent anywhere recently, and loaded "
+        "(load 5 >= capacity 4 (minimum; bounded-load 3))"
+    )
+    assert results["a"].score == results["c"].score == 0.5
+
+
 def test_a_prefix_not_seen_for_longer_than_the_window_is_neutral_again() -> None:
     scorer = homed("b")
     views = [TargetView(ModelState(key=key(n)), now=NOW + RECENT_S + 1) for n in NAMES]

@@ -82,9 +82,10 @@ async def test_third_party_scorer_changes_the_ranking(plugin_mesh: LocalMesh) ->
                 r.scorer == "preferred-endpoint" and r.weight == WEIGHT and r.score == 1.0
                 for r in top.reasons
             )
-            baseline_top = max(reply.targets, key=baseline_total)
-            changed += baseline_top.key.endpoint != preferred
-    # Without the plugin, prefix affinity would have sent some of these prefixes elsewhere.
+            others = [baseline_total(t) for t in reply.targets if t.key.endpoint != preferred]
+            changed += baseline_total(top) <= max(others)
+    # Without the plugin the preferred replica would not have been strictly first: the built-in
+    # scorers rate these idle replicas alike (a new prefix is neutral) or favour another one.
     assert changed > 0
 
     async with openai.AsyncOpenAI(

@@ -167,7 +167,9 @@ class PrefixAffinityScorer:
     (`TargetView.load`: running + waiting + unseen, corrected for what the routers did since
     the scrape) is at or above the capacity scores 0: the prefix spills to wherever the other
     scorers send it, and that replica becomes one more home of the prefix. A prompt none of
-    whose keys was sent anywhere recently scores a neutral 0.5 on every target.
+    whose keys was sent anywhere recently scores a neutral 0.5 on every target with room (less
+    on slow ones when it is long: `_cold_scores`) and 0 on a loaded one, so it is placed by the
+    other scorers, never by a hash, and still kept off a replica at capacity.
 
     The capacity is max(ceil(load_factor * (total load + 1) / candidates), min_capacity): the
     bounded-load rule, but never below `min_capacity`, so a replica that batches many sequences
@@ -211,12 +213,17 @@ class PrefixAffinityScorer:
                 top = level
             for tid in homes:
                 level_of.setdefault(tid, level)
-        if top < 0:
-            return _cold_scores(request.prompt_tokens, targets)
         loads = [v.load for v in targets]
         bounded = math.ceil(self.load_factor * (sum(loads) + 1) / count)
         capacity = max(bounded, self.min_capacity)
         caps = _speed_capacities(targets, capacity)
+        if top < 0:
+            cold = _cold_scores(request.prompt_tokens, targets)
+            for i, load in enumerate(loads):
+                cap = capacity if caps is None else caps[i][0]
+                if load >= cap:
+                    cold[i] = ScoreResult.deferred(0.0, _loaded_reason, load, cap, bounded)
+            return cold
         top_depth = _depth(top)
         deferred = ScoreResult.deferred
         results: list[ScoreResult] = []
@@ -276,6 +283,13 @@ def _cold_scores(prompt_tokens: int, targets: Sequence[TargetView]) -> list[Scor
     return results
 
 
+def _loaded_reason(load: float, capacity: int, bounded: int) -> str:
+    return (
+        f"prefix not sent anywhere recently, and loaded "
+        f"(load {load:g} >= {_capacity_text(capacity, bounded, 1.0)})"
+    )
+
+
 def _cold_reason(rel: float, prompt_tokens: int) -> str:
     return (
         f"prefix not sent anywhere recently: a cold prefill of ~{prompt_tokens} tokens at "
@@ -310,6 +324,14 @@ def _speed_capacities(
     return caps
 
 
+def _capacity_text(capacity: int, bounded: int, speed: float) -> str:
+    if speed < 1.0:
+        return f"capacity {capacity} (scaled to its {speed:.2g}x median decode speed)"
+    if capacity > bounded:
+        return f"capacity {capacity} (minimum; bounded-load {bounded})"
+    return f"capacity {capacity} (bounded-load)"
+
+
 def _elsewhere_reason(key: int, top_depth: int) -> str:
     return f"prefix {key:016x} (~{top_depth} tokens) was sent to other replicas recently"
 
@@ -324,12 +346,7 @@ def _home_reason(
     speed: float,
 ) -> str:
     """Why a replica that recently got this prompt's prefix scored what it did."""
-    if speed < 1.0:
-        capacity_text = f"capacity {capacity} (scaled to its {speed:.2g}x median decode speed)"
-    elif capacity > bounded:
-        capacity_text = f"capacity {capacity} (minimum; bounded-load {bounded})"
-    else:
-        capacity_text = f"capacity {capacity} (bounded-load)"
+    capacity_text = _capacity_text(capacity, bounded, speed)
     match = f"prefix {key:016x}: first ~{depth} tokens sent here recently"
     if depth < top_depth:
         match += f" (another replica matches ~{top_depth})"
