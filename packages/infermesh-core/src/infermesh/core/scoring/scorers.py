@@ -79,7 +79,6 @@ class QueueScorer(ColumnScorer):
             )
             tokens = median_tokens(measured_tokens, request)
         work: list[float] = []
-        measured: list[tuple[float, Speed] | None] = []
         for view, (state, speed, _, service_s) in zip(targets, features, strict=True):
             if view.finished_unseen <= 0:
                 # `view.expected_work_left_s` (ModelState.work_left_with_s), inlined.
@@ -89,11 +88,7 @@ class QueueScorer(ColumnScorer):
             else:
                 w = view.expected_work_left_s
             if tokens is not None and speed is not None:
-                per_request_s = tokens / speed.tokens_per_s
-                w *= per_request_s / service_s
-                measured.append((per_request_s, speed))
-            else:
-                measured.append(None)
+                w *= tokens / speed.tokens_per_s / service_s
             # min(w, WORK_CEILING_S); NaN -> 0
             work.append((WORK_CEILING_S if w > WORK_CEILING_S else w) if w >= 0.0 else 0.0)
         mean_s = sum(work) / len(work) if work else 0.0
@@ -101,8 +96,12 @@ class QueueScorer(ColumnScorer):
         scores = [1.0 / (1.0 + w / ref_s) for w in work]
 
         def result(i: int) -> ScoreResult:
+            speed = features[i].speed
+            measured: tuple[float, Speed] | None = None
+            if tokens is not None and speed is not None:
+                measured = (tokens / speed.tokens_per_s, speed)  # per request, at its speed
             return ScoreResult.deferred(
-                scores[i], _queue_reason, work[i], targets[i], mean_s, measured[i], tokens
+                scores[i], _queue_reason, work[i], targets[i], mean_s, measured, tokens
             )
 
         return ScoreColumn(scores, result)
