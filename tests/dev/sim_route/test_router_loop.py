@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -156,3 +158,16 @@ def test_the_cli_refuses_bad_seeds() -> None:
     result = CliRunner().invoke(sim_group, ["route", "--seeds", "1,x"])
     assert result.exit_code == 2
     assert "--seeds takes comma-separated integers" in result.output
+
+
+def test_the_cli_writes_the_median_and_every_seed(tmp_path: Path) -> None:
+    args = ["route", "--replicas", "4", "--workload", "short", "--duration", "2", "--rate", "4"]
+    args += ["--seeds", "1,2", "--strategies", "infermesh,round_robin", "--no-hedging"]
+    result = CliRunner().invoke(sim_group, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "median over seeds 1, 2" in result.output
+    report = json.loads((tmp_path / "route.json").read_text())
+    assert [entry["seed"] for entry in report["seeds"]] == [1, 2]
+    per_seed = [entry["strategies"][0]["arrived"] for entry in report["seeds"]]
+    assert report["strategies"][0]["arrived"] == sum(per_seed)
+    assert report["strategies"][0]["hedges"] == 0
