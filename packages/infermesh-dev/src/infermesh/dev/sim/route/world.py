@@ -385,6 +385,8 @@ class World:
         """The router ranks the (admitted) request and sends its first attempt."""
         request = record.request
         replica_id = self.strategy.choose(request, self.views, now)
+        backups = getattr(self.strategy, "backups", None)
+        ranked = tuple(backups.pop(request.request_id, ())) if backups is not None else ()
         replica = None if replica_id is None else self._by_id.get(replica_id)
         if replica is None or replica_id is None:
             self._reject(record, "no_replica")
@@ -394,16 +396,18 @@ class World:
         if request.prompt_tokens + request.output_tokens > config.max_model_len:
             self._reject(record, "too_long")
             self._release(record, now)
+            cancelled = getattr(self.strategy, "on_cancel", None)
+            if cancelled is not None:  # the runtime refuses it: the reservation ends unsent
+                cancelled(request, replica_id, now)
             return
         record.replica_id = replica_id
         record.attempts[replica_id] = now
         replica.view.in_flight += 1
         self._open += 1
         self._push(now + replica.view.rtt_s / 2, _SUBMIT, (replica, record))
-        backups = getattr(self.strategy, "backups", None)
-        if record.router is None or backups is None:
+        if record.router is None or not ranked:
             return
-        record.backups = tuple(backups.pop(request.request_id, ()))
+        record.backups = ranked
         plan = record.router.plan(request)
         if plan is not None and record.backups:
             record.hedges_left = plan.max_hedges
