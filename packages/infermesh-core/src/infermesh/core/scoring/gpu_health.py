@@ -2,7 +2,8 @@
 sends less work to a throttled, hot or memory-starved one.
 
 A target runs on the GPUs `StateStore.gpus_for` returns (its `gpu_uuid` label: from
-`[[runtimes]] gpus`, or discovered by its adapter, e.g. Triton's `gpu_uuid` metric labels). A
+`[[runtimes]] gpus`, else discovered by its adapter, e.g. Triton's `gpu_uuid` metric labels,
+else by the `nvml` GPU source from the processes NVML lists on each GPU). A
 target on several GPUs is as healthy as its worst GPU: the filter excludes it when any of them
 has a fault, and the scorer gives it the lowest of their scores.
 
