@@ -63,8 +63,31 @@ def test_the_home_keeps_its_prefix_below_the_minimum_capacity_while_others_idle(
 
 def test_at_the_minimum_capacity_the_home_scores_nothing_so_the_prefix_spills() -> None:
     results = score(homed("b"), b=4)
-    assert {r.score for r in results.values()} == {0.0}
+    assert results["b"].score == 0.0
     assert results["b"].reason.endswith("loaded (load 4 >= capacity 4 (minimum; bounded-load 3))")
+    # every home is loaded: the others score as for a never-seen prompt
+    assert results["a"].score == results["c"].score == 0.5
+    assert results["a"].reason == ("every replica that got this prefix recently is loaded: neutral")
+
+
+def test_when_every_home_is_loaded_a_long_prompt_spills_to_fast_replicas() -> None:
+    # b holds the prefix but is at capacity; a at full speed, c at a third of it
+    scorer = homed("b")
+    views = [
+        TargetView(ModelState(key=key("a"), itl_s=0.01), now=NOW),
+        TargetView(ModelState(key=key("b"), itl_s=0.01, running=4), now=NOW),
+        TargetView(ModelState(key=key("c"), itl_s=0.03), now=NOW),
+    ]
+    long_prompt = RequestFeatures(model="llama", prefix_key=PREFIX, prompt_tokens=4096)
+    a, b, c = scorer.score(long_prompt, views)
+    assert b.score == 0.0
+    assert a.score == 0.5
+    assert c.score == pytest.approx(0.5 / 9)
+    assert "a cold prefill of ~4096 tokens at 0.33x the fastest" in c.reason
+    # while the home has room, the others still score nothing
+    idle_home = [views[0], TargetView(ModelState(key=key("b"), itl_s=0.01), now=NOW), views[2]]
+    a, b, c = scorer.score(long_prompt, idle_home)
+    assert (a.score, b.score, c.score) == (0.0, 1.0, 0.0)
 
 
 def test_above_the_minimum_the_bounded_load_rule_decides() -> None:
@@ -110,11 +133,15 @@ def test_a_long_cold_prompt_prefers_fast_replicas_and_a_short_one_does_not_care(
     scorer = PrefixAffinityScorer()
     long_prompt = RequestFeatures(model="llama", prefix_key=PREFIX, prompt_tokens=4096)
     a, b, c = scorer.score(long_prompt, views)
-    assert a.score == c.score == 0.5
-    assert b.score == pytest.approx(0.5 / 3)
+    # 0.5 * relative speed ** (prompt tokens / 2048): twice the prompt, the square of the speed
+    assert a.score == 0.5
+    assert b.score == pytest.approx(0.5 / 9)
     assert "a cold prefill of ~4096 tokens at 0.33x the fastest" in b.reason
+    # not measured yet: taken at the median measured speed (2/3 of the fastest), not as fast
+    assert c.score == pytest.approx(0.5 * (2 / 3) ** 2)
+    assert "not measured yet, taken at the candidates' median speed (0.67x" in c.reason
     short = RequestFeatures(model="llama", prefix_key=PREFIX, prompt_tokens=512)
-    assert scorer.score(short, views)[1].score == pytest.approx(0.5 * (1 - 0.25 * 2 / 3))
+    assert scorer.score(short, views)[1].score == pytest.approx(0.5 * (1 / 3) ** 0.25)
     unknown = RequestFeatures(model="llama", prefix_key=PREFIX)
     assert {r.score for r in scorer.score(unknown, views)} == {0.5}
 

@@ -169,7 +169,10 @@ class PrefixAffinityScorer:
     scorers send it, and that replica becomes one more home of the prefix. A prompt none of
     whose keys was sent anywhere recently scores a neutral 0.5 on every target with room (less
     on slow ones when it is long: `_cold_scores`) and 0 on a loaded one, so it is placed by the
-    other scorers, never by a hash, and still kept off a replica at capacity.
+    other scorers, never by a hash, and still kept off a replica at capacity. When every
+    replica that got the prefix is at capacity, the prompt is a cold prefill wherever it goes:
+    the other replicas then score as for a never-seen prompt (neutral, less on slow ones when
+    the prompt is long), not 0.
 
     The capacity is max(ceil(load_factor * (total load + 1) / candidates), min_capacity): the
     bounded-load rule, but never below `min_capacity`, so a replica that batches many sequences
@@ -228,14 +231,18 @@ class PrefixAffinityScorer:
         deferred = ScoreResult.deferred
         results: list[ScoreResult] = []
         not_here = ScoreResult.deferred(0.0, _elsewhere_reason, keys[top], top_depth)
+        elsewhere: list[int] = []
+        room = False
         for i, view in enumerate(targets):
             matched = level_of.get(view.key.target_id)
             if matched is None:
                 results.append(not_here)
+                elsewhere.append(i)
                 continue
             cap, speed = (capacity, 1.0) if caps is None else caps[i]
             depth = _depth(matched)
             fits = loads[i] < cap
+            room = room or fits
             results.append(
                 deferred(
                     depth / top_depth if fits else 0.0,
@@ -249,38 +256,64 @@ class PrefixAffinityScorer:
                     speed,
                 )
             )
+        if not room and elsewhere:
+            # Every home is loaded: the prompt is a cold prefill wherever it goes, so the
+            # other replicas score as for a never-seen prompt (less on slow ones when long).
+            cold = _cold_scores(request.prompt_tokens, [targets[i] for i in elsewhere])
+            for i, result in zip(elsewhere, cold, strict=True):
+                cap = capacity if caps is None else caps[i][0]
+                if loads[i] >= cap:
+                    result = ScoreResult.deferred(0.0, _loaded_reason, loads[i], cap, bounded)
+                elif result is _NOT_SEEN:
+                    result = _HOMES_LOADED
+                results[i] = result
         return results
 
 
 _NO_KEY = ScoreResult(0.5, "no prefix key: neutral")
 _NOT_SEEN = ScoreResult(0.5, "prefix not sent anywhere recently: neutral")
+_HOMES_LOADED = ScoreResult(0.5, "every replica that got this prefix recently is loaded: neutral")
 
 COLD_PROMPT_TOKENS = 2048
-"""A prompt no replica holds costs a full prefill wherever it goes: from this many prompt
-tokens on, a replica at a third of the fastest candidate's measured speed scores a third of
-neutral (shorter prompts proportionally less: their prefill is cheap anywhere)."""
+"""A prompt no replica holds costs a full prefill wherever it goes: a replica at `rel` of the
+fastest candidate's measured speed scores 0.5 * rel ** (prompt tokens / this), so at this many
+tokens one at a third of the speed scores a third of neutral, at twice as many a ninth (the
+prefill's extra seconds grow with the prompt), and a short prompt loses little anywhere."""
 
 
 def _cold_scores(prompt_tokens: int, targets: Sequence[TargetView]) -> list[ScoreResult]:
     """A prompt no candidate holds: neutral, less on replicas slower than the fastest measured
-    one, by the prompt's length (a long cold prefill belongs on a fast GPU)."""
+    one, by the prompt's length (a long cold prefill belongs on a fast GPU); a replica not
+    measured yet counts at the median measured speed."""
     count = len(targets)
-    weight = min(1.0, prompt_tokens / COLD_PROMPT_TOKENS)
+    weight = prompt_tokens / COLD_PROMPT_TOKENS
     if weight <= 0.0:
         return [_NOT_SEEN] * count
     rates = [decode_rate(v.state) for v in targets]
-    fastest = max((r.tokens_per_s for r in rates if r is not None), default=0.0)
-    if not fastest > 0:
+    measured = sorted(r.tokens_per_s for r in rates if r is not None)
+    if not (measured and measured[-1] > 0):
         return [_NOT_SEEN] * count
+    fastest = measured[-1]
+    # A replica that has not served anything yet is taken at the measured median speed: no
+    # evidence that it is fast (a fresh fleet's slow GPUs would otherwise get the long prompts).
+    typical = min(1.0, _median(measured) / fastest)
     results: list[ScoreResult] = []
     for rate in rates:
-        rel = 1.0 if rate is None else min(1.0, rate.tokens_per_s / fastest)
+        rel = typical if rate is None else min(1.0, rate.tokens_per_s / fastest)
         if rel >= 1.0:
             results.append(_NOT_SEEN)
             continue
-        score = 0.5 * (1.0 - weight * (1.0 - rel))
-        results.append(ScoreResult.deferred(score, _cold_reason, rel, prompt_tokens))
+        score = 0.5 * rel**weight
+        reason = _cold_reason if rate is not None else _cold_unmeasured_reason
+        results.append(ScoreResult.deferred(score, reason, rel, prompt_tokens))
     return results
+
+
+def _median(sorted_values: Sequence[float]) -> float:
+    middle = len(sorted_values) // 2
+    if len(sorted_values) % 2:
+        return sorted_values[middle]
+    return (sorted_values[middle - 1] + sorted_values[middle]) / 2
 
 
 def _loaded_reason(load: float, capacity: int, bounded: int) -> str:
@@ -294,6 +327,14 @@ def _cold_reason(rel: float, prompt_tokens: int) -> str:
     return (
         f"prefix not sent anywhere recently: a cold prefill of ~{prompt_tokens} tokens at "
         f"{rel:.2g}x the fastest candidate's measured speed"
+    )
+
+
+def _cold_unmeasured_reason(rel: float, prompt_tokens: int) -> str:
+    return (
+        f"prefix not sent anywhere recently: a cold prefill of ~{prompt_tokens} tokens on a "
+        f"replica not measured yet, taken at the candidates' median speed ({rel:.2g}x the "
+        f"fastest)"
     )
 
 
@@ -311,10 +352,7 @@ def _speed_capacities(
     measured = sorted(r.tokens_per_s for r in rates if r is not None)
     if len(measured) < 2:
         return None
-    middle = len(measured) // 2
-    median = (
-        measured[middle] if len(measured) % 2 else (measured[middle - 1] + measured[middle]) / 2
-    )
+    median = _median(measured)
     if not (median > 0 and measured[0] < median):
         return None
     caps: list[tuple[int, float]] = []
