@@ -275,3 +275,18 @@ def test_finite_or_none_drops_values_a_score_cannot_use(
     value: float | None, expected: float | None
 ) -> None:
     assert finite_or_none(value) == expected
+
+
+def test_target_id_is_formatted_once_and_is_not_part_of_the_key() -> None:
+    key = TargetKey(model="m", node="n1", endpoint="http://10.0.0.1:8000")
+    first = key.target_id
+    assert first == "n1|http://10.0.0.1:8000|m"
+    assert key.target_id is first  # kept on the key: scorers read it without reformatting
+    assert TargetKey.parse(first) == key
+    assert attrs.asdict(key) == {"model": "m", "node": "n1", "endpoint": "http://10.0.0.1:8000"}
+    other = TargetKey(model="m", node="n1", endpoint="http://10.0.0.1:8000")
+    assert other == key  # read or not, keys compare and hash by value
+    assert hash(other) == hash(key)
+    assert attrs.evolve(key, node="n2").target_id == "n2|http://10.0.0.1:8000|m"
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        key.node = "n3"  # type: ignore[misc]

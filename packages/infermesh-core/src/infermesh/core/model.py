@@ -7,6 +7,7 @@ Nothing here does I/O or reads a clock; callers pass `now` in.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
@@ -109,8 +110,9 @@ class TargetKey:
     node: str
     endpoint: str
 
-    @property
+    @functools.cached_property
     def target_id(self) -> str:
+        """`node|endpoint|model`: formatted on the first read, then kept (keys are frozen)."""
         return f"{self.node}|{self.endpoint}|{self.model}"
 
     @classmethod

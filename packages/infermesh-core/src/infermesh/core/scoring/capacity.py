@@ -57,6 +57,10 @@ def decode_rate(state: ModelState) -> Speed | None:
     """The target's measured per-sequence decode rate, or None when nothing measures it.
 
     Computed once per state (a ModelState is immutable and replaced on every change)."""
+    # `state_features(state)`, its lookup inlined: the store filled it in when the delta landed.
+    cached = FEATURES_BY_ID.get(id(state))
+    if cached is not None and cached.state is state:
+        return cached.speed
     return state_features(state).speed
 
 
