@@ -31,6 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import attrs
 import grpc
 
 from benchmarks.decision.report import (
@@ -90,6 +91,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of candidates and requests")
     parser.add_argument(
+        "--max-candidates",
+        type=int,
+        default=ScoringConfig().max_candidates,
+        help="scoring.max_candidates of the in-process engine (0: score every candidate)",
+    )
+    parser.add_argument(
         "--paths",
         default=f"{IN_PROCESS},{UDS}",
         help=f"comma list of paths to measure: {IN_PROCESS}, {UDS}",
@@ -103,6 +110,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--decisions must be >= {MIN_DECISIONS}")
     if args.max_targets < 0:
         parser.error("--max-targets must be >= 0")
+    if args.max_candidates < 0:
+        parser.error("--max-candidates must be >= 0")
     if not args.max_seconds > 0:
         parser.error("--max-seconds must be > 0")
     paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
@@ -116,13 +125,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- in-process
 
 
-def build_engine(deltas: Sequence[ModelStateDelta]) -> ScoringEngine:
-    """The router's local scoring engine (built-in scorers, default `[scoring]`) over `deltas`."""
+def build_engine(
+    deltas: Sequence[ModelStateDelta], max_candidates: int | None = None
+) -> ScoringEngine:
+    """The router's local scoring engine (built-in scorers, default `[scoring]`, or that with
+    `max_candidates`) over `deltas`."""
     store = StateStore()
     for delta in deltas:
         store.apply_model_delta(delta)
     registered = {scorer.name: scorer for scorer in builtin_scorers()}
-    return ScoringEngine.from_config(store, InflightTracker(), registered, ScoringConfig())
+    scoring = ScoringConfig()
+    if max_candidates is not None:
+        scoring = attrs.evolve(scoring, max_candidates=max_candidates)
+    return ScoringEngine.from_config(store, InflightTracker(), registered, scoring)
 
 
 def time_in_process(
@@ -279,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = ""
     if IN_PROCESS in args.paths:
         for size in args.sizes:
-            engine = build_engine(candidate_deltas(size, now, args.seed))
+            engine = build_engine(candidate_deltas(size, now, args.seed), args.max_candidates)
             features = requests(model_for(size), 256, args.seed)
             cpu_times: list[float] = []
             latencies = time_in_process(engine, features, now, args, cpu_times)
@@ -300,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sizes": list(args.sizes),
         "decisions": args.decisions,
         "max_targets": args.max_targets,
+        "max_candidates": args.max_candidates,
         "seed": args.seed,
         "scorers": sorted(scorer.name for scorer in builtin_scorers()),
         "cpus": os.cpu_count(),
@@ -309,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(render_table(rows))
     print(
-        f"\nper decision; max_targets {args.max_targets}; built-in scorers, default weights; "
+        f"\nper decision; max_targets {args.max_targets}; max_candidates {args.max_candidates} "
+        f"(in-process); built-in scorers, default weights; "
         f"{os.cpu_count()} CPUs; {UDS}: one unary ScoreTargets call at a time, client included; "
         f"cpu: the deciding thread's CPU time (in-process), which a loaded machine's waits for "
         f"a CPU do not inflate; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}."

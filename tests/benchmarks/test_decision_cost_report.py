@@ -9,6 +9,8 @@ from types import ModuleType
 
 import pytest
 
+from infermesh.core.config import ScoringConfig
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -54,7 +56,15 @@ def test_arguments(script: ModuleType) -> None:
     args = script.parse_args(["--sizes", "10,100", "--paths", "in-process"])
     assert args.sizes == (10, 100)
     assert args.paths == ("in-process",)
-    for bad in (["--sizes", "0"], ["--sizes", "x"], ["--paths", "tcp"], ["--decisions", "5"]):
+    assert args.max_candidates == ScoringConfig().max_candidates
+    assert script.parse_args(["--max-candidates", "0"]).max_candidates == 0
+    for bad in (
+        ["--sizes", "0"],
+        ["--sizes", "x"],
+        ["--paths", "tcp"],
+        ["--decisions", "5"],
+        ["--max-candidates", "-1"],
+    ):
         with pytest.raises(SystemExit):
             script.parse_args(bad)
 
@@ -64,10 +74,13 @@ def test_candidates_are_seeded_and_all_ranked(script: ModuleType) -> None:
 
     assert candidate_deltas(5, 1.0, seed=3) == candidate_deltas(5, 1.0, seed=3)
     assert candidate_deltas(5, 1.0, seed=3) != candidate_deltas(5, 1.0, seed=4)
-    engine = script.build_engine(candidate_deltas(50, 1000.0))
-    ranking = engine.rank(requests(model_for(50), 1)[0], 1000.0, 0)
+    request = requests(model_for(50), 1)[0]
+    ranking = script.build_engine(candidate_deltas(50, 1000.0), 0).rank(request, 1000.0, 0)
     assert ranking.candidates == 50
-    assert len(ranking.targets) == 50
+    assert len(ranking.targets) == 50  # no cap: every candidate scored
+    capped = script.build_engine(candidate_deltas(50, 1000.0), 20).rank(request, 1000.0, 0)
+    assert capped.candidates == 50
+    assert len(capped.targets) == 20
 
 
 def test_in_process_run_times_every_decision(script: ModuleType) -> None:
