@@ -37,7 +37,10 @@ def walk(
     command: click.Command, path: list[str], parent: click.Context | None
 ) -> Iterator[tuple[list[str], click.Command, click.Context]]:
     """Every command under `command` (itself first), with its path and a context to render it."""
-    ctx = click.Context(command, info_name=path[-1], parent=parent)
+    # As `make_context` does: a command's context_settings (the root's `-h` for help, which
+    # every subcommand inherits) apply. Without them the page would say `--help` only, and
+    # click's per-command cache of the help option could make it differ between runs.
+    ctx = click.Context(command, info_name=path[-1], parent=parent, **command.context_settings)
     yield path, command, ctx
     if isinstance(command, click.Group):
         for name in command.list_commands(ctx):
