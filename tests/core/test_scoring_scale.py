@@ -127,7 +127,7 @@ def test_a_big_fleet_scores_a_bounded_set_and_a_new_prefix_goes_to_the_least_loa
 ) -> None:
     ranking = engine(fleet).rank(RequestFeatures(model=MODEL, prefix_key=PREFIX), NOW)
     ids = [t.target_id for t in ranking.targets]
-    assert len(ids) == ScoringConfig().max_candidates == 32
+    assert len(ids) == ScoringConfig().max_candidates == 64
     assert ranking.candidates == FLEET
     # never sent anywhere: prefix is neutral, so the queue sends it to the idle replica
     assert ids[0] == key(4321).target_id

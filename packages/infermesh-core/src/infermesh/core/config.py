@@ -193,7 +193,7 @@ class ScoringConfig:
     would waste the prefix cache. 0 or 1 leaves only the bounded-load rule."""
     outcome_ewma_alpha: float = 0.2
     """Smoothing of the TTFT and error-rate averages fed by outcome reports, in (0, 1]."""
-    max_candidates: int = 32
+    max_candidates: int = 64
     """A model with more targets than this has at most this many scored per decision: its
     prefix owners, its least loaded and a random sample of the rest (docs/agent.md); 0 scores
     every target."""

@@ -1,6 +1,6 @@
 """Building the scorers' `TargetView`s on the hot path.
 
-A decision builds one view per scored target (up to `scoring.max_candidates`, 32 by default),
+A decision builds one view per scored target (up to `scoring.max_candidates`, 64 by default),
 so the view's constructor is a measurable share of a decision. `make_view` gives exactly the
 view `TargetView(...)` would (the same fields and derived values; a test compares every
 field), at about half the cost: it sets the slots directly, and in the usual case (no request
