@@ -78,12 +78,12 @@ def render_command(path: list[str], command: click.Command, ctx: click.Context) 
     lines += ["```", usage, "```", ""]
     if command.help:
         lines += [help_markdown(command.help), ""]
-    arguments = [p for p in command.get_params(ctx) if isinstance(p, click.Argument)]
+    arguments = [p for p in command.params if isinstance(p, click.Argument)]
     if arguments:
         names = ", ".join(f"`{p.make_metavar(ctx)}`" for p in arguments)
         lines += [f"Arguments: {names}.", ""]
     rows: list[str] = []
-    for param in command.get_params(ctx):
+    for param in command.params:
         if not isinstance(param, click.Option) or param.hidden:
             continue
         record = param.get_help_record(ctx)
@@ -91,6 +91,12 @@ def render_command(path: list[str], command: click.Command, ctx: click.Context) 
             continue
         names, help_text = record
         rows.append(f"| `{cell(names)}` | {cell(help_text)} |")
+    if command.add_help_option and ctx.help_option_names:
+        # Built from the context, not `get_params`: click caches a command's help option the
+        # first time it is asked for, so a command run earlier in the same process (a test
+        # invoking it without the root group) would otherwise change this row.
+        names = ", ".join(sorted(ctx.help_option_names, key=len))
+        rows.append(f"| `{cell(names)}` | Show this message and exit. |")
     if rows:
         lines += ["| option | meaning |", "|---|---|", *rows, ""]
     if isinstance(command, click.Group):

@@ -62,3 +62,26 @@ def test_every_config_key_is_in_the_reference() -> None:
         assert f"`{field.name}" in text, f"config table {field.name!r} missing"
     assert "`router.hedging.quantile`" in text
     assert "`runtimes.kind` | string | **required**" in text
+
+
+def test_the_cli_reference_does_not_depend_on_commands_run_earlier() -> None:
+    """click remembers a command's help option the first time it is asked for: a command run on
+    its own (as tests do) then shows `--help` where the `infermesh` group gives `-h, --help`.
+    The reference is what a user of the console script sees, whatever ran before it."""
+    import click
+    from click.testing import CliRunner
+
+    from infermesh.core.cli import build_cli
+    from infermesh.core.plugins import PluginHost
+
+    host = PluginHost.load(allow=["core", "agent", "router", "dev"], block=[], strict=True)
+    stack: list[click.Command] = [build_cli(host)]
+    while stack:
+        command = stack.pop()
+        CliRunner().invoke(command, ["--help"])  # on its own: no root context
+        if isinstance(command, click.Group):
+            ctx = click.Context(command)
+            stack += [c for n in command.list_commands(ctx) if (c := command.get_command(ctx, n))]
+    generated = generate("scripts/gen_cli_reference.py")
+    assert "| `--help` |" not in generated
+    assert generated == (ROOT / "docs" / "cli-reference.md").read_text(encoding="utf-8")
