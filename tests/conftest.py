@@ -25,6 +25,10 @@ pytest_plugins = ["pytester"]
 
 BLOCKED_LOOP_S = float(os.environ.get("INFERMESH_BLOCKED_LOOP_S", "1.0"))
 ALLOW_BLOCKING_MARKER = "allow_blocking"
+NOT_OURS = ("AioServer._server_main_loop",)
+"""Callbacks whose work is a library's own, not ours: grpc.aio's server loop polls its C
+completion queue in one step, which on a loaded 2-core machine was once measured at 1.1 s
+(nothing of ours runs in it: our handlers run in their own tasks, which stay watched)."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -52,6 +56,8 @@ class BlockedLoopDetector(logging.Handler):
         if record.msg != "Executing %s took %.3f seconds" or not isinstance(record.args, tuple):
             return
         handle, duration_s = record.args
+        if any(owner in str(handle) for owner in NOT_OURS):
+            return
         if isinstance(duration_s, float) and duration_s >= self.threshold_s:
             self.blocked.append((str(handle), duration_s))
 
