@@ -82,6 +82,14 @@ def test_when_every_home_is_loaded_a_long_prompt_spills_to_fast_replicas() -> No
     a, b, c = scorer.score(long_prompt, views)
     assert b.score == 0.0
     assert a.score == 0.5
+    # c, at a third of the home's speed, would pay a slow cold prefill: it gets nothing
+    assert c.score == 0.0
+    # with a slower home, a replica as fast as it is a spill target too, scored by its speed
+    slow_home = [views[0], TargetView(ModelState(key=key("b"), itl_s=0.03, running=4), now=NOW)]
+    slow_home.append(views[2])
+    a, b, c = scorer.score(long_prompt, slow_home)
+    assert b.score == 0.0
+    assert a.score == 0.5
     assert c.score == pytest.approx(0.5 / 9)
     assert "a cold prefill of ~4096 tokens at 0.33x the fastest" in c.reason
     # while the home has room, the others still score nothing
