@@ -40,6 +40,7 @@ from benchmarks.overhead.processes import ProcessGroup, StartError
 from benchmarks.quality.fleet import (
     VLLM_ROUTER_POLICIES,
     Replica,
+    fetch_request_logs,
     mode_name,
     parse_fleet,
     start_fleet,
@@ -54,6 +55,8 @@ from benchmarks.quality.report import (
     row_from_report,
     row_from_reports,
 )
+from benchmarks.quality.requests import PerRequest, join_requests, render_tail, tail_summary
+from benchmarks.quality.requests import to_jsonl as per_request_jsonl
 from infermesh.dev.loadgen import LoadReport, LoadSpec, PromptMix, run_load
 
 ROUTERS = (INFERMESH, *VLLM_ROUTER_POLICIES)
@@ -156,6 +159,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--log-dir", default=None, help="keep the servers' logs here (default: a temp dir)"
     )
+    parser.add_argument(
+        "--no-gpu-telemetry",
+        action="store_true",
+        help="run the fleet without the emulated dcgm-exporter: the degraded replica is slowed "
+        "but no GPU telemetry says so (InferMesh then sees only the runtimes' metrics)",
+    )
+    parser.add_argument(
+        "--per-request",
+        default=None,
+        metavar="FILE",
+        help="write one JSON line per request (every seed and mode): replica, cold/warm, "
+        "queue wait, prefill, time outside the engine",
+    )
     args = parser.parse_args(argv)
     if args.settle < 0:
         parser.error("--settle must be >= 0")
@@ -192,27 +208,31 @@ def trace_spec(base_url: str, args: argparse.Namespace) -> LoadSpec:
 
 def measure_mode(
     router: str, replicas: Sequence[Replica], args: argparse.Namespace, log_dir: Path
-) -> tuple[LoadReport | None, str, str]:
-    """(report, detail, why skipped): one cold fleet + router, the trace, everything stopped."""
+) -> tuple[LoadReport | None, str, str, list[PerRequest]]:
+    """(report, detail, why skipped, per-request rows): one cold fleet + router, the trace,
+    the replicas' request logs, everything stopped."""
     mode = mode_name(router)
     mode_dir = log_dir / f"seed{args.seed}" / mode.replace(" ", "-")
     mode_dir.mkdir(parents=True, exist_ok=True)
     with ProcessGroup(mode_dir) as procs:
         try:
-            bases = start_fleet(procs, replicas, args)
-            up = start_router(procs, router, bases, args, mode_dir)
+            fleet = start_fleet(procs, replicas, args)
+            up = start_router(procs, router, fleet, args, mode_dir)
         except StartError as exc:
-            return None, "", str(exc)
+            return None, "", str(exc), []
         time.sleep(args.settle)
         print(f"  {mode}: sending {args.requests} requests at {args.rate:g}/s ...", file=sys.stderr)
         report = asyncio.run(run_load(trace_spec(up.base_url, args)))
+        per_request = join_requests(
+            args.seed, mode, report.records, fetch_request_logs(fleet.bases)
+        )
     row = row_from_report(mode, report)
     print(
         f"  {mode}: TTFT p95 {row.ttft_p95_ms:.0f} ms, {row.ok_per_s:.2f} req/s, "
         f"{row.errors} errors",
         file=sys.stderr,
     )
-    return report, up.detail, ""
+    return report, up.detail, "", per_request
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -228,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports: dict[str, list[LoadReport]] = {}
     details: dict[str, str] = {}
     skipped: dict[str, str] = {}
+    per_request: list[PerRequest] = []
     fleet = ", ".join(r.label for r in replicas)
     with contextlib.ExitStack() as stack:
         if args.log_dir:
@@ -244,7 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     mode = mode_name(router)
                     if mode in skipped:
                         continue
-                    report, detail, why = measure_mode(router, replicas, args, log_dir)
+                    report, detail, why, rows_of_mode = measure_mode(
+                        router, replicas, args, log_dir
+                    )
+                    per_request += rows_of_mode
                     if report is None:
                         skipped[mode] = why
                         print(f"NOTE: {mode} not measured: {why}", file=sys.stderr)
@@ -256,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"seed {seed}:")
                     print(render_table(rows))
                     print(render_goals(rows))
+                    print(render_tail(tail_summary([r for r in per_request if r.seed == seed])))
                     print()
         except KeyboardInterrupt:
             print("interrupted; stopping servers", file=sys.stderr)
@@ -274,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tenants": args.tenants,
         "prefix_chars": args.prefix_chars,
         "max_tokens": args.max_tokens,
+        "gpu_telemetry": not args.no_gpu_telemetry,
         "seed": seeds[0] if len(seeds) == 1 else None,
         "seeds": list(seeds),
         "cpus": os.cpu_count(),
@@ -291,6 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs shared by the client and every server."
     )
     print(render_goals(rows))
+    print(render_tail(tail_summary(per_request)))
+    if args.per_request:
+        Path(args.per_request).write_text(per_request_jsonl(per_request))
+        print(f"per-request records: {args.per_request}", file=sys.stderr)
     print(render_json(rows, settings=settings, skipped=skipped))
     return 0
 

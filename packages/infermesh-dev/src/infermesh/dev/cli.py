@@ -72,6 +72,12 @@ def dev_group() -> None:
     help="Answer length when a request sets no max_tokens (finishes with 'stop').",
 )
 @click.option("--no-prefix-caching", is_flag=True, help="Disable the prefix cache.")
+@click.option(
+    "--enable-prompt-tokens-details",
+    is_flag=True,
+    help="Report prefix-cache hits as usage.prompt_tokens_details.cached_tokens, as vLLM's flag "
+    "of that name does.",
+)
 @click.option("--replica-tag", default="", help="Tag put into response ids: chatcmpl-TAG-....")
 @click.option(
     "--stall-prob",
@@ -117,6 +123,7 @@ def vllm_command(
     seed: int,
     default_max_tokens: int,
     no_prefix_caching: bool,
+    enable_prompt_tokens_details: bool,
     replica_tag: str,
     stall_prob: float,
     stall_s: float,
@@ -152,6 +159,7 @@ def vllm_command(
             replica_tag=replica_tag,
             default_max_tokens=default_max_tokens,
             enable_prefix_caching=not no_prefix_caching,
+            enable_prompt_tokens_details=enable_prompt_tokens_details,
             stall_prob=stall_prob,
             stall_s=stall_s,
             fail_prob=fail_prob,
@@ -261,7 +269,13 @@ def _replica_map(values: tuple[str, ...]) -> dict[str, list[str]]:
 @click.option("--gpus", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--uuid", "uuids", multiple=True, help="UUID of GPU 0, 1, ... [derived from --seed].")
 @click.option("--mig", "mig", multiple=True, help="MIG profile created on every GPU (repeatable).")
-@click.option("--model-name", default="NVIDIA H100 80GB HBM3", show_default=True)
+@click.option(
+    "--model-name",
+    "model_names",
+    multiple=True,
+    help="GPU model name (NVML's), once for every GPU or once per GPU in order "
+    "[default: NVIDIA H100 80GB HBM3].",
+)
 @click.option("--hostname", default="emulated-node", show_default=True)
 @click.option(
     "--hostname-label",
@@ -284,7 +298,7 @@ def dcgm_command(
     gpus: int,
     uuids: tuple[str, ...],
     mig: tuple[str, ...],
-    model_name: str,
+    model_names: tuple[str, ...],
     hostname: str,
     hostname_label: str,
     replicas: tuple[str, ...],
@@ -303,9 +317,11 @@ def dcgm_command(
 
     configure_logging(log_level.lower(), "auto", component="dcgm-emulator")
     try:
+        if len(model_names) == 1:
+            model_names = model_names * gpus
         fleet = DcgmFleetConfig(
             gpus=gpus,
-            model_name=model_name,
+            model_names=model_names,
             mig=mig,
             hostname=hostname,
             hostname_label="" if hostname_label == "none" else hostname_label,

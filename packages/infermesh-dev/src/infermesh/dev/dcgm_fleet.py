@@ -54,6 +54,18 @@ _STATE_DEFAULTS: Mapping[str, tuple[float, float, tuple[str, ...]]] = {
     "ecc": (1.0, 45.0, ()),
 }
 DEFAULT_XID = 79  # "GPU has fallen off the bus"
+
+# Published figures of the cards the emulator knows: (memory MiB, power limit W, max SM clock MHz),
+# as their NVML names. Others take the config's memory and power limit and H100's SM clock.
+MODEL_SPECS: Mapping[str, tuple[int, float, int]] = {
+    "NVIDIA H100 80GB HBM3": (81559, 700.0, 1980),
+    "NVIDIA A100-SXM4-80GB": (81920, 400.0, 1410),
+    "NVIDIA A100-SXM4-40GB": (40960, 400.0, 1410),
+    "NVIDIA L40S": (46068, 350.0, 2520),
+    "NVIDIA A10": (23028, 150.0, 1695),
+    "NVIDIA L4": (23034, 72.0, 2040),
+}
+_DEFAULT_SM_CLOCK_MHZ = 1980
 _MIG_PROFILE = re.compile(r"([1-7])g\.(\d+)gb")
 
 
@@ -84,6 +96,9 @@ class DcgmFleetConfig:
     seed: int = 0
     uuids: tuple[str, ...] = ()
     """UUIDs of the GPUs in order; missing ones are derived from `seed` and the index."""
+    model_names: tuple[str, ...] = ()
+    """Model name of GPU 0, 1, ... (a node with mixed cards); missing ones are `model_name`.
+    A name in `MODEL_SPECS` also sets that card's memory, power limit and top SM clock."""
 
     def __attrs_post_init__(self) -> None:
         if self.gpus < 1:
@@ -94,6 +109,14 @@ class DcgmFleetConfig:
             )
         if len(self.uuids) > self.gpus:
             raise ValueError(f"{len(self.uuids)} UUIDs given for {self.gpus} GPUs")
+        if len(self.model_names) > self.gpus:
+            raise ValueError(f"{len(self.model_names)} model names given for {self.gpus} GPUs")
+        if any(not name.strip() for name in self.model_names):
+            raise ValueError("a GPU model name is empty")
+
+    def model_of(self, index: int) -> str:
+        """The model name of GPU `index`."""
+        return self.model_names[index] if index < len(self.model_names) else self.model_name
         for profile in self.mig:
             if not _MIG_PROFILE.fullmatch(profile):
                 raise ValueError(f"MIG profile {profile!r} is not like '3g.40gb'")
@@ -112,6 +135,7 @@ class EmulatedGpu:
 
     index: int
     uuid: str
+    model_name: str = "NVIDIA H100 80GB HBM3"
     state: str = "ok"
     speed_factor: float = 1.0
     temperature_c: float = 45.0
@@ -126,6 +150,7 @@ class EmulatedGpu:
         return {
             "uuid": self.uuid,
             "index": self.index,
+            "model_name": self.model_name,
             "state": self.state,
             "speed_factor": self.speed_factor,
             "temperature_c": self.temperature_c,
@@ -157,6 +182,7 @@ class DcgmFleet:
             EmulatedGpu(
                 index=i,
                 uuid=config.uuids[i] if i < len(config.uuids) else _derived_uuid(config.seed, i),
+                model_name=config.model_of(i),
             )
             for i in range(config.gpus)
         ]
@@ -246,7 +272,7 @@ class DcgmFleet:
             f'UUID="{gpu.uuid}"',
             f'pci_bus_id="00000000:{0x18 + gpu.index * 0x10:02X}:00.0"',
             f'device="nvidia{gpu.index}"',
-            f'modelName="{config.model_name}"',
+            f'modelName="{gpu.model_name}"',
         ]
         if instance is not None:
             parts.append(f'GPU_I_PROFILE="{instance[0]}"')
@@ -259,18 +285,21 @@ class DcgmFleet:
     def _render_gpu(self, gpu: EmulatedGpu, add: _Add) -> None:
         config = self.config
         labels = self._labels(gpu, None)
+        memory_mib, power_limit_w, max_clock_mhz = MODEL_SPECS.get(
+            gpu.model_name, (config.memory_mib, config.power_limit_w, _DEFAULT_SM_CLOCK_MHZ)
+        )
         busy = config.utilization * gpu.speed_factor if gpu.state != "xid" else 0.0
-        power = config.power_limit_w * (0.98 if gpu.state == "throttle" else 0.55)
+        power = power_limit_w * (0.98 if gpu.state == "throttle" else 0.55)
         reserved = 512
-        used = int((config.memory_mib - reserved) * config.memory_used_fraction)
-        free = config.memory_mib - reserved - used
+        used = int((memory_mib - reserved) * config.memory_used_fraction)
+        free = memory_mib - reserved - used
         bitmask = sum(CLOCK_EVENT_BITS[r] for r in gpu.clock_event_reasons)
         add(
             "DCGM_FI_DEV_SM_CLOCK",
             "gauge",
             "SM clock frequency (in MHz).",
             labels,
-            round(1980 * gpu.speed_factor),
+            round(max_clock_mhz * gpu.speed_factor),
         )
         add("DCGM_FI_DEV_MEM_CLOCK", "gauge", "Memory clock frequency (in MHz).", labels, 2619)
         add("DCGM_FI_DEV_GPU_TEMP", "gauge", "GPU temperature (in C).", labels, gpu.temperature_c)
@@ -280,7 +309,7 @@ class DcgmFleet:
             "gauge",
             "Power management limit (in W).",
             labels,
-            config.power_limit_w,
+            power_limit_w,
         )
         add(
             "DCGM_FI_DEV_XID_ERRORS",

@@ -12,7 +12,13 @@ import time
 from collections.abc import Callable
 
 from infermesh.core.logging import get_logger
-from infermesh.dev.engine import Engine, EngineRequest, EngineSnapshot, TokenOutput
+from infermesh.dev.engine import (
+    Engine,
+    EngineRequest,
+    EngineSnapshot,
+    FinishedStats,
+    TokenOutput,
+)
 from infermesh.dev.metrics_page import VllmMetricsPage
 
 __all__ = ["EngineDriver"]
@@ -26,10 +32,13 @@ class EngineDriver:
         engine: Engine,
         metrics: VllmMetricsPage,
         clock: Callable[[], float] = time.monotonic,
+        on_finished: Callable[[FinishedStats], None] | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.clock = clock
+        self.on_finished = on_finished
+        """Sees each request's stats when it finishes or is aborted (the emulator's log)."""
         self.dead_reason = ""
         self._streams: dict[str, asyncio.Queue[TokenOutput]] = {}
         self._wake = asyncio.Event()
@@ -67,6 +76,8 @@ class EngineDriver:
         finished = self.engine.abort(request_id, self.clock())
         if finished is not None:
             self.metrics.record_finished(finished)
+            if self.on_finished is not None:
+                self.on_finished(finished)
             self._wake.set()
 
     async def _run(self) -> None:
@@ -85,6 +96,9 @@ class EngineDriver:
                 delay_s = result.end_s - self.clock()
                 await asyncio.sleep(max(delay_s, 0.0))
                 self.metrics.record_step(result.stats)
+                if self.on_finished is not None:
+                    for finished in result.stats.finished:
+                        self.on_finished(finished)
                 for output in result.outputs:
                     stream = self._streams.get(output.request_id)
                     if stream is None:

@@ -162,6 +162,9 @@ class FinishedStats:
     inference_s: float
     num_preemptions: int
     prefill_computed_tokens: int
+    request_id: str = ""
+    cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache when the request was first admitted."""
 
 
 @attrs.frozen
@@ -543,6 +546,8 @@ class Engine:
             inference_s=now - scheduled_s,
             num_preemptions=seq.num_preemptions,
             prefill_computed_tokens=seq.prefill_computed_tokens,
+            request_id=seq.request.request_id,
+            cached_tokens=seq.num_cached_tokens,
         )
 
 

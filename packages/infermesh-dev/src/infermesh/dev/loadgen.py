@@ -127,6 +127,13 @@ class RequestRecord:
     completion_tokens: int = 0
     response_id: str = ""
     error: str = ""
+    request_id: str = ""
+    """The `X-Request-Id` the request was sent with (`<seed>-<index>`, unique in a run)."""
+    index: int = -1
+    """Position of the request in the trace (0 first), the same for every run of a seed."""
+    cached_tokens: int | None = None
+    """usage.prompt_tokens_details.cached_tokens, where the server reports it (vLLM with
+    `--enable-prompt-tokens-details`), else None."""
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -225,14 +232,25 @@ class _Client:
             body["stream_options"] = {"include_usage": True}
         return body
 
-    async def send(self, group: int, stream: bool, rng: random.Random) -> RequestRecord:
+    async def send(
+        self, group: int, stream: bool, rng: random.Random, index: int = -1
+    ) -> RequestRecord:
         payload = json.dumps(self.body(group, stream, rng)).encode()
+        request_id = f"{self.spec.seed}-{index}"
+        headers = {"X-Request-Id": request_id, **self.headers}
         start = time.perf_counter()
         base = RequestRecord(
-            ok=False, status=0, stream=stream, prefix_group=group, start_s=start, e2e_s=0.0
+            ok=False,
+            status=0,
+            stream=stream,
+            prefix_group=group,
+            start_s=start,
+            e2e_s=0.0,
+            request_id=request_id,
+            index=index,
         )
         try:
-            async with self.session.post(self.url, data=payload, headers=self.headers) as resp:
+            async with self.session.post(self.url, data=payload, headers=headers) as resp:
                 if resp.status != 200:
                     text = (await resp.text())[:300]
                     return attrs.evolve(
@@ -248,6 +266,7 @@ class _Client:
                         e2e_s=time.perf_counter() - start,
                         completion_tokens=int(usage.get("completion_tokens", 0)),
                         response_id=str(data.get("id", "")),
+                        cached_tokens=_cached_tokens(usage),
                     )
                 return await self._read_stream(resp, start, base)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -261,6 +280,7 @@ class _Client:
         token_times: list[float] = []
         response_id = ""
         completion_tokens = 0
+        cached_tokens: int | None = None
         done = False
         error = ""
         async for raw_line in resp.content:
@@ -283,6 +303,7 @@ class _Client:
             usage = chunk.get("usage")
             if usage:
                 completion_tokens = int(usage.get("completion_tokens", 0))
+                cached_tokens = _cached_tokens(usage)
         end = time.perf_counter()
         ok = done and not error and bool(token_times)
         return attrs.evolve(
@@ -295,7 +316,18 @@ class _Client:
             completion_tokens=completion_tokens or len(token_times),
             response_id=response_id,
             error=error or ("" if done else "stream ended without [DONE]"),
+            cached_tokens=cached_tokens,
         )
+
+
+def _cached_tokens(usage: dict[str, Any]) -> int | None:
+    """`usage.prompt_tokens_details.cached_tokens`; None when the server does not report it,
+    0 when it reports details without a cached count (vLLM omits the details at 0)."""
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, dict):
+        return None
+    value = details.get("cached_tokens")
+    return int(value) if isinstance(value, int) else 0
 
 
 async def run_load(
@@ -309,7 +341,7 @@ async def run_load(
     deadline = started + spec.duration_s if spec.duration_s is not None else math.inf
     issued = 0
 
-    def next_request() -> tuple[int, bool, random.Random] | None:
+    def next_request() -> tuple[int, bool, random.Random, int] | None:
         nonlocal issued
         if time.perf_counter() >= deadline:
             return None
@@ -317,7 +349,7 @@ async def run_load(
             return None
         issued += 1
         group = rng.randrange(spec.mix.num_prefixes)
-        return group, rng.random() < spec.stream_fraction, random.Random(rng.random())
+        return group, rng.random() < spec.stream_fraction, random.Random(rng.random()), issued - 1
 
     def keep(record: RequestRecord) -> None:
         records.append(record)
@@ -339,7 +371,7 @@ async def run_load(
             slots = asyncio.Semaphore(spec.concurrency)
             tasks: set[asyncio.Task[None]] = set()
 
-            async def one(job: tuple[int, bool, random.Random]) -> None:
+            async def one(job: tuple[int, bool, random.Random, int]) -> None:
                 async with slots:
                     keep(await client.send(*job))
 

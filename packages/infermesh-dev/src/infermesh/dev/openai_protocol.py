@@ -209,12 +209,18 @@ def parse_generation_request(
 # ---------------------------------------------------------------------- responses
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None
+) -> dict[str, Any]:
+    """vLLM's `usage`. `cached_tokens` (prompt tokens served from the prefix cache) is reported
+    as `prompt_tokens_details.cached_tokens` only when given and above 0, as vLLM does under
+    `--enable-prompt-tokens-details` (its default leaves `prompt_tokens_details` null)."""
+    details = {"cached_tokens": cached_tokens} if cached_tokens else None
     return {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
-        "prompt_tokens_details": None,
+        "prompt_tokens_details": details,
     }
 
 
@@ -226,6 +232,7 @@ def chat_response(
     finish_reason: str,
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int | None = None,
 ) -> dict[str, Any]:
     return {
         "id": request_id,
@@ -252,7 +259,7 @@ def chat_response(
         ],
         "service_tier": None,
         "system_fingerprint": None,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
         "prompt_logprobs": None,
         "kv_transfer_params": None,
     }
@@ -266,6 +273,7 @@ def completion_response(
     finish_reason: str,
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int | None = None,
 ) -> dict[str, Any]:
     return {
         "id": request_id,
@@ -284,7 +292,7 @@ def completion_response(
         ],
         "service_tier": None,
         "system_fingerprint": None,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
         "kv_transfer_params": None,
     }
 
@@ -352,6 +360,7 @@ def usage_chunk(
     model: str,
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The final `include_usage` chunk: no choices, just usage."""
     return {
@@ -360,7 +369,7 @@ def usage_chunk(
         "created": created,
         "model": model,
         "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 

@@ -24,6 +24,7 @@ from infermesh.dev.engine import Engine, EngineConfig, EngineRequest, EngineSnap
 from infermesh.dev.lora_registry import LoraRegistry
 from infermesh.dev.metrics_page import CONTENT_TYPE, VllmMetricsPage
 from infermesh.dev.profiles import DEFAULT_MODEL, GpuProfile, get_profile
+from infermesh.dev.request_log import RequestLog
 from infermesh.dev.tokens import filler_text, filler_token
 
 __all__ = ["DEFAULT_MODEL", "EmulatorConfig", "EmulatorServer", "build_app", "start_emulator"]
@@ -57,6 +58,9 @@ class EmulatorConfig:
     """Put into response ids (`chatcmpl-<tag>-...`) so a load generator can tell replicas apart."""
     default_max_tokens: int = 64
     enable_prefix_caching: bool = True
+    enable_prompt_tokens_details: bool = False
+    """vLLM's `--enable-prompt-tokens-details`: usage reports the prefix-cache hit as
+    `prompt_tokens_details.cached_tokens` (when above 0)."""
     stall_prob: float = 0.0
     """Share of generation requests held `stall_s` before anything is answered (a GPU stall)."""
     stall_s: float = 2.0
@@ -98,10 +102,14 @@ class _Emulator:
             gpu_memory_utilization=config.profile.gpu_memory_utilization,
             max_loras=max_loras if self.lora_enabled else 0,
         )
+        self.requests = RequestLog()
+        """Each finished engine request's queue wait, prefill and cache hit (`/dev/requests`)."""
         self.driver = (
             None
             if config.profile.instant
-            else EngineDriver(Engine(self.engine_config), self.metrics)
+            else EngineDriver(
+                Engine(self.engine_config), self.metrics, on_finished=self.requests.finished
+            )
         )
         self.loras = LoraRegistry(config.model, max_loras)
         for name in config.loras:
@@ -119,6 +127,10 @@ class _Emulator:
     @property
     def served_models(self) -> list[str]:
         return [self.config.model, *self.loras.paths]
+
+    def _cached(self, cached_tokens: int) -> int | None:
+        """What usage reports as cached: only under `enable_prompt_tokens_details`."""
+        return cached_tokens if self.config.enable_prompt_tokens_details else None
 
     def _request_id(self, kind: proto.Kind) -> str:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
@@ -244,6 +256,13 @@ class _Emulator:
         first, so a test can check which trace a request reached the runtime in. Not a vLLM
         route."""
         return web.json_response({"requests": list(self.traces)})
+
+    async def dev_requests(self, _request: web.Request) -> web.Response:
+        """Dev-only `GET /dev/requests`: the last finished engine requests, oldest first, each
+        with its `x_request_id`, `response_id`, the queue it found (`waiting_at_arrival`,
+        `running_at_arrival`), `prompt_tokens`, `cached_tokens` (prefix-cache hit), and the
+        engine's `queue_s`, `prefill_s`, `ttft_s` and `e2e_s`. Not a vLLM route."""
+        return web.json_response({"requests": self.requests.entries()})
 
     # ------------------------------------------------------------------ generation
 
@@ -373,6 +392,9 @@ class _Emulator:
         headers: dict[str, str],
     ) -> web.StreamResponse:
         """Submit to the engine model and relay its tokens as its steps produce them."""
+        self.requests.arrived(
+            request_id, request.headers.get("X-Request-Id", ""), driver.snapshot(), time.time()
+        )
         stream = driver.submit(
             EngineRequest(
                 request_id=request_id,
@@ -404,17 +426,19 @@ class _Emulator:
                     parsed.finish_reason,
                     prompt_tokens,
                     output.num_output_tokens,
+                    self._cached(output.cached_tokens),
                 )
                 return web.Response(
                     body=json.dumps(body).encode(), content_type=JSON_TYPE, headers=headers
                 )
             response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
             await response.prepare(request)
-            sent = 0
+            sent = cached = 0
             try:
                 while not finished:
                     output = await stream.get()
                     finished = output.finished
+                    cached = output.cached_tokens
                     if output.finish_reason == "error":
                         error = proto.ApiError(
                             500, driver.dead_reason, error_type="EngineDeadError"
@@ -435,7 +459,13 @@ class _Emulator:
                     await response.write(b"".join(events))
                 if parsed.include_usage and sent:
                     usage_chunk = proto.usage_chunk(
-                        parsed.kind, request_id, created, parsed.model, prompt_tokens, sent
+                        parsed.kind,
+                        request_id,
+                        created,
+                        parsed.model,
+                        prompt_tokens,
+                        sent,
+                        self._cached(cached),
                     )
                     await response.write(proto.sse(usage_chunk))
                 await response.write(proto.SSE_DONE)
@@ -549,6 +579,7 @@ def build_app(config: EmulatorConfig) -> web.Application:
             web.post("/v1/unload_lora_adapter", emulator.unload_lora),
             web.post("/dev/speed", emulator.set_speed),
             web.get("/dev/traces", emulator.dev_traces),
+            web.get("/dev/requests", emulator.dev_requests),
         ]
     )
     return app
