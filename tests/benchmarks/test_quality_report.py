@@ -174,3 +174,113 @@ def test_bad_seed_lists_are_refused_with_what_is_wrong(
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         script.parse_seeds(seeds)
     assert script.parse_seeds("7,11,13") == (7, 11, 13)
+
+
+@pytest.fixture
+def requests_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    from benchmarks.quality import requests
+
+    return requests
+
+
+def _sent(index: int, ttft_s: float, tag: str, cached: int | None) -> RequestRecord:
+    return RequestRecord(
+        ok=True,
+        status=200,
+        stream=True,
+        prefix_group=index % 2,
+        start_s=0.0,
+        e2e_s=1.0,
+        ttft_s=ttft_s,
+        completion_tokens=10,
+        response_id=f"chatcmpl-{tag}-{index:04x}",
+        request_id=f"7-{index}",
+        index=index,
+        cached_tokens=cached,
+    )
+
+
+def _logged(
+    index: int, tag: str, cached: int, queue_s: float, prefill_s: float
+) -> dict[str, object]:
+    return {
+        "x_request_id": f"7-{index}",
+        "response_id": f"chatcmpl-{tag}-{index:04x}",
+        "prompt_tokens": 1500,
+        "cached_tokens": cached,
+        "queue_s": queue_s,
+        "prefill_s": prefill_s,
+        "ttft_s": queue_s + prefill_s,
+        "waiting_at_arrival": 2,
+        "running_at_arrival": 5,
+        "preemptions": 0,
+        "finish_reason": "length",
+    }
+
+
+def test_per_request_rows_join_the_replica_logs_and_the_tail_names_cold_prefills(
+    requests_module: ModuleType,
+) -> None:
+    # 20 requests: 19 warm and quick on the H100, one cold on the slow replica (the tail).
+    records = [_sent(i, 0.030, "r0-h100", 1488) for i in range(19)]
+    records.append(_sent(19, 0.400, "r3-h100x0.25", None))  # a router that drops the usage
+    h100 = [_logged(i, "r0-h100", 1488, 0.005, 0.020) for i in range(19)]
+    slow = [
+        _logged(19, "r3-h100x0.25", 0, 0.100, 0.280),
+        # the same request id at another replica, aborted (a hedge): not the one that answered
+        {**_logged(19, "r2-a10", 0, 0.0, 0.0), "response_id": "chatcmpl-r2-a10-x"},
+    ]
+    rows = requests_module.join_requests(7, "infermesh", list(reversed(records)), [h100, slow])
+    assert [row.index for row in rows] == list(range(20))
+    cold = rows[19]
+    assert (cold.replica, cold.cache, cold.cached_tokens) == ("r3-h100x0.25", "cold", 0)
+    assert (cold.queue_ms, cold.prefill_ms) == (100.0, 280.0)
+    assert cold.outside_engine_ms == pytest.approx(20.0)
+    assert rows[0].cache == "warm"
+    lines = requests_module.to_jsonl(rows).splitlines()
+    assert json.loads(lines[19])["request_id"] == "7-19"
+
+    (tail,) = requests_module.tail_summary(rows)
+    assert (tail.count, dict(tail.cache), dict(tail.replicas)) == (
+        1,
+        {"cold": 1},
+        {"r3-h100x0.25": 1},
+    )
+    text = requests_module.render_tail([tail])
+    assert "infermesh" in text
+    assert "cold 1; r3-h100x0.25 1; queue 100, prefill 280" in text
+
+
+def test_a_request_no_replica_logged_is_unknown(requests_module: ModuleType) -> None:
+    (row,) = requests_module.join_requests(
+        11, "vllm-router round_robin", [_sent(0, 0.1, "r1", None)], []
+    )
+    assert (row.cache, row.queue_ms, row.outside_engine_ms) == ("unknown", None, None)
+
+
+def test_the_agent_config_maps_each_runtime_to_its_emulated_gpu(
+    fleet: ModuleType, tmp_path: Path
+) -> None:
+    from infermesh.core.config import load_config
+
+    started = fleet.Fleet(
+        bases=("http://127.0.0.1:8001", "http://127.0.0.1:8002"),
+        dcgm_metrics_url="http://127.0.0.1:9400/metrics",
+        gpu_uuids=("GPU-aaaaaaaa-0000-4000-8000-000000000001", "GPU-bbbbbbbb-0000-4000-8000-2"),
+    )
+    config = load_config(fleet.write_agent_config(tmp_path / "infermesh.toml", started), {})
+    assert [r.gpus for r in config.runtimes] == [[uuid] for uuid in started.gpu_uuids]
+    assert [(g.kind, g.url) for g in config.gpus] == [("dcgm", "http://127.0.0.1:9400/metrics")]
+    bare = load_config(
+        fleet.write_agent_config(tmp_path / "bare.toml", fleet.Fleet(bases=started.bases)), {}
+    )
+    assert [r.gpus for r in bare.runtimes] == [[], []]
+    assert bare.gpus == []
+
+
+def test_telemetry_and_per_request_flags(script: ModuleType) -> None:
+    args = script.parse_args(["--no-gpu-telemetry", "--per-request", "out.jsonl"])
+    assert args.no_gpu_telemetry
+    assert args.per_request == "out.jsonl"
+    assert not script.parse_args([]).no_gpu_telemetry

@@ -233,7 +233,40 @@ async def test_mig_instances_and_lowercase_hostname() -> None:
     assert states[f"{UUIDS[0]}/gi2"].memory_total_bytes == 20 * 1024**3
 
 
+async def test_a_mixed_node_shows_each_gpu_with_its_model_and_clocks() -> None:
+    config = DcgmEmulatorConfig(
+        fleet=DcgmFleetConfig(
+            gpus=3, uuids=(*UUIDS, "GPU-3"), model_names=("NVIDIA A10", "NVIDIA A100-SXM4-80GB")
+        )
+    )
+    server = await start_dcgm_emulator(config)
+    try:
+        await post(server.control_url(UUIDS[0]), {"state": "hot", "factor": 0.25})
+        text = await page(server)
+    finally:
+        await server.aclose()
+    states = {k.gpu_uuid: s for k, s in gpu_states(read_exporter_page(text), "n", 0).items()}
+    assert states[UUIDS[0]].name == "NVIDIA A10"
+    assert states[UUIDS[1]].name == "NVIDIA A100-SXM4-80GB"
+    assert states["GPU-3"].name == "NVIDIA H100 80GB HBM3"  # the default for the rest
+    assert states[UUIDS[0]].memory_total_bytes == 23028 * 1024**2
+    assert states[UUIDS[0]].throttle_reasons == ("sw_thermal_slowdown",)
+    assert states[UUIDS[0]].temperature_c == 92.0
+    # A hot A10 at a quarter speed: a quarter of its own top SM clock (1695 MHz).
+    assert f'DCGM_FI_DEV_SM_CLOCK{{gpu="0",UUID="{UUIDS[0]}"' in text
+    sm_clock = {
+        line.split('UUID="')[1].split('"')[0]: line.rsplit(" ", 1)[1]
+        for line in text.splitlines()
+        if line.startswith("DCGM_FI_DEV_SM_CLOCK{")
+    }
+    assert sm_clock == {UUIDS[0]: "424", UUIDS[1]: "1410", "GPU-3": "1980"}
+
+
 def test_fleet_config_and_mapping_errors() -> None:
+    with pytest.raises(ValueError, match="3 model names given for 2 GPUs"):
+        DcgmFleetConfig(gpus=2, model_names=("a", "b", "c"))
+    with pytest.raises(ValueError, match="a GPU model name is empty"):
+        DcgmFleetConfig(gpus=2, model_names=(" ",))
     with pytest.raises(ValueError, match="need more than 7 slices"):
         DcgmFleetConfig(mig=("4g.40gb", "4g.40gb"))
     with pytest.raises(ValueError, match=r"is not like '3g\.40gb'"):
@@ -248,6 +281,10 @@ def test_fleet_config_and_mapping_errors() -> None:
         (["dcgm", "--replica", "0"], "is not GPU=URL"),
         (["dcgm", "--gpus", "2", "--replica", "5=http://127.0.0.1:1"], "no emulated GPU '5'"),
         (["dcgm", "--mig", "9g.90gb"], "is not like '3g.40gb'"),
+        (
+            ["dcgm", "--gpus", "2", *("--model-name", "NVIDIA A10") * 3],
+            "3 model names given for 2 GPUs",
+        ),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(args: list[str], message: str) -> None:

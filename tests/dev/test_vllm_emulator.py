@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import aiohttp
 import anyio
@@ -353,3 +354,83 @@ async def test_instant_profile_answers_both_apis_at_once(start: StartEmulator) -
     assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, None, "length"]
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 3
+
+
+async def _chat(
+    session: aiohttp.ClientSession, url: str, prompt: str, request_id: str, *, stream: bool
+) -> tuple[str, dict[str, Any]]:
+    """(response id, usage) of one chat request sent with `X-Request-Id: request_id`."""
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 2,
+    }
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    headers = {"X-Request-Id": request_id}
+    async with session.post(f"{url}/v1/chat/completions", json=body, headers=headers) as resp:
+        assert resp.status == 200
+        if not stream:
+            answer = await resp.json()
+            return str(answer["id"]), answer["usage"]
+        text = await resp.text()
+    chunks = [
+        json.loads(line[len("data: ") :])
+        for line in text.splitlines()
+        if line.startswith("data: {")
+    ]
+    return str(chunks[0]["id"]), chunks[-1]["usage"]
+
+
+LONG_PROMPT = "Answer from the policy handbook, section by section. " * 16
+
+
+async def test_prefix_cache_hits_show_in_usage_with_prompt_tokens_details(
+    start: StartEmulator,
+) -> None:
+    server = await start(enable_prompt_tokens_details=True)
+    async with aiohttp.ClientSession() as session:
+        _, first = await _chat(session, server.url, LONG_PROMPT, "a", stream=True)
+        _, second = await _chat(session, server.url, LONG_PROMPT, "b", stream=True)
+        _, third = await _chat(session, server.url, LONG_PROMPT + " Again?", "c", stream=False)
+    # vLLM leaves the details out while nothing was cached, then reports the hit in blocks.
+    assert first["prompt_tokens_details"] is None
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < second["prompt_tokens"]
+    assert cached % 16 == 0
+    assert third["prompt_tokens_details"]["cached_tokens"] >= cached
+
+
+async def test_without_the_flag_usage_has_no_prompt_tokens_details(start: StartEmulator) -> None:
+    server = await start()
+    async with aiohttp.ClientSession() as session:
+        for request_id in ("a", "b"):
+            _, usage = await _chat(session, server.url, LONG_PROMPT, request_id, stream=True)
+            assert usage["prompt_tokens_details"] is None
+
+
+async def test_dev_requests_says_where_each_requests_first_token_time_went(
+    start: StartEmulator,
+) -> None:
+    server = await start()
+    async with aiohttp.ClientSession() as session:
+        first_id, _ = await _chat(session, server.url, LONG_PROMPT, "trace-1", stream=True)
+        second_id, _ = await _chat(session, server.url, LONG_PROMPT, "trace-2", stream=False)
+        async with session.get(f"{server.url}/dev/requests") as resp:
+            entries = (await resp.json())["requests"]
+    assert [(e["x_request_id"], e["response_id"]) for e in entries] == [
+        ("trace-1", first_id),
+        ("trace-2", second_id),
+    ]
+    cold, warm = entries
+    assert cold["cached_tokens"] == 0
+    assert warm["cached_tokens"] > 0
+    for entry in entries:
+        assert entry["prompt_tokens"] == warm["prompt_tokens"]
+        assert entry["output_tokens"] == 2
+        assert entry["finish_reason"] == "length"
+        assert entry["waiting_at_arrival"] == entry["running_at_arrival"] == 0
+        assert entry["queue_s"] >= 0
+        assert entry["prefill_s"] > 0
+        assert entry["ttft_s"] == pytest.approx(entry["queue_s"] + entry["prefill_s"], abs=1e-5)
+        assert entry["e2e_s"] >= entry["ttft_s"]

@@ -113,15 +113,15 @@ class DcgmFleetConfig:
             raise ValueError(f"{len(self.model_names)} model names given for {self.gpus} GPUs")
         if any(not name.strip() for name in self.model_names):
             raise ValueError("a GPU model name is empty")
-
-    def model_of(self, index: int) -> str:
-        """The model name of GPU `index`."""
-        return self.model_names[index] if index < len(self.model_names) else self.model_name
         for profile in self.mig:
             if not _MIG_PROFILE.fullmatch(profile):
                 raise ValueError(f"MIG profile {profile!r} is not like '3g.40gb'")
         if sum(int(p.split("g.")[0]) for p in self.mig) > 7:
             raise ValueError(f"MIG profiles {', '.join(self.mig)} need more than 7 slices")
+
+    def model_of(self, index: int) -> str:
+        """The model name of GPU `index`."""
+        return self.model_names[index] if index < len(self.model_names) else self.model_name
 
 
 def _derived_uuid(seed: int, index: int) -> str:
