@@ -1,10 +1,13 @@
 """Per-request diagnostics: which replica served each request, cold or warm, and where its TTFT
-went (queue wait, prefill, or outside the engine: router, network, client).
+went (waiting for a hedge, queue wait, prefill, or outside the engine: router, network, client).
 
 Pure functions: the client's records (`RequestRecord`, with the `X-Request-Id` it sent and the
 `usage.prompt_tokens_details.cached_tokens` it got back) are joined with the emulators' dev-only
 `GET /dev/requests` entries (the engine's queue and prefill times, keyed by the same request id
-and by the response id). `tail_summary` says what the slowest 5% of each mode were.
+and by the response id). A request id logged by several replicas was hedged (or retried) by the
+router: the replica whose answer the client got is the one with its response id, and the time
+from the first attempt's arrival to that one's is the hedge wait. `tail_summary` says what the
+slowest 5% of each mode were.
 """
 
 from __future__ import annotations
@@ -50,10 +53,15 @@ class PerRequest:
     cached_tokens: int | None
     cache: str
     """`warm` (>= WARM_SHARE of the prompt cached), `cold`, or `unknown`."""
+    attempts: int
+    """Replicas that logged the request (2 or more: the router hedged or retried it; 0: none)."""
+    hedge_wait_ms: float | None
+    """From the first attempt's arrival at a replica to the answering one's (0 when one)."""
     queue_ms: float | None
     prefill_ms: float | None
     outside_engine_ms: float | None
-    """Client TTFT minus the engine's (arrival to first token): router, network and client."""
+    """Client TTFT minus the hedge wait and the engine's TTFT (arrival to first token):
+    router, network and client."""
     waiting_at_arrival: int | None
     running_at_arrival: int | None
     preemptions: int | None
@@ -77,25 +85,34 @@ def join_requests(
     a request a router hedged or retried has entries at several replicas: the one whose answer
     the client got is the one with its response id), in trace order."""
     by_response: dict[str, Mapping[str, object]] = {}
-    by_request: dict[str, Mapping[str, object]] = {}
+    by_request: dict[str, list[Mapping[str, object]]] = {}
     for log in replica_logs:
         for entry in log:
             response_id = entry.get("response_id")
             if isinstance(response_id, str) and response_id:
                 by_response[response_id] = entry
             request_id = entry.get("x_request_id")
-            if isinstance(request_id, str) and request_id and entry.get("finish_reason") != "abort":
-                by_request.setdefault(request_id, entry)
+            if isinstance(request_id, str) and request_id:
+                by_request.setdefault(request_id, []).append(entry)
     rows = []
     for record in sorted(records, key=lambda r: r.index):
-        entry = by_response.get(record.response_id) or by_request.get(record.request_id) or {}
+        tried = by_request.get(record.request_id, [])
+        answered = [e for e in tried if e.get("finish_reason") != "abort"]
+        entry = by_response.get(record.response_id) or (answered[0] if answered else {})
+        arrivals = [a for e in tried if isinstance(a := e.get("arrived_unix_s"), int | float)]
+        arrived = entry.get("arrived_unix_s")
+        hedge_wait = (
+            round((float(arrived) - min(arrivals)) * 1000.0, 2)
+            if isinstance(arrived, int | float) and arrivals
+            else None
+        )
         prompt = _int(entry.get("prompt_tokens"))
         cached = record.cached_tokens
         if cached is None:
             cached = _int(entry.get("cached_tokens"))
         engine_ttft = entry.get("ttft_s")
         outside = (
-            round((record.ttft_s - float(engine_ttft)) * 1000.0, 2)
+            round((record.ttft_s - float(engine_ttft)) * 1000.0 - (hedge_wait or 0.0), 2)
             if record.ttft_s is not None and isinstance(engine_ttft, int | float)
             else None
         )
@@ -117,6 +134,8 @@ def join_requests(
                 prompt_tokens=prompt,
                 cached_tokens=cached,
                 cache=cache,
+                attempts=len(tried) or (1 if entry else 0),
+                hedge_wait_ms=hedge_wait,
                 queue_ms=_ms(entry.get("queue_s")),
                 prefill_ms=_ms(entry.get("prefill_s")),
                 outside_engine_ms=outside,
@@ -142,6 +161,9 @@ class Tail:
     count: int
     cache: Mapping[str, int]
     replicas: Mapping[str, int]
+    hedged: int
+    """How many of them the router hedged or retried (logged by two or more replicas)."""
+    hedge_wait_ms: float | None
     queue_ms: float | None
     prefill_ms: float | None
     outside_engine_ms: float | None
@@ -170,6 +192,8 @@ def tail_summary(rows: Sequence[PerRequest]) -> list[Tail]:
                 count=len(slow),
                 cache=dict(Counter(r.cache for r in slow).most_common()),
                 replicas=dict(Counter(r.replica for r in slow).most_common()),
+                hedged=sum(1 for r in slow if r.attempts > 1),
+                hedge_wait_ms=_median(r.hedge_wait_ms for r in slow if r.attempts > 1),
                 queue_ms=_median(r.queue_ms for r in slow),
                 prefill_ms=_median(r.prefill_ms for r in slow),
                 outside_engine_ms=_median(r.outside_engine_ms for r in slow),
@@ -186,14 +210,20 @@ def render_tail(tails: Sequence[Tail]) -> str:
     """The tail in words: one paragraph a mode."""
     lines = [
         f"tail: each mode's requests with TTFT >= its p{TAIL_PERCENTILE:g} "
-        f"(warm: >= {WARM_SHARE:.0%} of the prompt a prefix-cache hit; medians in ms)"
+        f"(warm: >= {WARM_SHARE:.0%} of the prompt a prefix-cache hit; hedged: sent to 2+ "
+        "replicas; medians in ms)"
     ]
     for tail in tails:
         cache = ", ".join(f"{kind} {n}" for kind, n in tail.cache.items())
         replicas = ", ".join(f"{tag} {n}" for tag, n in tail.replicas.items())
+        hedged = (
+            f"hedged {tail.hedged} (waited {_fmt(tail.hedge_wait_ms)})"
+            if tail.hedged
+            else "hedged 0"
+        )
         lines.append(
             f"  {tail.mode:<24} {tail.count} requests >= {tail.threshold_ms:.0f} ms: {cache}; "
-            f"{replicas}; queue {_fmt(tail.queue_ms)}, prefill {_fmt(tail.prefill_ms)}, "
-            f"outside the engine {_fmt(tail.outside_engine_ms)}"
+            f"{hedged}; {replicas}; queue {_fmt(tail.queue_ms)}, "
+            f"prefill {_fmt(tail.prefill_ms)}, outside the engine {_fmt(tail.outside_engine_ms)}"
         )
     return "\n".join(lines)

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from types import ModuleType
 
+import attrs
 import pytest
 
 from infermesh.dev.loadgen import LoadReport, RequestRecord
@@ -202,10 +203,11 @@ def _sent(index: int, ttft_s: float, tag: str, cached: int | None) -> RequestRec
 
 
 def _logged(
-    index: int, tag: str, cached: int, queue_s: float, prefill_s: float
+    index: int, tag: str, cached: int, queue_s: float, prefill_s: float, arrived: float = 100.0
 ) -> dict[str, object]:
     return {
         "x_request_id": f"7-{index}",
+        "arrived_unix_s": arrived,
         "response_id": f"chatcmpl-{tag}-{index:04x}",
         "prompt_tokens": 1500,
         "cached_tokens": cached,
@@ -228,8 +230,12 @@ def test_per_request_rows_join_the_replica_logs_and_the_tail_names_cold_prefills
     h100 = [_logged(i, "r0-h100", 1488, 0.005, 0.020) for i in range(19)]
     slow = [
         _logged(19, "r3-h100x0.25", 0, 0.100, 0.280),
-        # the same request id at another replica, aborted (a hedge): not the one that answered
-        {**_logged(19, "r2-a10", 0, 0.0, 0.0), "response_id": "chatcmpl-r2-a10-x"},
+        # the router's hedge to another replica, 200 ms later, aborted: the first one answered
+        {
+            **_logged(19, "r2-a10", 0, 0.0, 0.0, arrived=100.2),
+            "response_id": "chatcmpl-r2-a10-x",
+            "finish_reason": "abort",
+        },
     ]
     rows = requests_module.join_requests(7, "infermesh", list(reversed(records)), [h100, slow])
     assert [row.index for row in rows] == list(range(20))
@@ -237,7 +243,8 @@ def test_per_request_rows_join_the_replica_logs_and_the_tail_names_cold_prefills
     assert (cold.replica, cold.cache, cold.cached_tokens) == ("r3-h100x0.25", "cold", 0)
     assert (cold.queue_ms, cold.prefill_ms) == (100.0, 280.0)
     assert cold.outside_engine_ms == pytest.approx(20.0)
-    assert rows[0].cache == "warm"
+    assert (cold.attempts, cold.hedge_wait_ms) == (2, 0.0)
+    assert (rows[0].cache, rows[0].attempts) == ("warm", 1)
     lines = requests_module.to_jsonl(rows).splitlines()
     assert json.loads(lines[19])["request_id"] == "7-19"
 
@@ -249,7 +256,21 @@ def test_per_request_rows_join_the_replica_logs_and_the_tail_names_cold_prefills
     )
     text = requests_module.render_tail([tail])
     assert "infermesh" in text
-    assert "cold 1; r3-h100x0.25 1; queue 100, prefill 280" in text
+    assert "cold 1; hedged 1 (waited 0); r3-h100x0.25 1; queue 100, prefill 280" in text
+
+
+def test_a_hedge_that_answered_first_counts_its_wait_apart_from_the_engine(
+    requests_module: ModuleType,
+) -> None:
+    # The primary (A10, cold) was slow; the hedge to the H100 500 ms later answered warm.
+    sent = attrs.evolve(_sent(0, 0.530, "r0-h100", 1488), response_id="chatcmpl-r0-h100-0000")
+    primary = {**_logged(0, "r2-a10", 0, 0.0, 0.6), "response_id": "chatcmpl-r2-a10-0000"}
+    primary["finish_reason"] = "abort"
+    hedge = _logged(0, "r0-h100", 1488, 0.005, 0.010, arrived=100.5)
+    (row,) = requests_module.join_requests(7, "infermesh", [sent], [[primary], [hedge]])
+    assert (row.replica, row.cache, row.attempts) == ("r0-h100", "warm", 2)
+    assert row.hedge_wait_ms == pytest.approx(500.0)
+    assert row.outside_engine_ms == pytest.approx(15.0)
 
 
 def test_a_request_no_replica_logged_is_unknown(requests_module: ModuleType) -> None:
