@@ -55,6 +55,8 @@ class PerRequest:
     """`warm` (>= WARM_SHARE of the prompt cached), `cold`, or `unknown`."""
     attempts: int
     """Replicas that logged the request (2 or more: the router hedged or retried it; 0: none)."""
+    tried: tuple[str, ...]
+    """The replicas that logged it, first attempt first (the first is where the router sent it)."""
     hedge_wait_ms: float | None
     """From the first attempt's arrival at a replica to the answering one's (0 when one)."""
     queue_ms: float | None
@@ -69,6 +71,11 @@ class PerRequest:
 
 def _ms(seconds: object) -> float | None:
     return round(float(seconds) * 1000.0, 2) if isinstance(seconds, int | float) else None
+
+
+def _arrival(entry: Mapping[str, object]) -> float | None:
+    value = entry.get("arrived_unix_s")
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _int(value: object) -> int | None:
@@ -99,7 +106,9 @@ def join_requests(
         tried = by_request.get(record.request_id, [])
         answered = [e for e in tried if e.get("finish_reason") != "abort"]
         entry = by_response.get(record.response_id) or (answered[0] if answered else {})
-        arrivals = [a for e in tried if isinstance(a := e.get("arrived_unix_s"), int | float)]
+        arrivals = [at for e in tried if (at := _arrival(e)) is not None]
+        order = sorted(tried, key=lambda e: _arrival(e) or 0.0)
+        tried_tags = tuple(replica_tag_of(str(e.get("response_id", ""))) or "?" for e in order)
         arrived = entry.get("arrived_unix_s")
         hedge_wait = (
             round((float(arrived) - min(arrivals)) * 1000.0, 2)
@@ -135,6 +144,7 @@ def join_requests(
                 cached_tokens=cached,
                 cache=cache,
                 attempts=len(tried) or (1 if entry else 0),
+                tried=tried_tags,
                 hedge_wait_ms=hedge_wait,
                 queue_ms=_ms(entry.get("queue_s")),
                 prefill_ms=_ms(entry.get("prefill_s")),

@@ -269,6 +269,7 @@ def test_a_hedge_that_answered_first_counts_its_wait_apart_from_the_engine(
     hedge = _logged(0, "r0-h100", 1488, 0.005, 0.010, arrived=100.5)
     (row,) = requests_module.join_requests(7, "infermesh", [sent], [[primary], [hedge]])
     assert (row.replica, row.cache, row.attempts) == ("r0-h100", "warm", 2)
+    assert row.tried == ("r2-a10", "r0-h100")
     assert row.hedge_wait_ms == pytest.approx(500.0)
     assert row.outside_engine_ms == pytest.approx(15.0)
 
