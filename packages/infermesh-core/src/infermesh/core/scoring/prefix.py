@@ -392,9 +392,14 @@ def _speed_capacities(
     if not (median > 0 and measured[0] < median):
         return None
     caps: list[tuple[int, float]] = []
+    full = (capacity, 1.0)  # an unmeasured target, or one at least as fast as the median
     for rate in rates:
-        rel = 1.0 if rate is None else min(1.0, rate.tokens_per_s / median)
-        caps.append((capacity if rel >= 1.0 else max(1, math.ceil(capacity * rel)), rel))
+        if rate is None:
+            caps.append(full)
+            continue
+        rel = rate.tokens_per_s / median
+        # `min(1.0, rel)`: a NaN or a speed at or above the median counts as 1.
+        caps.append((max(1, math.ceil(capacity * rel)), rel) if rel < 1.0 else full)
     return caps
 
 

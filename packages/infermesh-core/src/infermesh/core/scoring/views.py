@@ -138,18 +138,20 @@ class ViewTable(Sequence[TargetView]):
             open_before_scrape,
             rtt_s,
         )
-        index = len(self.states)
-        self.states.append(state)
-        self.ids.append(target_id)
-        self._inputs.append(inputs)
         running_waiting = state.running + state.waiting
         if finished_unseen or open_before_scrape or not running_waiting >= 0.0:
             # Corrections to apply (or odd telemetry): the view's rulebook derives the values.
-            view = self._views[index] = make_view(*inputs)
+            view = self._views[len(self.states)] = make_view(*inputs)
+            self.states.append(state)
+            self.ids.append(target_id)
+            self._inputs.append(inputs)
             self.loads.append(view.load)
             self.unseen.append(view.unseen)
             return
         # `make_view`'s usual case: the state's running and waiting plus the in-flight ones.
+        self.states.append(state)
+        self.ids.append(target_id)
+        self._inputs.append(inputs)
         unseen = float(in_flight)
         self.loads.append(running_waiting + unseen)
         self.unseen.append(unseen)
