@@ -5,7 +5,9 @@ column scorers whose results are built only for the returned targets."""
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import pytest
@@ -25,9 +27,10 @@ from infermesh.core.scoring.capacity import decode_rate, state_features, tokens_
 from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn, column_of
 from infermesh.core.scoring.engine import ScoringEngine, WeightedScorer
 from infermesh.core.scoring.inflight import InflightTracker
+from infermesh.core.scoring.sampling import CandidateSampler
 from infermesh.core.scoring.scorers import builtin_scorers
 from infermesh.core.scoring.state import StateStore
-from infermesh.core.scoring.views import make_view
+from infermesh.core.scoring.views import ViewTable, make_view, table_of
 
 KEY = TargetKey(model="m", node="n0", endpoint="http://n0:8000")
 NOW = 50.0
@@ -203,3 +206,95 @@ def test_builtin_column_scorers_give_the_same_results_as_their_score() -> None:
         score_one = getattr(ws.scorer, "score_one", None)
         if score_one is not None:  # the per-target rule the column must agree with
             assert plain == [score_one(request, v) for v in views], ws.name
+
+
+def view_args(
+    running: float, in_flight: int, finished: int, before: int, rtt_s: float | None
+) -> tuple[
+    ModelState, int, tuple[GpuState, ...], float | None, float, float, int, int, float | None
+]:
+    state = ModelState(key=KEY, running=running, waiting=1.0, last_updated=NOW, itl_s=0.02)
+    gpus = (GpuState(key=GpuKey(node="n0", gpu_uuid="GPU-0")),)
+    return (state, in_flight, gpus, 0.2, 0.1, NOW, finished, before, rtt_s)
+
+
+def add_row(table: ViewTable, args: tuple[Any, ...]) -> None:
+    state, in_flight, gpus, ttft, error_rate, _, finished, before, rtt_s = args
+    table.add(
+        state, state.key.target_id, in_flight, gpus, ttft, error_rate, finished, before, rtt_s
+    )
+
+
+def test_a_view_table_reads_as_the_views_make_view_builds_each_built_once() -> None:
+    rows = [
+        view_args(3.0, 2, 0, 0, None),
+        view_args(3.0, 1, 2, 0, 0.004),  # finished since the scrape: corrected
+        view_args(0.0, 0, 0, 3, None),  # sent before the scrape, not counted yet
+        view_args(math.nan, 1, 0, 0, None),  # odd telemetry
+    ]
+    table = ViewTable(NOW)
+    for args in rows:
+        add_row(table, args)
+    expected = [make_view(*args) for args in rows]
+    assert len(table) == 4
+    assert [repr(fields_of(v)) for v in table] == [repr(fields_of(v)) for v in expected]
+    assert repr(table.loads) == repr([v.load for v in expected])
+    assert table.unseen == [v.unseen for v in expected]
+    assert table.finished_unseen == [0, 2, 0, 0]
+    assert table.rtts == [None, 0.004, None, None]
+    assert table.gpus == [v.gpus for v in expected]
+    assert table.ids == [KEY.target_id] * 4
+    assert table.features == [state_features(v.state) for v in expected]
+    assert table[0] is table[0]
+    assert table[-1] is table[3]
+    assert table[1:3] == [table[1], table[2]]
+    with pytest.raises(IndexError):
+        table[4]
+    with pytest.raises(IndexError):
+        table[-5]
+    part = table.subset([2, 0])
+    assert part[0] is table[2]
+    assert part[1] is table[0]
+    assert part.loads == [table.loads[2], table.loads[0]]
+    again = table_of(list(table))
+    assert again is not table
+    assert table_of(table) is table
+    assert repr(again.loads) == repr(table.loads)  # repr: the NaN row too
+    assert [again[i] for i in range(4)] == list(table)
+
+
+def test_a_ranked_targets_view_equals_the_engines_own_view_of_it() -> None:
+    store = store_of(20)
+    inflight = InflightTracker()
+    registered = {s.name: s for s in builtin_scorers()}
+    engine = ScoringEngine.from_config(store, inflight, registered, ScoringConfig())
+    for i in range(0, 20, 3):  # corrections on some targets: in flight, finished since
+        target_id = store.candidates("m")[i].key.target_id
+        inflight.reserve(target_id, NOW + 0.1)
+        done = inflight.reserve(target_id, NOW - 0.5)
+        inflight.release(done.reservation_id, NOW + 0.2)
+    ranking = engine.rank(RequestFeatures(model="m", prefix_key=7), NOW + 0.3)
+    assert len(ranking.targets) == 20
+    for target in ranking.targets:
+        assert fields_of(target.view) == fields_of(engine.view(target.state, NOW + 0.3))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7, 64, 100, 1000, 4097])
+def test_sampled_candidates_are_the_draws_randrange_would_make(count: int) -> None:
+    states = tuple(
+        ModelState(key=TargetKey(model="m", node=f"n{i:05d}", endpoint="e"), running=float(i))
+        for i in range(count)
+    )
+    keys = tuple(s.key for s in states)
+    ids = tuple(k.target_id for k in keys)
+    sampler = CandidateSampler(8, seed=42)
+    if not sampler.applies(count):
+        return
+    order = list(sampler.order("m", keys, states, ids, RequestFeatures(model="m"), NOW))
+    reference = random.Random(42)
+    expected = list(range(sampler.low_load))  # the least loaded: the lowest running
+    for _ in range(16):
+        i = reference.randrange(count)
+        if i not in expected:
+            expected.append(i)
+    assert order == expected

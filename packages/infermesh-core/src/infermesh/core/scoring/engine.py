@@ -15,6 +15,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import repeat
+from operator import add, mul
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import attrs
@@ -29,7 +31,7 @@ from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.prefix import LearningScorer
 from infermesh.core.scoring.sampling import CandidateSampler
 from infermesh.core.scoring.state import StateStore
-from infermesh.core.scoring.views import make_view
+from infermesh.core.scoring.views import ViewTable
 
 __all__ = [
     "ConfigurableScorer",
@@ -455,9 +457,10 @@ class ScoringEngine:
         """Rank the candidates at `indices` (`target_ids` holds each candidate's id); with
         `limit` > 0, stop after that many usable ones."""
         policy = self._request_policy(request)
-        ids, targets, excluded_list = self._views(
+        targets, excluded_list = self._views(
             request, now, candidates, target_ids, indices, limit, policy
         )
+        ids = targets.ids
         excluded_ = tuple(excluded_list)
         if not targets:
             transient = any(e.transient for e in excluded_)
@@ -472,10 +475,11 @@ class ScoringEngine:
             score = min(1.0, total / total_weight)
             only = RankedTarget(ids[0], targets[0], score, results, scorers)
             return Ranking((only,), True, len(candidates), excluded_, 0.0)
+        # totals[i] = sum of weight * score over the scorers, added in scorer order; C-speed
+        # maps (each column's length was checked by `_run_scorer`).
         totals = [0.0] * count
         for ws, column in zip(scorers, columns, strict=True):
-            weight = ws.weight
-            totals = [t + weight * s for t, s in zip(totals, column.scores, strict=True)]
+            totals = list(map(add, totals, map(mul, repeat(ws.weight), column.scores)))
         # Best total first, ties by target id: the same inputs always give the same order.
         if 0 < max_targets < count:
             order = heapq.nsmallest(max_targets, range(count), key=lambda i: (-totals[i], ids[i]))
@@ -502,12 +506,12 @@ class ScoringEngine:
         indices: Iterable[int],
         limit: int,
         policy: _RequestPolicy,
-    ) -> tuple[list[str], list[TargetView], list[Exclusion]]:
-        """The ids and views of the usable candidates at `indices` (at most `limit` when > 0)
-        and the exclusions met on the way."""
+    ) -> tuple[ViewTable, list[Exclusion]]:
+        """The usable candidates at `indices` (at most `limit` when > 0), as the table the
+        scorers read (views built only when read), and the exclusions met on the way."""
         policy_filters = self._policy_filters
-        ids: list[str] = []
-        views: list[TargetView] = []
+        table = ViewTable(now)
+        add = table.add
         excluded: list[Exclusion] = []
         # Without request filters or policy filters, the usual target is checked inline.
         plain = not request.filters and not policy_filters
@@ -519,6 +523,7 @@ class ScoringEngine:
         # One estimate per node per ranking: replicas of a model often share a node.
         rtt_by_node: dict[str, float | None] | None = None if self.rtt_estimate is None else {}
         rtt_s: float | None = None
+        count = 0
         for i in indices:
             state = candidates[i]
             target_id = target_ids[i]
@@ -547,24 +552,22 @@ class ScoringEngine:
             in_flight, finished_unseen, open_before, ttft_ewma_s, error_rate = view_inputs(
                 target_id, seen_at, stale_after_s
             )
-            ids.append(target_id)
-            views.append(
-                make_view(
-                    state,
-                    in_flight,
-                    # StateStore.gpus_for, inlined for a target without a gpu_uuid label.
-                    gpus_for(state) if gpu_uuid else gpus_by_node.get(state.key.node, ()),
-                    ttft_ewma_s,
-                    error_rate,
-                    now,
-                    finished_unseen,
-                    open_before,
-                    rtt_s,
-                )
+            add(
+                state,
+                target_id,
+                in_flight,
+                # StateStore.gpus_for, inlined for a target without a gpu_uuid label.
+                gpus_for(state) if gpu_uuid else gpus_by_node.get(state.key.node, ()),
+                ttft_ewma_s,
+                error_rate,
+                finished_unseen,
+                open_before,
+                rtt_s,
             )
-            if limit and len(views) >= limit:
+            count += 1
+            if count == limit:
                 break
-        return ids, views, excluded
+        return table, excluded
 
     def _target_ids(
         self, candidates: tuple[ModelState, ...] | tuple[TargetKey, ...]

@@ -34,6 +34,7 @@ from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import GpuState, RequestFeatures
 from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn, results_column
+from infermesh.core.scoring.views import table_of
 
 __all__ = [
     "THROTTLE_FACTORS",
@@ -130,8 +131,13 @@ class GpuHealthScorer(ColumnScorer, PerTargetScorer):
     def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
         # A target without GPU telemetry gets the one shared result, without a call.
         stale_after_s = self.stale_after_s
+        table = table_of(targets)
+        now_of = table.now_of
         return results_column(
-            [_worst(t.gpus, t.now, stale_after_s) if t.gpus else _NO_GPUS for t in targets]
+            [
+                _worst(gpus, now_of(i), stale_after_s) if gpus else _NO_GPUS
+                for i, gpus in enumerate(table.gpus)
+            ]
         )
 
     def score_one(self, request: RequestFeatures, target: TargetView) -> ScoreResult:

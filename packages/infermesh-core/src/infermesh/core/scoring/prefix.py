@@ -30,7 +30,8 @@ import attrs
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
-from infermesh.core.scoring.capacity import decode_rate
+from infermesh.core.scoring.capacity import Speed, decode_rate
+from infermesh.core.scoring.views import table_of
 
 __all__ = [
     "PREFIX_DEPTHS",
@@ -209,19 +210,23 @@ class PrefixAffinityScorer:
         keys = request_prefix_keys(request)
         if not keys or count == 0:
             return [_NO_KEY] * count
+        # The scored targets as columns (engine's table: no view built for them).
+        table = table_of(targets)
         level_of: dict[str, int] = {}
         top = -1
-        for level, homes in self.index.matches(keys, targets[0].now):
+        for level, homes in self.index.matches(keys, table.now):
             if top < 0:
                 top = level
             for tid in homes:
                 level_of.setdefault(tid, level)
-        loads = [v.load for v in targets]
+        loads = table.loads
         bounded = math.ceil(self.load_factor * (sum(loads) + 1) / count)
         capacity = max(bounded, self.min_capacity)
-        caps = _speed_capacities(targets, capacity)
+        # Each target's `decode_rate`, looked up once per decision for every use below.
+        rates = [f.speed for f in table.features]
+        caps = _speed_capacities(table, capacity, rates)
         if top < 0:
-            cold = _cold_scores(request.prompt_tokens, targets)
+            cold = _cold_scores(request.prompt_tokens, table, rates)
             for i, load in enumerate(loads):
                 cap = capacity if caps is None else caps[i][0]
                 if load >= cap:
@@ -233,8 +238,8 @@ class PrefixAffinityScorer:
         not_here = ScoreResult.deferred(0.0, _elsewhere_reason, keys[top], top_depth)
         elsewhere: list[int] = []
         room = False
-        for i, view in enumerate(targets):
-            matched = level_of.get(view.key.target_id)
+        for i, target_id in enumerate(table.ids):
+            matched = level_of.get(target_id)
             if matched is None:
                 results.append(not_here)
                 elsewhere.append(i)
@@ -267,16 +272,18 @@ class PrefixAffinityScorer:
             home_rates = [
                 rate.tokens_per_s
                 for i in range(count)
-                if i not in elsewhere_set and (rate := decode_rate(targets[i].state)) is not None
+                if i not in elsewhere_set and (rate := rates[i]) is not None
             ]
             best_home = max(home_rates, default=0.0)
-            cold = _cold_scores(request.prompt_tokens, [targets[i] for i in elsewhere])
+            cold = _cold_scores(
+                request.prompt_tokens, table.subset(elsewhere), [rates[i] for i in elsewhere]
+            )
             for i, result in zip(elsewhere, cold, strict=True):
                 cap = capacity if caps is None else caps[i][0]
                 if loads[i] >= cap:
                     result = ScoreResult.deferred(0.0, _loaded_reason, loads[i], cap, bounded)
                 elif best_home > 0.0:
-                    rate = decode_rate(targets[i].state)
+                    rate = rates[i]
                     if rate is None or rate.tokens_per_s < SPILL_SPEED_RATIO * best_home:
                         continue
                 if result is _NOT_SEEN:
@@ -300,15 +307,21 @@ tokens one at a third of the speed scores a third of neutral, at twice as many a
 prefill's extra seconds grow with the prompt), and a short prompt loses little anywhere."""
 
 
-def _cold_scores(prompt_tokens: int, targets: Sequence[TargetView]) -> list[ScoreResult]:
+def _cold_scores(
+    prompt_tokens: int,
+    targets: Sequence[TargetView],
+    rates: Sequence[Speed | None] | None = None,
+) -> list[ScoreResult]:
     """A prompt no candidate holds: neutral, less on replicas slower than the fastest measured
     one, by the prompt's length (a long cold prefill belongs on a fast GPU); a replica not
-    measured yet counts at the median measured speed."""
+    measured yet counts at the median measured speed. `rates`: each target's `decode_rate`,
+    when the caller has them."""
     count = len(targets)
     weight = prompt_tokens / COLD_PROMPT_TOKENS
     if weight <= 0.0:
         return [_NOT_SEEN] * count
-    rates = [decode_rate(v.state) for v in targets]
+    if rates is None:
+        rates = [decode_rate(v.state) for v in targets]
     measured = sorted(r.tokens_per_s for r in rates if r is not None)
     if not (measured and measured[-1] > 0):
         return [_NOT_SEEN] * count
@@ -363,11 +376,15 @@ def _depth(level: int) -> int:
 
 
 def _speed_capacities(
-    targets: Sequence[TargetView], capacity: int
+    targets: Sequence[TargetView],
+    capacity: int,
+    rates: Sequence[Speed | None] | None = None,
 ) -> list[tuple[int, float]] | None:
     """Each target's prefix capacity and relative speed, or None when no target is slower than
-    the median measured decode rate (then every target has `capacity`)."""
-    rates = [decode_rate(v.state) for v in targets]
+    the median measured decode rate (then every target has `capacity`). `rates`: each target's
+    `decode_rate`, when the caller has them."""
+    if rates is None:
+        rates = [decode_rate(v.state) for v in targets]
     measured = sorted(r.tokens_per_s for r in rates if r is not None)
     if len(measured) < 2:
         return None
@@ -375,9 +392,14 @@ def _speed_capacities(
     if not (median > 0 and measured[0] < median):
         return None
     caps: list[tuple[int, float]] = []
+    full = (capacity, 1.0)  # an unmeasured target, or one at least as fast as the median
     for rate in rates:
-        rel = 1.0 if rate is None else min(1.0, rate.tokens_per_s / median)
-        caps.append((capacity if rel >= 1.0 else max(1, math.ceil(capacity * rel)), rel))
+        if rate is None:
+            caps.append(full)
+            continue
+        rel = rate.tokens_per_s / median
+        # `min(1.0, rel)`: a NaN or a speed at or above the median counts as 1.
+        caps.append((max(1, math.ceil(capacity * rel)), rel) if rel < 1.0 else full)
     return caps
 
 

@@ -92,9 +92,15 @@ class CandidateSampler:
             if i not in seen:
                 seen.add(i)
                 yield i
-        randrange = self._rng.randrange
+        # `self._rng.randrange(count)`, inlined: the same draws from the same generator (what
+        # `Random._randbelow` does: `count.bit_length()` random bits, redrawn while >= count),
+        # without two Python-level calls per draw.
+        getrandbits = self._rng.getrandbits
+        bits = count.bit_length()
         for _ in range(2 * self.max_candidates):
-            i = randrange(count)
+            i = getrandbits(bits)
+            while i >= count:
+                i = getrandbits(bits)
             if i not in seen:
                 seen.add(i)
                 yield i

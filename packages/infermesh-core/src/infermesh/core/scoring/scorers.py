@@ -15,17 +15,11 @@ import attrs
 
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
-from infermesh.core.scoring.capacity import (
-    FEATURES_BY_ID,
-    Speed,
-    StateFeatures,
-    kv_permille,
-    median_tokens,
-    state_features,
-)
+from infermesh.core.scoring.capacity import Speed, kv_permille, median_tokens
 from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn, results_column
 from infermesh.core.scoring.gpu_health import GpuHealthScorer
 from infermesh.core.scoring.prefix import PrefixAffinityScorer, hrw_weight, target_hash
+from infermesh.core.scoring.views import table_of
 
 __all__ = [
     "GpuHealthScorer",
@@ -63,15 +57,8 @@ class QueueScorer(ColumnScorer):
     def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
         # Capacity by measured throughput: each target's work in seconds of its own speed.
         # Each state's rate, decode tokens and service time: computed once per state change.
-        features: list[StateFeatures] = []
-        cached = FEATURES_BY_ID.get
-        for view in targets:
-            # `state_features(view.state)`, its lookup inlined (the store filled it in).
-            state = view.state
-            entry = cached(id(state))
-            features.append(
-                entry if entry is not None and entry.state is state else state_features(state)
-            )
+        table = table_of(targets)
+        features = table.features
         tokens: float | None = None
         if any(f.speed is not None for f in features):
             measured_tokens = sorted(
@@ -79,14 +66,15 @@ class QueueScorer(ColumnScorer):
             )
             tokens = median_tokens(measured_tokens, request)
         work: list[float] = []
-        for view, (state, speed, _, service_s) in zip(targets, features, strict=True):
-            if view.finished_unseen <= 0:
+        rows = zip(features, table.unseen, table.finished_unseen, strict=True)
+        for i, ((state, speed, _, service_s), unseen, finished_unseen) in enumerate(rows):
+            if finished_unseen <= 0:
                 # `view.expected_work_left_s` (ModelState.work_left_with_s), inlined.
                 running = state.running
                 parallel = 1.0 if running < 1.0 else running  # max(running, 1.0)
-                w = (state.waiting + view.unseen + 0.5 * running) * service_s / parallel
+                w = (state.waiting + unseen + 0.5 * running) * service_s / parallel
             else:
-                w = view.expected_work_left_s
+                w = table[i].expected_work_left_s
             if tokens is not None and speed is not None:
                 w *= tokens / speed.tokens_per_s / service_s
             # min(w, WORK_CEILING_S); NaN -> 0
@@ -101,7 +89,7 @@ class QueueScorer(ColumnScorer):
             if tokens is not None and speed is not None:
                 measured = (tokens / speed.tokens_per_s, speed)  # per request, at its speed
             return ScoreResult.deferred(
-                scores[i], _queue_reason, work[i], targets[i], mean_s, measured, tokens
+                scores[i], _queue_reason, work[i], table[i], mean_s, measured, tokens
             )
 
         return ScoreColumn(scores, result)
@@ -152,9 +140,9 @@ class KvHeadroomScorer(ColumnScorer, PerTargetScorer):
 
     def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
         permille: list[int] = []
-        for view in targets:
-            # `kv_permille(view.state.kv_cache_usage)`, inlined: clamped to 0..1, NaN -> 0.
-            usage = view.state.kv_cache_usage
+        for state in table_of(targets).states:
+            # `kv_permille(state.kv_cache_usage)`, inlined: clamped to 0..1, NaN -> 0.
+            usage = state.kv_cache_usage
             if usage == usage:
                 permille.append(
                     round((1.0 if usage > 1.0 else usage if usage > 0.0 else 0.0) * 1000)
@@ -202,13 +190,18 @@ class NetPenaltyScorer(ColumnScorer, PerTargetScorer):
 
     def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
         # Most RTTs are unknown (gossip off, or not measured yet): one shared result.
-        score_one = self.score_one
+        rtt_result = self._rtt_result
         return results_column(
-            [_RTT_UNKNOWN if t.rtt_s is None else score_one(request, t) for t in targets]
+            [
+                _RTT_UNKNOWN if rtt_s is None else rtt_result(rtt_s)
+                for rtt_s in table_of(targets).rtts
+            ]
         )
 
     def score_one(self, request: RequestFeatures, target: TargetView) -> ScoreResult:
-        rtt_s = target.rtt_s
+        return self._rtt_result(target.rtt_s)
+
+    def _rtt_result(self, rtt_s: float | None) -> ScoreResult:
         if rtt_s is None or rtt_s != rtt_s:  # unknown (or NaN): treated as local
             return _RTT_UNKNOWN
         if rtt_s <= LOCAL_RTT_S:

@@ -7,14 +7,31 @@ field), at about half the cost: it sets the slots directly, and in the usual cas
 finished or sent before the scrape) takes the derived running, waiting, unseen and load
 straight from the state instead of running `TargetView.__attrs_post_init__`. Any other case
 runs that method, so the correction rules live in one place (infermesh.core.contracts).
+
+Most scored targets are never returned (the router asks for 3 of 64), and the built-in scorers
+read only a few floats of each, so the engine does not build a view per scored target at all: it
+hands the scorers a `ViewTable`, a `Sequence[TargetView]` that keeps the scored targets as
+columns (states, target ids, corrected loads, ...) and builds a target's view, with
+`make_view`, only when something reads it (a third-party scorer, a returned target, a reason).
+The built-in scorers read the columns through `table_of`, which also wraps a plain list of
+views (a scorer called directly, as in tests), so each scorer has one code path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from typing import overload
+
 from infermesh.core.contracts import TargetView
 from infermesh.core.model import GpuState, ModelState
+from infermesh.core.scoring.capacity import FEATURES_BY_ID, StateFeatures, state_features
 
-__all__ = ["make_view"]
+__all__ = ["ViewTable", "make_view", "table_of"]
+
+_ViewInputs = tuple[
+    ModelState, int, tuple[GpuState, ...], float | None, float, float, int, int, float | None
+]
+"""`make_view`'s arguments for one target."""
 
 _new = object.__new__
 _post_init = TargetView.__attrs_post_init__
@@ -69,3 +86,175 @@ def make_view(
     _set_unseen(view, unseen)
     _set_load(view, running + waiting + unseen)
     return view
+
+
+class ViewTable(Sequence[TargetView]):
+    """One decision's scored targets: columns the built-in scorers read, views built on demand.
+
+    Indexing or iterating gives the same `TargetView` objects a list of `make_view`s would
+    (each built once, on first read). The columns, one entry per target in order:
+
+    - `states`, `ids` (target ids), `now` (the decision's time, shared);
+    - `loads` and `unseen`: `TargetView.load` and `TargetView.unseen` (corrected for what the
+      routers did since the scrape);
+    - `finished_unseen`, `gpus`, `rtts`: the views' fields of those names, built when read;
+    - `features`: each state's `capacity.StateFeatures` (decode rate, decode tokens, service
+      time), looked up once per decision however many scorers read them.
+    """
+
+    __slots__ = ("_features", "_inputs", "_views", "ids", "loads", "now", "states", "unseen")
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.states: list[ModelState] = []
+        self.ids: list[str] = []
+        self.loads: list[float] = []
+        self.unseen: list[float] = []
+        self._inputs: list[_ViewInputs] = []
+        self._views: dict[int, TargetView] = {}
+        self._features: list[StateFeatures] | None = None
+
+    def add(
+        self,
+        state: ModelState,
+        target_id: str,
+        in_flight: int,
+        gpus: tuple[GpuState, ...],
+        ttft_ewma_s: float | None,
+        error_rate: float,
+        finished_unseen: int,
+        open_before_scrape: int,
+        rtt_s: float | None,
+    ) -> None:
+        """Append one target (`make_view`'s arguments); its view is built when first read."""
+        inputs = (
+            state,
+            in_flight,
+            gpus,
+            ttft_ewma_s,
+            error_rate,
+            self.now,
+            finished_unseen,
+            open_before_scrape,
+            rtt_s,
+        )
+        running_waiting = state.running + state.waiting
+        if finished_unseen or open_before_scrape or not running_waiting >= 0.0:
+            # Corrections to apply (or odd telemetry): the view's rulebook derives the values.
+            view = self._views[len(self.states)] = make_view(*inputs)
+            self.states.append(state)
+            self.ids.append(target_id)
+            self._inputs.append(inputs)
+            self.loads.append(view.load)
+            self.unseen.append(view.unseen)
+            return
+        # `make_view`'s usual case: the state's running and waiting plus the in-flight ones.
+        self.states.append(state)
+        self.ids.append(target_id)
+        self._inputs.append(inputs)
+        unseen = float(in_flight)
+        self.loads.append(running_waiting + unseen)
+        self.unseen.append(unseen)
+
+    @classmethod
+    def of_views(cls, views: Sequence[TargetView]) -> ViewTable:
+        """A table over views built elsewhere (their own loads and corrections)."""
+        table = cls(views[0].now if views else 0.0)
+        for index, view in enumerate(views):
+            table.states.append(view.state)
+            table.ids.append(view.state.key.target_id)
+            table.loads.append(view.load)
+            table.unseen.append(view.unseen)
+            table._inputs.append(
+                (
+                    view.state,
+                    view.in_flight,
+                    view.gpus,
+                    view.ttft_ewma_s,
+                    view.error_rate,
+                    view.now,
+                    view.finished_unseen,
+                    view.open_before_scrape,
+                    view.rtt_s,
+                )
+            )
+            table._views[index] = view
+        return table
+
+    def subset(self, indices: Sequence[int]) -> ViewTable:
+        """The rows at `indices`, in that order (views already built are shared)."""
+        table = ViewTable(self.now)
+        table.states = [self.states[i] for i in indices]
+        table.ids = [self.ids[i] for i in indices]
+        table.loads = [self.loads[i] for i in indices]
+        table.unseen = [self.unseen[i] for i in indices]
+        table._inputs = [self._inputs[i] for i in indices]
+        views = self._views
+        table._views = {row: views[i] for row, i in enumerate(indices) if i in views}
+        if self._features is not None:
+            features = self._features
+            table._features = [features[i] for i in indices]
+        return table
+
+    @property
+    def finished_unseen(self) -> list[int]:
+        return [inputs[6] for inputs in self._inputs]
+
+    @property
+    def gpus(self) -> list[tuple[GpuState, ...]]:
+        return [inputs[2] for inputs in self._inputs]
+
+    @property
+    def rtts(self) -> list[float | None]:
+        return [inputs[8] for inputs in self._inputs]
+
+    def now_of(self, index: int) -> float:
+        """`self[index].now` without building the view (the engine's table: `now`)."""
+        return self._inputs[index][5]
+
+    @property
+    def features(self) -> list[StateFeatures]:
+        """Each state's scoring features (computed by the store when its delta landed)."""
+        features = self._features
+        if features is None:
+            features = self._features = []
+            cached = FEATURES_BY_ID.get
+            for state in self.states:
+                # `state_features(state)`, its lookup inlined (the store filled it in).
+                entry = cached(id(state))
+                features.append(
+                    entry if entry is not None and entry.state is state else state_features(state)
+                )
+        return features
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    @overload
+    def __getitem__(self, index: int) -> TargetView: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[TargetView]: ...
+
+    def __getitem__(self, index: int | slice) -> TargetView | list[TargetView]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self.states)))]
+        if index < 0:
+            index += len(self.states)
+            if index < 0:
+                raise IndexError("ViewTable index out of range")
+        view = self._views.get(index)
+        if view is None:
+            view = self._views[index] = make_view(*self._inputs[index])
+        return view
+
+    def __iter__(self) -> Iterator[TargetView]:
+        for index in range(len(self.states)):
+            yield self[index]
+
+
+def table_of(targets: Sequence[TargetView]) -> ViewTable:
+    """`targets` as a ViewTable: the engine's own table, or one over a plain list of views."""
+    if isinstance(targets, ViewTable):
+        return targets
+    return ViewTable.of_views(targets)
