@@ -3,6 +3,7 @@ neutral for prompts not seen recently, bounded memory, and reasons that say why.
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from infermesh.core.config import ScoringConfig
@@ -284,3 +285,21 @@ def test_before_anything_is_measured_a_slow_gpu_gets_a_smaller_prefix_capacity()
     # decode bandwidth 600 of 3,350 GB/s: capacity ceil(4 x 0.18) = 1, and it holds 2
     assert b.score == 0.0
     assert "capacity 1 (scaled to its 0.18x median decode speed)" in b.reason
+
+
+def test_when_every_home_is_loaded_an_unmeasured_replica_on_a_fast_gpu_may_take_the_spill() -> None:
+    # b (an H100, measured) holds the prefix and is at capacity; a is an H100 that has served
+    # nothing yet, c an idle A10: the prior says a is as fast as the home, c is not
+    scorer = homed("b")
+    views = [
+        gpu_view("a", "NVIDIA H100 80GB HBM3"),
+        gpu_view("b", "NVIDIA H100 80GB HBM3", itl_s=0.01, running=4),
+        gpu_view("c", "NVIDIA A10"),
+    ]
+    long_prompt = request(PREFIX)
+    a, b, c = scorer.score(attrs.evolve(long_prompt, prompt_tokens=4096), views)
+    assert b.score == 0.0
+    assert a.score == 0.5
+    assert a.reason == "every replica that got this prefix recently is loaded: neutral"
+    assert c.score == 0.0
+    assert "was sent to other replicas recently" in c.reason

@@ -272,26 +272,27 @@ class PrefixAffinityScorer:
             )
         if not room and elsewhere:
             # Every home is loaded. A spill pays a cold prefill of the whole prompt, the home
-            # its queue. Spill only to a replica about as fast as the fastest home (measured):
-            # it scores as for a never-seen prompt; slower ones keep 0, as when a home has
-            # room, and the queue and KV scorers place the request among the homes. (A spill
-            # to any replica, slower ones included, halved the simulated 512-replica p95 but
-            # sent live requests into slow cold prefills: docs/results.md.)
+            # its queue. Spill only to a replica about as fast as the fastest home (measured,
+            # else its GPU model's speed: `_Speeds.filled`): it scores as for a never-seen
+            # prompt; slower ones keep 0, as when a home has room, and the queue and KV scorers
+            # place the request among the homes. (A spill to any replica, slower ones
+            # included, halved the simulated 512-replica p95 but sent live requests into slow
+            # cold prefills: docs/results.md. Without the GPU-model estimate, an idle fleet's
+            # unmeasured H100s could not take a spill and an A10 near the router did.)
             elsewhere_set = set(elsewhere)
-            home_rates = [
-                rate.tokens_per_s
-                for i in range(count)
-                if i not in elsewhere_set and (rate := decode_rate(targets[i].state)) is not None
-            ]
-            best_home = max(home_rates, default=0.0)
+            rates = speeds.filled(decode_figure)
+            best_home = max(
+                (r for i, r in enumerate(rates) if i not in elsewhere_set and r is not None),
+                default=0.0,
+            )
             cold = _cold_scores(request.prompt_tokens, speeds.subset(elsewhere))
             for i, result in zip(elsewhere, cold, strict=True):
                 cap = capacity if caps is None else caps[i][0]
                 if loads[i] >= cap:
                     result = ScoreResult.deferred(0.0, _loaded_reason, loads[i], cap, bounded)
                 elif best_home > 0.0:
-                    rate = decode_rate(targets[i].state)
-                    if rate is None or rate.tokens_per_s < SPILL_SPEED_RATIO * best_home:
+                    rate = rates[i]
+                    if rate is None or rate < SPILL_SPEED_RATIO * best_home:
                         continue
                 if result is _NOT_SEEN:
                     result = _HOMES_LOADED
@@ -305,7 +306,8 @@ _HOMES_LOADED = ScoreResult(0.5, "every replica that got this prefix recently is
 
 SPILL_SPEED_RATIO = 0.9
 """When every home of a prefix is loaded, a replica elsewhere is scored as for a cold prompt
-only if its measured decode rate is at least this fraction of the fastest home's."""
+only if its decode rate (measured, else its GPU model's) is at least this fraction of the
+fastest home's."""
 
 COLD_PROMPT_TOKENS = 2048
 """A prompt no replica holds costs a full prefill wherever it goes: a replica at `rel` of the
