@@ -30,8 +30,10 @@ from infermesh.core.model import GpuState
 __all__ = [
     "GPU_MODELS",
     "GpuSpeed",
+    "decode_figure",
     "fill_rates",
     "gpu_speed",
+    "prefill_figure",
     "replica_speed",
 ]
 
