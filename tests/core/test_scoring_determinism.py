@@ -36,7 +36,7 @@ SIZES = (1, 3, 17, 65, 150, 700)
 CAPS = (0, 16, 64)
 DECISIONS = 45
 """Decisions per seed, fleet size and cap (fewer uncapped at 700: each scores every replica)."""
-DIGEST = "b9fc84e8c4e282b0838cef90249dba446bcd1d17592ac07185995ce81ad99d1e"
+DIGEST = "2c8d1edc3ac9516dd772bfb3df2c4d5c664ff0554097c0465391488e12b734aa"
 
 
 def _fleet(rng: random.Random, model: str, size: int, now: float) -> list[ModelStateDelta]:
@@ -80,6 +80,10 @@ def _gpu_delta(rng: random.Random, node: str, i: int, version: int, now: float) 
         "clock_event_reasons": frozenset({"sw_power_cap"} if rng.random() < 0.3 else ()),
         "xid_last": 79 if rng.random() < 0.05 else 0,
         "last_updated": now,
+        # Known models give unmeasured replicas a GPU-model speed prior; the others do not.
+        "name": ("NVIDIA H100 80GB HBM3", "NVIDIA A10", "NVIDIA A100-SXM4-80GB", "", "Mystery")[
+            i % 5 if i % 10 else 4 - (i // 10) % 5
+        ],
     }
     return GpuStateDelta(GpuKey(node, f"GPU-{i}"), version, changes)
 

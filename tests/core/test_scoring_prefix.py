@@ -3,11 +3,19 @@ neutral for prompts not seen recently, bounded memory, and reasons that say why.
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import ScoreResult, TargetView
-from infermesh.core.model import ModelState, ModelStateDelta, RequestFeatures, TargetKey
+from infermesh.core.model import (
+    GpuKey,
+    GpuState,
+    ModelState,
+    ModelStateDelta,
+    RequestFeatures,
+    TargetKey,
+)
 from infermesh.core.scoring.engine import ScoringEngine, ScoringSetupError, resolve_scorers
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.prefix import RECENT_S, PrefixIndex
@@ -224,3 +232,74 @@ def test_a_negative_minimum_capacity_is_a_clear_startup_error() -> None:
         ScoringSetupError, match=r"scoring\.prefix_min_capacity must be >= 0, got -1"
     ):
         resolve_scorers(registered, ScoringConfig(prefix_min_capacity=-1))
+
+
+def gpu_view(
+    name: str, gpu_name: str, *, running: float = 0.0, itl_s: float | None = None
+) -> TargetView:
+    gpu = GpuState(key=GpuKey(node=name, gpu_uuid=f"GPU-{name}"), name=gpu_name)
+    state = ModelState(key=key(name), running=running, itl_s=itl_s)
+    return TargetView(state, gpus=(gpu,), now=NOW)
+
+
+def test_before_anything_is_measured_a_long_cold_prompt_prefers_the_faster_gpu_model() -> None:
+    views = [
+        gpu_view("a", "NVIDIA H100 80GB HBM3"),
+        gpu_view("b", "NVIDIA A10"),
+        gpu_view("c", "some unknown card"),
+    ]
+    long_prompt = RequestFeatures(model="llama", prefix_key=PREFIX, prompt_tokens=2048)
+    a, b, c = PrefixAffinityScorer().score(long_prompt, views)
+    assert a.score == 0.5
+    # dense bf16 TFLOPS: an A10 is 125/989 of an H100
+    assert b.score == pytest.approx(0.5 * 125 / 989)
+    assert "not measured yet: prior from GPU model A10" in b.reason
+    # an unknown card: the median of the others' speeds
+    assert c.score == pytest.approx(0.5 * ((989 + 125) / 2) / 989)
+    assert "taken at the candidates' median speed" in c.reason
+
+
+def test_a_measured_rate_wins_over_the_prior_and_calibrates_the_unmeasured() -> None:
+    # the A10 has served (itl 30 ms); the H100 has not: the datasheet says it is faster
+    views = [gpu_view("a", "NVIDIA H100 80GB HBM3"), gpu_view("b", "NVIDIA A10", itl_s=0.03)]
+    long_prompt = RequestFeatures(model="llama", prefix_key=PREFIX, prompt_tokens=2048)
+    a, b = PrefixAffinityScorer().score(long_prompt, views)
+    assert a.score == 0.5
+    assert b.score == pytest.approx(0.5 * 125 / 989)
+    assert "measured speed" in b.reason
+    # a second A10 not measured yet is taken at its model's measured rate
+    views.append(gpu_view("c", "NVIDIA A10"))
+    *_, c = PrefixAffinityScorer().score(long_prompt, views)
+    assert c.score == pytest.approx(b.score)
+    assert "prior from GPU model A10" in c.reason
+
+
+def test_before_anything_is_measured_a_slow_gpu_gets_a_smaller_prefix_capacity() -> None:
+    scorer = homed("b", min_capacity=4)
+    views = [
+        gpu_view("a", "NVIDIA H100 80GB HBM3"),
+        gpu_view("b", "NVIDIA A10", running=2),
+        gpu_view("c", "NVIDIA H100 80GB HBM3"),
+    ]
+    _, b, _ = scorer.score(RequestFeatures(model="llama", prefix_key=PREFIX), views)
+    # decode bandwidth 600 of 3,350 GB/s: capacity ceil(4 x 0.18) = 1, and it holds 2
+    assert b.score == 0.0
+    assert "capacity 1 (scaled to its 0.18x median decode speed)" in b.reason
+
+
+def test_when_every_home_is_loaded_an_unmeasured_replica_on_a_fast_gpu_may_take_the_spill() -> None:
+    # b (an H100, measured) holds the prefix and is at capacity; a is an H100 that has served
+    # nothing yet, c an idle A10: the prior says a is as fast as the home, c is not
+    scorer = homed("b")
+    views = [
+        gpu_view("a", "NVIDIA H100 80GB HBM3"),
+        gpu_view("b", "NVIDIA H100 80GB HBM3", itl_s=0.01, running=4),
+        gpu_view("c", "NVIDIA A10"),
+    ]
+    long_prompt = request(PREFIX)
+    a, b, c = scorer.score(attrs.evolve(long_prompt, prompt_tokens=4096), views)
+    assert b.score == 0.0
+    assert a.score == 0.5
+    assert a.reason == "every replica that got this prefix recently is loaded: neutral"
+    assert c.score == 0.0
+    assert "was sent to other replicas recently" in c.reason

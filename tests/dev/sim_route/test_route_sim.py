@@ -7,6 +7,8 @@ import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import attrs
+import pytest
 from click.testing import CliRunner
 
 from infermesh.dev.sim.cli import sim_group
@@ -199,3 +201,36 @@ def test_the_report_states_the_goals_against_round_robin_and_the_best_peer() -> 
     assert rr is not None
     assert goals["p95_ttft_vs_round_robin"] == round(ours / rr, 4)
     assert goals["best_peer_p95_ttft"] in {"round_robin", "least_request"}
+
+
+def test_a_strategy_gives_the_same_row_alone_and_last_in_a_list() -> None:
+    # `random` draws from its own generator: seeded by its name, not its place in the list
+    alone = RouteSimSettings(fleet=small_fleet(), strategies=("random",), duration_s=3, rate=6)
+    listed = attrs.evolve(alone, strategies=("round_robin", "power_of_two", "random"))
+    assert run_route_sim(alone)[0].to_json() == run_route_sim(listed)[-1].to_json()
+
+
+@pytest.mark.parametrize("seed", [2, 4])
+@pytest.mark.parametrize("profiles", [("h100", "a100", "a10"), ("a10", "a100", "h100")])
+def test_before_the_first_scrape_infermesh_puts_long_cold_prompts_on_the_fastest_gpus(
+    seed: int, profiles: tuple[str, ...]
+) -> None:
+    # No replica has served or been scraped yet; their GPUs are known from the start (the DCGM
+    # adapter publishes them before traffic), and the GPU-model prior ranks H100 over A100/A10.
+    # (Without either, these seeds' nearest node, an A10 or A100 one, got every prompt.)
+    fleet = FleetSpec(replicas=24, scrape_interval_s=30.0, profiles=profiles)
+    requests = [
+        SimRequest(
+            request_id=f"long{i}",
+            arrival_s=0.001 * (i + 1),
+            prompt_tokens=4000,
+            output_tokens=16,
+            prefix_group=f"doc{i}",
+            prefix_tokens=3900,
+        )
+        for i in range(6)
+    ]
+    world = World(fleet, InferMeshStrategy(), seed=seed)
+    profile_of = {view.replica_id: view.profile for view in world.views}
+    result = world.run(requests, 0.01)
+    assert [profile_of[r.replica_id or ""] for r in result.records] == ["h100"] * 6

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
@@ -29,9 +29,15 @@ import attrs
 
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import ScoreResult, TargetView
-from infermesh.core.model import RequestFeatures
-from infermesh.core.scoring.capacity import Speed, decode_rate
-from infermesh.core.scoring.views import table_of
+from infermesh.core.model import GpuState, RequestFeatures
+from infermesh.core.scoring.gpu_speed import (
+    GpuSpeed,
+    decode_figure,
+    fill_rates,
+    prefill_figure,
+    replica_speed,
+)
+from infermesh.core.scoring.views import ViewTable, table_of
 
 __all__ = [
     "PREFIX_DEPTHS",
@@ -181,6 +187,12 @@ class PrefixAffinityScorer:
     candidates' median measured decode rate (infermesh.core.scoring.capacity) gets that capacity
     scaled by its relative speed (at least 1).
 
+    A replica that has measured no decode rate yet (it has served nothing) is taken at the
+    speed its GPU model implies (infermesh.core.scoring.gpu_speed: the measured rate of its
+    model's other replicas, else the datasheet ratio to the measured ones, else the datasheet
+    alone): prefill TFLOPS for a cold prefill, memory bandwidth for the capacity. Its reason says
+    "prior from GPU model ...". Measured rates always win.
+
     The index is this scorer's own memory: `configured` (called once per engine) gives the
     configured scorer a fresh one, and the engine feeds it through `learn`.
     """
@@ -222,11 +234,11 @@ class PrefixAffinityScorer:
         loads = table.loads
         bounded = math.ceil(self.load_factor * (sum(loads) + 1) / count)
         capacity = max(bounded, self.min_capacity)
-        # Each target's `decode_rate`, looked up once per decision for every use below.
-        rates = [f.speed for f in table.features]
-        caps = _speed_capacities(table, capacity, rates)
+        # Each target's decode rate, looked up once per decision for every use below.
+        speeds = _Speeds.of_table(table)
+        caps = _speed_capacities(speeds, capacity)
         if top < 0:
-            cold = _cold_scores(request.prompt_tokens, table, rates)
+            cold = _cold_scores(request.prompt_tokens, speeds)
             for i, load in enumerate(loads):
                 cap = capacity if caps is None else caps[i][0]
                 if load >= cap:
@@ -263,28 +275,27 @@ class PrefixAffinityScorer:
             )
         if not room and elsewhere:
             # Every home is loaded. A spill pays a cold prefill of the whole prompt, the home
-            # its queue. Spill only to a replica about as fast as the fastest home (measured):
-            # it scores as for a never-seen prompt; slower ones keep 0, as when a home has
-            # room, and the queue and KV scorers place the request among the homes. (A spill
-            # to any replica, slower ones included, halved the simulated 512-replica p95 but
-            # sent live requests into slow cold prefills: docs/results.md.)
+            # its queue. Spill only to a replica about as fast as the fastest home (measured,
+            # else its GPU model's speed: `_Speeds.filled`): it scores as for a never-seen
+            # prompt; slower ones keep 0, as when a home has room, and the queue and KV scorers
+            # place the request among the homes. (A spill to any replica, slower ones
+            # included, halved the simulated 512-replica p95 but sent live requests into slow
+            # cold prefills: docs/results.md. Without the GPU-model estimate, an idle fleet's
+            # unmeasured H100s could not take a spill and an A10 near the router did.)
             elsewhere_set = set(elsewhere)
-            home_rates = [
-                rate.tokens_per_s
-                for i in range(count)
-                if i not in elsewhere_set and (rate := rates[i]) is not None
-            ]
-            best_home = max(home_rates, default=0.0)
-            cold = _cold_scores(
-                request.prompt_tokens, table.subset(elsewhere), [rates[i] for i in elsewhere]
+            rates = speeds.filled(decode_figure)
+            best_home = max(
+                (r for i, r in enumerate(rates) if i not in elsewhere_set and r is not None),
+                default=0.0,
             )
+            cold = _cold_scores(request.prompt_tokens, speeds.subset(elsewhere))
             for i, result in zip(elsewhere, cold, strict=True):
                 cap = capacity if caps is None else caps[i][0]
                 if loads[i] >= cap:
                     result = ScoreResult.deferred(0.0, _loaded_reason, loads[i], cap, bounded)
                 elif best_home > 0.0:
                     rate = rates[i]
-                    if rate is None or rate.tokens_per_s < SPILL_SPEED_RATIO * best_home:
+                    if rate is None or rate < SPILL_SPEED_RATIO * best_home:
                         continue
                 if result is _NOT_SEEN:
                     result = _HOMES_LOADED
@@ -298,7 +309,8 @@ _HOMES_LOADED = ScoreResult(0.5, "every replica that got this prefix recently is
 
 SPILL_SPEED_RATIO = 0.9
 """When every home of a prefix is loaded, a replica elsewhere is scored as for a cold prompt
-only if its measured decode rate is at least this fraction of the fastest home's."""
+only if its decode rate (measured, else its GPU model's) is at least this fraction of the
+fastest home's."""
 
 COLD_PROMPT_TOKENS = 2048
 """A prompt no replica holds costs a full prefill wherever it goes: a replica at `rel` of the
@@ -307,37 +319,90 @@ tokens one at a third of the speed scores a third of neutral, at twice as many a
 prefill's extra seconds grow with the prompt), and a short prompt loses little anywhere."""
 
 
-def _cold_scores(
-    prompt_tokens: int,
-    targets: Sequence[TargetView],
-    rates: Sequence[Speed | None] | None = None,
-) -> list[ScoreResult]:
-    """A prompt no candidate holds: neutral, less on replicas slower than the fastest measured
-    one, by the prompt's length (a long cold prefill belongs on a fast GPU); a replica not
-    measured yet counts at the median measured speed. `rates`: each target's `decode_rate`,
-    when the caller has them."""
-    count = len(targets)
+class _Speeds:
+    """The candidates' decode rates as measured, and (computed only when some are missing)
+    each one's GPU-model prior (`replica_speed`)."""
+
+    __slots__ = ("_priors", "gpus", "measured")
+
+    def __init__(
+        self,
+        gpus: Sequence[tuple[GpuState, ...]],
+        measured: list[float | None],
+        priors: list[GpuSpeed | None] | None = None,
+    ) -> None:
+        self.gpus = gpus
+        self.measured = measured
+        self._priors = priors
+
+    @classmethod
+    def of_table(cls, table: ViewTable) -> _Speeds:
+        """The measured rates of `table`'s targets (the store computed each state's once)."""
+        measured = [None if f.speed is None else f.speed.tokens_per_s for f in table.features]
+        return cls(table.gpus, measured)
+
+    def __len__(self) -> int:
+        return len(self.measured)
+
+    @property
+    def complete(self) -> bool:
+        """Every candidate measures its rate."""
+        return None not in self.measured
+
+    def priors(self) -> list[GpuSpeed | None]:
+        if self._priors is None:
+            self._priors = [replica_speed(gpus) for gpus in self.gpus]
+        return self._priors
+
+    def filled(self, figure: Callable[[GpuSpeed], float]) -> list[float | None]:
+        """Measured rates, the missing ones estimated from the GPU model (`fill_rates`)."""
+        if self.complete:
+            return self.measured
+        return fill_rates(self.measured, self.priors(), figure)
+
+    def subset(self, indices: Sequence[int]) -> _Speeds:
+        priors = self._priors
+        return _Speeds(
+            [self.gpus[i] for i in indices],
+            [self.measured[i] for i in indices],
+            None if priors is None else [priors[i] for i in indices],
+        )
+
+
+def _cold_scores(prompt_tokens: int, speeds: _Speeds) -> list[ScoreResult]:
+    """A prompt no candidate holds: neutral, less on replicas slower than the fastest one, by
+    the prompt's length (a long cold prefill belongs on a fast GPU). A replica not measured yet
+    counts at its GPU model's prefill speed (`_Speeds.filled`), else at the median speed."""
+    count = len(speeds)
     weight = prompt_tokens / COLD_PROMPT_TOKENS
     if weight <= 0.0:
         return [_NOT_SEEN] * count
-    if rates is None:
-        rates = [decode_rate(v.state) for v in targets]
-    measured = sorted(r.tokens_per_s for r in rates if r is not None)
-    if not (measured and measured[-1] > 0):
+    measured = speeds.measured
+    rates = speeds.filled(prefill_figure)
+    known = sorted(r for r in rates if r is not None)
+    if not (known and known[-1] > 0):
         return [_NOT_SEEN] * count
-    fastest = measured[-1]
-    # A replica that has not served anything yet is taken at the measured median speed: no
-    # evidence that it is fast (a fresh fleet's slow GPUs would otherwise get the long prompts).
-    typical = min(1.0, _median(measured) / fastest)
+    fastest = known[-1]
+    # A replica of an unknown GPU that has not served anything yet is taken at the median
+    # speed: no evidence that it is fast (a fresh fleet's slow GPUs would otherwise get the
+    # long prompts).
+    typical = min(1.0, _median(known) / fastest)
+    priors = None if speeds.complete else speeds.priors()
     results: list[ScoreResult] = []
-    for rate in rates:
-        rel = typical if rate is None else min(1.0, rate.tokens_per_s / fastest)
+    for i, rate in enumerate(rates):
+        rel = typical if rate is None else min(1.0, rate / fastest)
         if rel >= 1.0:
             results.append(_NOT_SEEN)
             continue
         score = 0.5 * rel**weight
-        reason = _cold_reason if rate is not None else _cold_unmeasured_reason
-        results.append(ScoreResult.deferred(score, reason, rel, prompt_tokens))
+        if measured[i] is not None:
+            results.append(ScoreResult.deferred(score, _cold_reason, rel, prompt_tokens))
+        elif rate is not None and priors is not None and (prior := priors[i]) is not None:
+            results.append(
+                ScoreResult.deferred(score, _cold_prior_reason, rel, prompt_tokens, prior.model)
+            )
+        else:
+            results.append(ScoreResult.deferred(score, _cold_unmeasured_reason, rel, prompt_tokens))
     return results
 
 
@@ -362,6 +427,14 @@ def _cold_reason(rel: float, prompt_tokens: int) -> str:
     )
 
 
+def _cold_prior_reason(rel: float, prompt_tokens: int, model: str) -> str:
+    return (
+        f"prefix not sent anywhere recently: a cold prefill of ~{prompt_tokens} tokens at "
+        f"{rel:.2g}x the fastest candidate's speed (not measured yet: prior from GPU model "
+        f"{model})"
+    )
+
+
 def _cold_unmeasured_reason(rel: float, prompt_tokens: int) -> str:
     return (
         f"prefix not sent anywhere recently: a cold prefill of ~{prompt_tokens} tokens on a "
@@ -375,21 +448,16 @@ def _depth(level: int) -> int:
     return PREFIX_DEPTHS[min(level, len(PREFIX_DEPTHS) - 1)]
 
 
-def _speed_capacities(
-    targets: Sequence[TargetView],
-    capacity: int,
-    rates: Sequence[Speed | None] | None = None,
-) -> list[tuple[int, float]] | None:
+def _speed_capacities(speeds: _Speeds, capacity: int) -> list[tuple[int, float]] | None:
     """Each target's prefix capacity and relative speed, or None when no target is slower than
-    the median measured decode rate (then every target has `capacity`). `rates`: each target's
-    `decode_rate`, when the caller has them."""
-    if rates is None:
-        rates = [decode_rate(v.state) for v in targets]
-    measured = sorted(r.tokens_per_s for r in rates if r is not None)
-    if len(measured) < 2:
+    the median decode rate (then every target has `capacity`). A target not measured yet counts
+    at its GPU model's decode speed (`_Speeds.filled`), else at the median."""
+    rates = speeds.filled(decode_figure)
+    known = sorted(r for r in rates if r is not None)
+    if len(known) < 2:
         return None
-    median = _median(measured)
-    if not (median > 0 and measured[0] < median):
+    median = _median(known)
+    if not (median > 0 and known[0] < median):
         return None
     caps: list[tuple[int, float]] = []
     full = (capacity, 1.0)  # an unmeasured target, or one at least as fast as the median
@@ -397,7 +465,7 @@ def _speed_capacities(
         if rate is None:
             caps.append(full)
             continue
-        rel = rate.tokens_per_s / median
+        rel = rate / median
         # `min(1.0, rel)`: a NaN or a speed at or above the median counts as 1.
         caps.append((max(1, math.ceil(capacity * rel)), rel) if rel < 1.0 else full)
     return caps

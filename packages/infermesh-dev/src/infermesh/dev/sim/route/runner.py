@@ -2,6 +2,8 @@
 
 Every strategy gets a fresh `World` built from the same seed (so the same GPUs, RTTs and
 degraded replica) and the same list of requests; nothing reads a clock or global randomness.
+A strategy's own random generator is seeded by the run's seed and the strategy's name
+(`strategy_seed`), so its numbers do not depend on which other strategies run beside it.
 `run_seeds` repeats that for several seeds (each its own requests and fleet draw) and summarises
 each strategy by `median_metrics`. InferMesh runs behind routers with the live admission and
 hedging (`RouterSpec`); the peers route every request at once, as they do.
@@ -9,6 +11,7 @@ hedging (`RouterSpec`); the peers route every request at once, as they do.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +33,7 @@ __all__ = [
     "run_seeds",
     "run_sweep",
     "strategy_names",
+    "strategy_seed",
 ]
 
 StrategyFactory = Callable[[random.Random], Strategy]
@@ -52,6 +56,13 @@ def _factories(cell_size: int | None = None) -> dict[str, StrategyFactory]:
 
 def strategy_names() -> list[str]:
     return sorted(_factories())
+
+
+def strategy_seed(seed: int, name: str) -> int:
+    """The seed of strategy `name`'s own generator in a run with `seed`: stable across
+    processes and independent of the other strategies in the run."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 def make_strategy(name: str, rng: random.Random, cell_size: int | None = None) -> Strategy:
@@ -111,7 +122,8 @@ def _run_one(
     settings: RouteSimSettings, index: int, requests: Sequence[SimRequest], duration_s: float
 ) -> StrategyMetrics:
     name = settings.strategies[index]
-    strategy = make_strategy(name, random.Random(settings.seed * 1_000 + index), settings.cell_size)
+    rng = random.Random(strategy_seed(settings.seed, name))
+    strategy = make_strategy(name, rng, settings.cell_size)
     world = World(settings.fleet, strategy, settings.seed, settings.router_spec)
     result = world.run(requests, duration_s, settings.drain_s)
     return compute_metrics(name, result)

@@ -293,6 +293,11 @@ class World:
         self._window_start = min(first.arrival_s, duration_s) if first is not None else 0.0
         for view in self.views:  # the fleet is known, idle, when the run starts
             self.strategy.observe(view, 0.0)
+        if self._gpu_observer is not None:
+            # ... and so are its GPUs: the agent's DCGM adapter publishes them before traffic
+            # arrives (idle; the degraded one already hot).
+            for replica in self._replicas:
+                self._gpu_observer(replica.view, self._gpu_reading(replica, 0.0, 0.0), 0.0)
         for replica, phase in zip(self._replicas, self._phases, strict=True):
             self._push(phase, _SCRAPE, replica)
         limit = duration_s + drain_s
@@ -524,16 +529,7 @@ class World:
         view = replica.view
         gpu = None
         if self._gpu_observer is not None:
-            replica.gpu_version += 1
-            gpu = gpu_state(
-                view.replica_id,
-                view.node,
-                utilization=window.busy_s / span if span > 0 else 0.0,
-                speed_factor=replica.engine.speed_factor,
-                now=now,
-                version=replica.gpu_version,
-                gpu_name=replica.gpu_name,
-            )
+            gpu = self._gpu_reading(replica, window.busy_s / span if span > 0 else 0.0, now)
         telemetry = _Telemetry(
             replica=replica,
             scraped_s=now,
@@ -552,6 +548,20 @@ class World:
         self._push(now + self.fleet.telemetry_delay_s, _DELIVER, telemetry)
         if self._arrivals_open or self._open or self._waiting:
             self._push(now + self.fleet.scrape_interval_s, _SCRAPE, replica)
+
+    def _gpu_reading(self, replica: _Replica, utilization: float, now: float) -> GpuState:
+        """The replica's GPU as its DCGM adapter reads it at `now` (a new version)."""
+        replica.gpu_version += 1
+        view = replica.view
+        return gpu_state(
+            view.replica_id,
+            view.node,
+            utilization=utilization,
+            speed_factor=replica.engine.speed_factor,
+            now=now,
+            version=replica.gpu_version,
+            gpu_name=replica.gpu_name,
+        )
 
     def _deliver(self, telemetry: _Telemetry, now: float) -> None:
         view = telemetry.replica.view
