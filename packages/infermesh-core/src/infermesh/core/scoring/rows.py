@@ -1,0 +1,47 @@
+"""One row per candidate target: what a decision reads of it, computed when its delta lands.
+
+A decision scores up to `scoring.max_candidates` targets of a model; at 10,000 replicas those
+are scattered over memory, and reading each one's state, labels, key and scoring features cost
+more (cache misses) than the arithmetic. The store keeps, per model, the candidates' rows in
+candidate order, patched in place when a target's state changes (a new list only when the
+model's membership changes), so a decision reads one small tuple per scored target: the usual
+"can it serve?" check is one precomputed boolean and a staleness comparison.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from infermesh.core.model import ModelState
+from infermesh.core.scoring.capacity import StateFeatures, state_features
+
+__all__ = ["CandidateRow", "candidate_row"]
+
+
+class CandidateRow(NamedTuple):
+    """One target as a decision reads it (a tuple: unpacked on the hot path)."""
+
+    state: ModelState
+    target_id: str
+    node: str
+    features: StateFeatures
+    """`capacity.state_features(state)`."""
+    plain: bool
+    """Loaded, warm, healthy and without a `gpu_uuid` label: it can serve unless its telemetry
+    is stale or a filter or the operator policy rules it out (the engine checks those)."""
+    last_updated: float
+    load: float
+    """Scraped running + waiting."""
+
+
+def candidate_row(state: ModelState) -> CandidateRow:
+    """The row of `state` (computes its scoring features when they are not known yet)."""
+    return CandidateRow(
+        state,
+        state.key.target_id,
+        state.key.node,
+        state_features(state),
+        state.loaded and not state.warming and state.healthy and not state.labels.gpu_uuid,
+        state.last_updated,
+        state.running + state.waiting,
+    )
