@@ -16,7 +16,12 @@ import attrs
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
 from infermesh.core.scoring.capacity import Speed, kv_permille, median_tokens
-from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn, results_column
+from infermesh.core.scoring.columns import (
+    ColumnScorer,
+    ScoreColumn,
+    constant_column,
+    results_column,
+)
 from infermesh.core.scoring.gpu_health import GpuHealthScorer
 from infermesh.core.scoring.prefix import PrefixAffinityScorer, hrw_weight, target_hash
 from infermesh.core.scoring.views import table_of
@@ -190,12 +195,12 @@ class NetPenaltyScorer(ColumnScorer, PerTargetScorer):
 
     def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
         # Most RTTs are unknown (gossip off, or not measured yet): one shared result.
+        rtts = table_of(targets).rtts
+        if rtts.count(None) == len(rtts):
+            return constant_column(_RTT_UNKNOWN, len(rtts))
         rtt_result = self._rtt_result
         return results_column(
-            [
-                _RTT_UNKNOWN if rtt_s is None else rtt_result(rtt_s)
-                for rtt_s in table_of(targets).rtts
-            ]
+            [_RTT_UNKNOWN if rtt_s is None else rtt_result(rtt_s) for rtt_s in rtts]
         )
 
     def score_one(self, request: RequestFeatures, target: TargetView) -> ScoreResult:
