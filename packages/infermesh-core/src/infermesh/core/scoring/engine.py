@@ -537,7 +537,7 @@ class ScoringEngine:
         rtt_s: float | None = None
         for i in indices:
             row = rows[i]
-            state, target_id, node, _, plain, seen_at, _ = row
+            state, target_id, node, _, plain, seen_at, _, _, _ = row
             if check_filters or not plain or not now - seen_at <= stale_after_s:
                 exclusion = self._exclusion(state, request, now, policy)
                 if exclusion is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from infermesh.core.model import ModelState
-from infermesh.core.scoring.capacity import StateFeatures, state_features
+from infermesh.core.scoring.capacity import StateFeatures, kv_permille, state_features
 
 __all__ = ["CandidateRow", "candidate_row"]
 
@@ -32,16 +32,24 @@ class CandidateRow(NamedTuple):
     last_updated: float
     load: float
     """Scraped running + waiting."""
+    kv_permille: int
+    """`capacity.kv_permille(state.kv_cache_usage)`: KV-cache usage in 0.1% steps."""
+    idle_work_s: float
+    """`state.work_left_with_s(0.0)`: its work left when nothing is in flight or finished
+    since the scrape (the queue scorer's usual case)."""
 
 
 def candidate_row(state: ModelState) -> CandidateRow:
     """The row of `state` (computes its scoring features when they are not known yet)."""
+    features = state_features(state)
     return CandidateRow(
         state,
         state.key.target_id,
         state.key.node,
-        state_features(state),
+        features,
         state.loaded and not state.warming and state.healthy and not state.labels.gpu_uuid,
         state.last_updated,
         state.running + state.waiting,
+        kv_permille(state.kv_cache_usage),
+        state.work_left_with_s(0.0),
     )

@@ -71,15 +71,17 @@ class QueueScorer(ColumnScorer):
             )
             tokens = median_tokens(measured_tokens, request)
         work: list[float] = []
-        rows = zip(features, table.unseen, table.finished_unseen, strict=True)
-        for i, ((state, speed, _, service_s), unseen, finished_unseen) in enumerate(rows):
-            if finished_unseen <= 0:
-                # `view.expected_work_left_s` (ModelState.work_left_with_s), inlined.
+        rows = zip(table.rows, table.unseen, table.finished_unseen, strict=True)
+        for i, (row, unseen, finished_unseen) in enumerate(rows):
+            _, _, _, (state, speed, _, service_s), _, _, _, _, w = row
+            if finished_unseen > 0:
+                w = table[i].expected_work_left_s
+            elif unseen != 0.0:
+                # `view.expected_work_left_s` (ModelState.work_left_with_s), inlined; with
+                # nothing unseen it is the row's `idle_work_s`.
                 running = state.running
                 parallel = 1.0 if running < 1.0 else running  # max(running, 1.0)
                 w = (state.waiting + unseen + 0.5 * running) * service_s / parallel
-            else:
-                w = table[i].expected_work_left_s
             if tokens is not None and speed is not None:
                 w *= tokens / speed.tokens_per_s / service_s
             # min(w, WORK_CEILING_S); NaN -> 0
@@ -144,16 +146,7 @@ class KvHeadroomScorer(ColumnScorer, PerTargetScorer):
         return _kv_result(kv_permille(target.state.kv_cache_usage))
 
     def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
-        permille: list[int] = []
-        for state in table_of(targets).states:
-            # `kv_permille(state.kv_cache_usage)`, inlined: clamped to 0..1, NaN -> 0.
-            usage = state.kv_cache_usage
-            if usage == usage:
-                permille.append(
-                    round((1.0 if usage > 1.0 else usage if usage > 0.0 else 0.0) * 1000)
-                )
-            else:
-                permille.append(0)
+        permille = [row.kv_permille for row in table_of(targets).rows]
         return ScoreColumn([_KV_SCORES[p] for p in permille], lambda i: _kv_result(permille[i]))
 
 

@@ -25,7 +25,7 @@ from typing import overload
 from infermesh.core.contracts import TargetView
 from infermesh.core.model import GpuState, ModelState
 from infermesh.core.scoring.capacity import FEATURES_BY_ID, StateFeatures, state_features
-from infermesh.core.scoring.rows import CandidateRow
+from infermesh.core.scoring.rows import CandidateRow, candidate_row
 
 __all__ = ["ViewTable", "make_view", "table_of"]
 
@@ -104,6 +104,7 @@ class ViewTable(Sequence[TargetView]):
     __slots__ = (
         "_features",
         "_gpus",
+        "_rows",
         "_rtts",
         "_tracked",
         "_views",
@@ -128,6 +129,7 @@ class ViewTable(Sequence[TargetView]):
         self._views: dict[int, TargetView] = {}
         # Filled by `of_rows` (the engine's table); computed on first read otherwise.
         self._features: list[StateFeatures] | None = None
+        self._rows: list[CandidateRow] | None = None
 
     def add(
         self,
@@ -144,6 +146,8 @@ class ViewTable(Sequence[TargetView]):
         """Append one target (`make_view`'s arguments); its view is built when first read."""
         if self._features is not None:
             self._features.append(state_features(state))
+        if self._rows is not None:
+            self._rows.append(candidate_row(state))
         self._append(
             state,
             target_id,
@@ -157,7 +161,7 @@ class ViewTable(Sequence[TargetView]):
     def of_rows(
         cls,
         now: float,
-        rows: Sequence[CandidateRow],
+        rows: list[CandidateRow],
         tracked: list[_Tracked],
         gpus: list[tuple[GpuState, ...]],
         rtts: list[float | None],
@@ -165,6 +169,7 @@ class ViewTable(Sequence[TargetView]):
         """The engine's table: the store's `rows` of the scored targets, with each one's
         in-flight tracker `view_inputs` (`tracked`), GPUs and RTT."""
         table = cls(now)
+        table._rows = rows
         table.states = [row[0] for row in rows]
         table.ids = [row[1] for row in rows]
         table._features = [row[3] for row in rows]
@@ -268,7 +273,18 @@ class ViewTable(Sequence[TargetView]):
         if self._features is not None:
             features = self._features
             table._features = [features[i] for i in indices]
+        if self._rows is not None:
+            rows = self._rows
+            table._rows = [rows[i] for i in indices]
         return table
+
+    @property
+    def rows(self) -> list[CandidateRow]:
+        """Each state's `rows.CandidateRow` (the store's, for the engine's table)."""
+        rows = self._rows
+        if rows is None:
+            rows = self._rows = [candidate_row(state) for state in self.states]
+        return rows
 
     @property
     def finished_unseen(self) -> list[int]:
