@@ -518,44 +518,52 @@ class ScoringEngine:
     ) -> tuple[ViewTable, list[Exclusion]]:
         """The usable candidates at `indices` (at most `limit` when > 0), as the table the
         scorers read (views built only when read), and the exclusions met on the way."""
-        # The scored rows and, for each, the tracker's view inputs, its GPUs and its RTT.
-        kept: list[CandidateRow] = []
-        tracked: list[tuple[int, int, int, float | None, float]] = []
-        gpus: list[tuple[GpuState, ...]] = []
-        rtts: list[float | None] = []
+        kept: list[CandidateRow] = []  # the scored rows
         excluded: list[Exclusion] = []
         # Without request filters or policy filters, a plain row (`CandidateRow.plain`) only
         # needs its staleness checked; `_exclusion` gives the verdict (and reason) otherwise.
         check_filters = bool(request.filters) or self._policy_filters
         stale_after_s = self.stale_after_s
-        store = self.store
-        gpus_for = store.gpus_for
-        gpus_by_node = store.gpus_by_node
-        view_inputs = self.inflight.view_inputs
-        # One estimate per node per ranking: replicas of a model often share a node.
-        rtt_by_node: dict[str, float | None] | None = None if self.rtt_estimate is None else {}
-        rtt_s: float | None = None
         for i in indices:
             row = rows[i]
-            state, target_id, node, _, plain, seen_at, _, _, _ = row
-            if check_filters or not plain or not now - seen_at <= stale_after_s:
-                exclusion = self._exclusion(state, request, now, policy)
+            if check_filters or not row.plain or not now - row.last_updated <= stale_after_s:
+                exclusion = self._exclusion(row.state, request, now, policy)
                 if exclusion is not None:
                     excluded.append(exclusion)
                     continue
-            if rtt_by_node is not None:
-                if node in rtt_by_node:
-                    rtt_s = rtt_by_node[node]
-                else:
-                    rtt_s = rtt_by_node[node] = self._rtt_s(node)
             kept.append(row)
-            tracked.append(view_inputs(target_id, seen_at, stale_after_s))
-            # StateStore.gpus_for, inlined for a target without a gpu_uuid label.
-            gpus.append(gpus_by_node.get(node, ()) if plain else gpus_for(state))
-            rtts.append(rtt_s)
             if len(kept) == limit:
                 break
-        return ViewTable.of_rows(now, kept, tracked, gpus, rtts), excluded
+        # What the views need beyond the rows, a column at a time.
+        ids = [row.target_id for row in kept]
+        tracked = self.inflight.view_inputs_many(
+            ids, [row.last_updated for row in kept], stale_after_s
+        )
+        store = self.store
+        gpus_by_node = store.gpus_by_node
+        gpus: list[tuple[GpuState, ...]]
+        if not gpus_by_node:
+            gpus = [()] * len(kept)  # no GPU telemetry at all
+        else:
+            gpus_for = store.gpus_for
+            gpus = [
+                # StateStore.gpus_for, inlined for a target without a gpu_uuid label.
+                gpus_by_node.get(row.node, ()) if row.plain else gpus_for(row.state)
+                for row in kept
+            ]
+        rtts: list[float | None]
+        if self.rtt_estimate is None:
+            rtts = [None] * len(kept)
+        else:
+            # One estimate per node per ranking: replicas of a model often share a node.
+            rtt_by_node: dict[str, float | None] = {}
+            rtts = []
+            for row in kept:
+                node = row.node
+                if node not in rtt_by_node:
+                    rtt_by_node[node] = self._rtt_s(node)
+                rtts.append(rtt_by_node[node])
+        return ViewTable.of_rows(now, kept, ids, tracked, gpus, rtts), excluded
 
     def _target_ids(
         self, candidates: tuple[ModelState, ...] | tuple[TargetKey, ...]

@@ -25,12 +25,14 @@ from typing import overload
 from infermesh.core.contracts import TargetView
 from infermesh.core.model import GpuState, ModelState
 from infermesh.core.scoring.capacity import FEATURES_BY_ID, StateFeatures, state_features
+from infermesh.core.scoring.inflight import NOTHING_TRACKED
 from infermesh.core.scoring.rows import CandidateRow, candidate_row
 
 __all__ = ["ViewTable", "make_view", "table_of"]
 
 _Tracked = tuple[int, int, int, float | None, float]
 """`InflightTracker.view_inputs` of one target."""
+_NOTHING: _Tracked = NOTHING_TRACKED
 
 _new = object.__new__
 _post_init = TargetView.__attrs_post_init__
@@ -162,25 +164,38 @@ class ViewTable(Sequence[TargetView]):
         cls,
         now: float,
         rows: list[CandidateRow],
+        ids: list[str],
         tracked: list[_Tracked],
         gpus: list[tuple[GpuState, ...]],
         rtts: list[float | None],
     ) -> ViewTable:
-        """The engine's table: the store's `rows` of the scored targets, with each one's
+        """The engine's table: the store's `rows` of the scored targets, with each one's id,
         in-flight tracker `view_inputs` (`tracked`), GPUs and RTT."""
         table = cls(now)
         table._rows = rows
-        table.states = [row[0] for row in rows]
-        table.ids = [row[1] for row in rows]
-        table._features = [row[3] for row in rows]
+        table.states = [row.state for row in rows]
+        table.ids = ids
+        table._features = [row.features for row in rows]
         table._tracked = tracked
         table._gpus = gpus
         table._rtts = rtts
+        running_waiting = [row.load for row in rows]
+        count = len(rows)
+        if (
+            count
+            and tracked.count(_NOTHING) == count
+            and min(running_waiting) >= 0.0
+            and sum(running_waiting) >= 0.0  # NaN fails this (min may skip it)
+        ):
+            # Nothing in flight or finished since the scrapes, and sane telemetry: every view
+            # takes the scraped running + waiting as it is (`make_view`'s usual case).
+            table.loads = [load + 0.0 for load in running_waiting]
+            table.unseen = [0.0] * count
+            return table
         loads = table.loads
         unseen = table.unseen
-        for index, (row, inputs) in enumerate(zip(rows, tracked, strict=True)):
-            running_waiting = row[6]
-            if inputs[1] or inputs[2] or not running_waiting >= 0.0:
+        for index, (load, inputs) in enumerate(zip(running_waiting, tracked, strict=True)):
+            if inputs[1] or inputs[2] or not load >= 0.0:
                 # Corrections to apply (or odd telemetry): the view's rulebook derives them.
                 view = table._views[index] = table._make(index)
                 loads.append(view.load)
@@ -188,7 +203,7 @@ class ViewTable(Sequence[TargetView]):
             else:
                 # `make_view`'s usual case: scraped running + waiting plus the in-flight ones.
                 in_flight = float(inputs[0])
-                loads.append(running_waiting + in_flight)
+                loads.append(load + in_flight)
                 unseen.append(in_flight)
         return table
 
