@@ -70,22 +70,27 @@ class QueueScorer(ColumnScorer):
                 f.decode_tokens for f in features if f.decode_tokens is not None
             )
             tokens = median_tokens(measured_tokens, request)
-        work: list[float] = []
-        rows = zip(table.rows, table.unseen, table.finished_unseen, strict=True)
-        for i, (row, unseen, finished_unseen) in enumerate(rows):
-            _, _, _, (state, speed, _, service_s), _, _, _, _, w = row
-            if finished_unseen > 0:
-                w = table[i].expected_work_left_s
-            elif unseen != 0.0:
-                # `view.expected_work_left_s` (ModelState.work_left_with_s), inlined; with
-                # nothing unseen it is the row's `idle_work_s`.
-                running = state.running
-                parallel = 1.0 if running < 1.0 else running  # max(running, 1.0)
-                w = (state.waiting + unseen + 0.5 * running) * service_s / parallel
-            if tokens is not None and speed is not None:
-                w *= tokens / speed.tokens_per_s / service_s
-            # min(w, WORK_CEILING_S); NaN -> 0
-            work.append((WORK_CEILING_S if w > WORK_CEILING_S else w) if w >= 0.0 else 0.0)
+        # With nothing in flight or finished since the scrape, a target's work left is its
+        # row's `idle_work_s`; otherwise `view.expected_work_left_s`.
+        work = [row.idle_work_s for row in table.rows]
+        finished = table.finished_unseen
+        unseen = table.unseen
+        if any(finished) or any(unseen):
+            for i, (finished_unseen, extra) in enumerate(zip(finished, unseen, strict=True)):
+                if finished_unseen > 0:
+                    work[i] = table[i].expected_work_left_s
+                elif extra != 0.0:
+                    # `ModelState.work_left_with_s(extra)`, inlined.
+                    state, _, _, service_s = features[i]
+                    running = state.running
+                    parallel = 1.0 if running < 1.0 else running  # max(running, 1.0)
+                    work[i] = (state.waiting + extra + 0.5 * running) * service_s / parallel
+        if tokens is not None:
+            for i, (_, speed, _, service_s) in enumerate(features):
+                if speed is not None:
+                    work[i] *= tokens / speed.tokens_per_s / service_s
+        # min(w, WORK_CEILING_S); NaN -> 0
+        work = [(WORK_CEILING_S if w > WORK_CEILING_S else w) if w >= 0.0 else 0.0 for w in work]
         mean_s = sum(work) / len(work) if work else 0.0
         ref_s = max(mean_s, WORK_FLOOR_S)
         scores = [1.0 / (1.0 + w / ref_s) for w in work]
