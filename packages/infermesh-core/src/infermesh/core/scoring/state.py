@@ -4,8 +4,9 @@ Sans-I/O and single-writer: deltas are applied by synchronous calls on the event
 each one lands atomically; readers get immutable tuples (per-model candidate lists, rebuilt
 lazily on the first read after a write: a value change replaces one entry of a per-model dict,
 only a membership change re-sorts) and never scan the cluster. A delta also computes the new
-state's scoring features (measured decode rate, service time: capacity.StateFeatures),
-so decisions look them up. Never awaits, reads a clock or logs.
+state's scoring features (measured decode rate, service time: capacity.StateFeatures) and its
+`rows.CandidateRow`, patched into its models' row lists in place, so decisions read one
+precomputed row per candidate. Never awaits, reads a clock or logs.
 """
 
 from __future__ import annotations
