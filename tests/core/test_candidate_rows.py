@@ -5,6 +5,7 @@ reads as the views `make_view` builds."""
 from __future__ import annotations
 
 import attrs
+import pytest
 
 from infermesh.core.contracts import TargetView
 from infermesh.core.model import (
@@ -18,7 +19,7 @@ from infermesh.core.model import (
 )
 from infermesh.core.scoring.capacity import kv_permille, state_features
 from infermesh.core.scoring.inflight import NOTHING_TRACKED, InflightTracker
-from infermesh.core.scoring.rows import CandidateRow, candidate_row
+from infermesh.core.scoring.rows import CandidateRow, candidate_row, row_field
 from infermesh.core.scoring.scorers import GpuHealthScorer, NetPenaltyScorer
 from infermesh.core.scoring.state import StateStore
 from infermesh.core.scoring.views import ViewTable, make_view
@@ -60,6 +61,10 @@ def test_a_row_reads_as_its_state() -> None:
         kv_permille(0.4567),
         state.work_left_with_s(0.0),
     )
+    assert row_field("load")(row) == row.load
+    assert list(map(row_field("kv_permille"), [row, row])) == [row.kv_permille] * 2
+    with pytest.raises(ValueError, match="no field 'loadz'"):
+        row_field("loadz")
     labelled = attrs.evolve(state, labels=Labels(gpu_uuid="GPU-1"))
     assert not candidate_row(labelled).plain  # the engine checks its GPUs
     assert not candidate_row(attrs.evolve(state, warming=True)).plain

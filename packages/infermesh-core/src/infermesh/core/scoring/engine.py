@@ -34,7 +34,7 @@ from infermesh.core.scoring.columns import ScoreColumn, column_of, results_colum
 from infermesh.core.scoring.gpu_health import gpu_exclusion_reason
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.prefix import LearningScorer
-from infermesh.core.scoring.rows import CandidateRow
+from infermesh.core.scoring.rows import CandidateRow, row_field
 from infermesh.core.scoring.sampling import CandidateSampler
 from infermesh.core.scoring.state import StateStore
 from infermesh.core.scoring.views import ViewTable
@@ -63,6 +63,8 @@ _KEY_FILTERS = frozenset({"model", "node", "endpoint"})
 _IDS_CACHE_SIZE = 1024
 
 _EMPTY_POLICY = PolicySet()
+_TARGET_ID = row_field("target_id")
+_LAST_UPDATED = row_field("last_updated")
 
 
 class _RequestPolicy(NamedTuple):
@@ -526,7 +528,8 @@ class ScoringEngine:
         stale_after_s = self.stale_after_s
         for i in indices:
             row = rows[i]
-            if check_filters or not row.plain or not now - row.last_updated <= stale_after_s:
+            # `row.plain`, `row.last_updated`: by position (cheaper than by name).
+            if check_filters or not row[4] or not now - row[5] <= stale_after_s:
                 exclusion = self._exclusion(row.state, request, now, policy)
                 if exclusion is not None:
                     excluded.append(exclusion)
@@ -535,10 +538,8 @@ class ScoringEngine:
             if len(kept) == limit:
                 break
         # What the views need beyond the rows, a column at a time.
-        ids = [row.target_id for row in kept]
-        tracked = self.inflight.view_inputs_many(
-            ids, [row.last_updated for row in kept], stale_after_s
-        )
+        ids: list[str] = list(map(_TARGET_ID, kept))
+        tracked = self.inflight.view_inputs_many(ids, list(map(_LAST_UPDATED, kept)), stale_after_s)
         store = self.store
         gpus_by_node = store.gpus_by_node
         gpus: list[tuple[GpuState, ...]]

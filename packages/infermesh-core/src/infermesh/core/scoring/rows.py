@@ -10,12 +10,14 @@ model's membership changes), so a decision reads one small tuple per scored targ
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from infermesh.core.model import ModelState
 from infermesh.core.scoring.capacity import StateFeatures, kv_permille, state_features
 
-__all__ = ["CandidateRow", "candidate_row"]
+__all__ = ["CandidateRow", "candidate_row", "row_field"]
 
 
 class CandidateRow(NamedTuple):
@@ -53,3 +55,12 @@ def candidate_row(state: ModelState) -> CandidateRow:
         kv_permille(state.kv_cache_usage),
         state.work_left_with_s(0.0),
     )
+
+
+def row_field(field: str) -> Callable[[CandidateRow], Any]:
+    """A C-speed reader of one field, for `map` over many rows (`list(map(row_field("load"),
+    rows))`): a plain tuple index, cheaper than the field's name on the hot path."""
+    fields = CandidateRow._fields
+    if field not in fields:
+        raise ValueError(f"CandidateRow has no field {field!r}; its fields: {', '.join(fields)}")
+    return itemgetter(fields.index(field))

@@ -24,6 +24,7 @@ from infermesh.core.scoring.columns import (
 )
 from infermesh.core.scoring.gpu_health import GpuHealthScorer
 from infermesh.core.scoring.prefix import PrefixAffinityScorer, hrw_weight, target_hash
+from infermesh.core.scoring.rows import row_field
 from infermesh.core.scoring.views import table_of
 
 __all__ = [
@@ -36,6 +37,9 @@ __all__ = [
     "hrw_weight",
     "target_hash",
 ]
+
+_IDLE_WORK_S = row_field("idle_work_s")
+_KV_PERMILLE = row_field("kv_permille")
 
 # Work left below this is "idle": differences smaller than it should not move traffic.
 WORK_FLOOR_S = 0.05
@@ -72,7 +76,7 @@ class QueueScorer(ColumnScorer):
             tokens = median_tokens(measured_tokens, request)
         # With nothing in flight or finished since the scrape, a target's work left is its
         # row's `idle_work_s`; otherwise `view.expected_work_left_s`.
-        work = [row.idle_work_s for row in table.rows]
+        work: list[float] = list(map(_IDLE_WORK_S, table.rows))
         finished = table.finished_unseen
         unseen = table.unseen
         if any(finished) or any(unseen):
@@ -151,7 +155,7 @@ class KvHeadroomScorer(ColumnScorer, PerTargetScorer):
         return _kv_result(kv_permille(target.state.kv_cache_usage))
 
     def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
-        permille = [row.kv_permille for row in table_of(targets).rows]
+        permille: list[int] = list(map(_KV_PERMILLE, table_of(targets).rows))
         return ScoreColumn([_KV_SCORES[p] for p in permille], lambda i: _kv_result(permille[i]))
 
 

@@ -26,13 +26,16 @@ from infermesh.core.contracts import TargetView
 from infermesh.core.model import GpuState, ModelState
 from infermesh.core.scoring.capacity import FEATURES_BY_ID, StateFeatures, state_features
 from infermesh.core.scoring.inflight import NOTHING_TRACKED
-from infermesh.core.scoring.rows import CandidateRow, candidate_row
+from infermesh.core.scoring.rows import CandidateRow, candidate_row, row_field
 
 __all__ = ["ViewTable", "make_view", "table_of"]
 
 _Tracked = tuple[int, int, int, float | None, float]
 """`InflightTracker.view_inputs` of one target."""
 _NOTHING: _Tracked = NOTHING_TRACKED
+_STATE = row_field("state")
+_FEATURES = row_field("features")
+_LOAD = row_field("load")
 
 _new = object.__new__
 _post_init = TargetView.__attrs_post_init__
@@ -173,13 +176,13 @@ class ViewTable(Sequence[TargetView]):
         in-flight tracker `view_inputs` (`tracked`), GPUs and RTT."""
         table = cls(now)
         table._rows = rows
-        table.states = [row.state for row in rows]
+        table.states = list(map(_STATE, rows))
         table.ids = ids
-        table._features = [row.features for row in rows]
+        table._features = list(map(_FEATURES, rows))
         table._tracked = tracked
         table._gpus = gpus
         table._rtts = rtts
-        running_waiting = [row.load for row in rows]
+        running_waiting: list[float] = list(map(_LOAD, rows))
         count = len(rows)
         if (
             count
