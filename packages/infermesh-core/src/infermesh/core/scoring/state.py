@@ -25,11 +25,12 @@ from infermesh.core.model import (
     TargetKey,
 )
 from infermesh.core.scoring.capacity import forget_features
-from infermesh.core.scoring.rows import CandidateRow, candidate_row
+from infermesh.core.scoring.rows import CandidateRow, candidate_row, row_field
 
 __all__ = ["ApplyCounts", "StateStore", "Subscription"]
 
 _D = TypeVar("_D")
+_ROW_STATE = row_field("state")
 
 
 @attrs.define
@@ -195,12 +196,10 @@ class StateStore:
         return order
 
     def _refresh(self, model: str) -> None:
+        # From the rows (kept in order, patched in place): no key is hashed, so a 10,000-target
+        # model's tuple costs a C-speed copy, not 10,000 Python-level key hashes.
         self._dirty.discard(model)
-        members = self._members.get(model, {})
-        order = self._order.get(model)
-        if order is None:
-            order = self._sort(model)
-        self._candidates[model] = tuple(map(members.__getitem__, order))
+        self._candidates[model] = tuple(map(_ROW_STATE, self.candidate_rows(model)))
 
     def model_known(self, model: str) -> bool:
         return model in self._members
