@@ -19,7 +19,13 @@ from infermesh.core.model import (
 )
 from infermesh.core.scoring.capacity import kv_permille, state_features
 from infermesh.core.scoring.inflight import NOTHING_TRACKED, InflightTracker
-from infermesh.core.scoring.rows import CandidateRow, candidate_row, row_field
+from infermesh.core.scoring.rows import (
+    LAST_UPDATED_AT,
+    PLAIN_AT,
+    CandidateRow,
+    candidate_row,
+    row_field,
+)
 from infermesh.core.scoring.scorers import GpuHealthScorer, NetPenaltyScorer
 from infermesh.core.scoring.state import StateStore
 from infermesh.core.scoring.views import ViewTable, make_view
@@ -61,6 +67,8 @@ def test_a_row_reads_as_its_state() -> None:
         kv_permille(0.4567),
         state.work_left_with_s(0.0),
     )
+    assert row[PLAIN_AT] is row.plain
+    assert row[LAST_UPDATED_AT] is row.last_updated
     assert row_field("load")(row) == row.load
     assert list(map(row_field("kv_permille"), [row, row])) == [row.kv_permille] * 2
     with pytest.raises(ValueError, match="no field 'loadz'"):

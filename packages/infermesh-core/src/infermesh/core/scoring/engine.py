@@ -34,7 +34,7 @@ from infermesh.core.scoring.columns import ScoreColumn, column_of, results_colum
 from infermesh.core.scoring.gpu_health import gpu_exclusion_reason
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.prefix import LearningScorer
-from infermesh.core.scoring.rows import CandidateRow, row_field
+from infermesh.core.scoring.rows import LAST_UPDATED_AT, PLAIN_AT, CandidateRow, row_field
 from infermesh.core.scoring.sampling import CandidateSampler
 from infermesh.core.scoring.state import StateStore
 from infermesh.core.scoring.views import ViewTable
@@ -528,8 +528,9 @@ class ScoringEngine:
         stale_after_s = self.stale_after_s
         for i in indices:
             row = rows[i]
-            # `row.plain`, `row.last_updated`: by position (cheaper than by name).
-            if check_filters or not row[4] or not now - row[5] <= stale_after_s:
+            # `row.plain`, `row.last_updated`, by position (cheaper than by name).
+            fresh = now - row[LAST_UPDATED_AT] <= stale_after_s
+            if check_filters or not row[PLAIN_AT] or not fresh:
                 exclusion = self._exclusion(row.state, request, now, policy)
                 if exclusion is not None:
                     excluded.append(exclusion)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from infermesh.core.model import ModelState
 from infermesh.core.scoring.capacity import StateFeatures, kv_permille, state_features
 
-__all__ = ["CandidateRow", "candidate_row", "row_field"]
+__all__ = ["LAST_UPDATED_AT", "PLAIN_AT", "CandidateRow", "candidate_row", "row_field"]
 
 
 class CandidateRow(NamedTuple):
@@ -39,6 +39,12 @@ class CandidateRow(NamedTuple):
     idle_work_s: float
     """`state.work_left_with_s(0.0)`: its work left when nothing is in flight or finished
     since the scrape (the queue scorer's usual case)."""
+
+
+PLAIN_AT: Final = 4
+"""The position of `CandidateRow.plain` (an index is cheaper than the name on the hot path)."""
+LAST_UPDATED_AT: Final = 5
+"""The position of `CandidateRow.last_updated`."""
 
 
 def candidate_row(state: ModelState) -> CandidateRow:
