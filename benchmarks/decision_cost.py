@@ -25,7 +25,7 @@ import pstats
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
@@ -42,7 +42,7 @@ from benchmarks.decision.report import (
     render_table,
     row_from_samples,
 )
-from benchmarks.decision.states import candidate_deltas, model_for, requests
+from benchmarks.decision.states import candidate_deltas, model_for, requests, telemetry_updates
 from benchmarks.overhead.processes import ProcessGroup
 from infermesh.core.config import ScoringConfig
 from infermesh.core.convert import model_delta_to_pb, request_features_to_pb
@@ -97,6 +97,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="scoring.max_candidates of the in-process engine (0: score every candidate)",
     )
     parser.add_argument(
+        "--deltas-per-decision",
+        type=int,
+        default=0,
+        help="in-process: apply this many fresh telemetry deltas (untimed) before each decision, "
+        "as a live fleet's scrapes land between decisions",
+    )
+    parser.add_argument(
         "--paths",
         default=f"{IN_PROCESS},{UDS}",
         help=f"comma list of paths to measure: {IN_PROCESS}, {UDS}",
@@ -112,6 +119,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--max-targets must be >= 0")
     if args.max_candidates < 0:
         parser.error("--max-candidates must be >= 0")
+    if args.deltas_per_decision < 0:
+        parser.error("--deltas-per-decision must be >= 0")
     if not args.max_seconds > 0:
         parser.error("--max-seconds must be > 0")
     paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
@@ -146,16 +155,28 @@ def time_in_process(
     now: float,
     args: argparse.Namespace,
     cpu_times: list[float] | None = None,
+    updates: Iterator[ModelStateDelta] | None = None,
 ) -> list[float]:
     """Wall-clock seconds per decision; each decision's thread CPU seconds are appended to
-    `cpu_times` when given."""
+    `cpu_times` when given. With `updates`, `args.deltas_per_decision` of them are applied to
+    the engine's store (untimed) before each decision."""
+    store = engine.store
+    per_decision = args.deltas_per_decision if updates is not None else 0
+
+    def land_deltas() -> None:
+        if updates is not None:
+            for _ in range(per_decision):
+                store.apply_model_delta(next(updates))
+
     for request in features[:WARMUP_DECISIONS]:
+        land_deltas()
         engine.rank(request, now, args.max_targets)
     latencies: list[float] = []
     stop_at = time.perf_counter() + args.max_seconds
     thread_time = time.thread_time
     for index in range(args.decisions):
         request = features[index % len(features)]
+        land_deltas()
         cpu_started = thread_time()
         started = time.perf_counter()
         ranking = engine.rank(request, now, args.max_targets)
@@ -294,10 +315,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = ""
     if IN_PROCESS in args.paths:
         for size in args.sizes:
-            engine = build_engine(candidate_deltas(size, now, args.seed), args.max_candidates)
+            deltas = candidate_deltas(size, now, args.seed)
+            engine = build_engine(deltas, args.max_candidates)
             features = requests(model_for(size), 256, args.seed)
             cpu_times: list[float] = []
-            latencies = time_in_process(engine, features, now, args, cpu_times)
+            updates = telemetry_updates(deltas, args.seed)
+            latencies = time_in_process(engine, features, now, args, cpu_times, updates)
             rows.append(row_from_samples(IN_PROCESS, size, latencies, cpu_times))
             print(f"  {IN_PROCESS} {size}: {len(latencies)} decisions", file=sys.stderr)
             if args.profile and size == max(args.sizes):
@@ -316,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "decisions": args.decisions,
         "max_targets": args.max_targets,
         "max_candidates": args.max_candidates,
+        "deltas_per_decision": args.deltas_per_decision,
         "seed": args.seed,
         "scorers": sorted(scorer.name for scorer in builtin_scorers()),
         "cpus": os.cpu_count(),
@@ -326,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render_table(rows))
     print(
         f"\nper decision; max_targets {args.max_targets}; max_candidates {args.max_candidates} "
-        f"(in-process); built-in scorers, default weights; "
+        f"(in-process); {args.deltas_per_decision} telemetry deltas landed before each "
+        f"in-process decision; built-in scorers, default weights; "
         f"{os.cpu_count()} CPUs; {UDS}: one unary ScoreTargets call at a time, client included; "
         f"cpu: the deciding thread's CPU time (in-process), which a loaded machine's waits for "
         f"a CPU do not inflate; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}."

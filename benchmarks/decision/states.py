@@ -8,10 +8,11 @@ The same deltas feed the in-process store and the agent's State API.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sequence
 
 from infermesh.core.model import Labels, ModelStateDelta, RequestFeatures, TargetKey
 
-__all__ = ["candidate_deltas", "model_for", "requests"]
+__all__ = ["candidate_deltas", "model_for", "requests", "telemetry_updates"]
 
 
 def model_for(count: int) -> str:
@@ -46,6 +47,28 @@ def candidate_deltas(count: int, now: float, seed: int = 0) -> list[ModelStateDe
             )
         )
     return deltas
+
+
+def telemetry_updates(
+    deltas: Sequence[ModelStateDelta], seed: int = 0
+) -> Iterator[ModelStateDelta]:
+    """Endless fresh telemetry for the candidates of `deltas`, as a live fleet's scrapes land:
+    each a seeded random candidate's next version with new running and waiting counts."""
+    rng = random.Random(seed + 2)
+    versions = [delta.version for delta in deltas]
+    while True:
+        index = rng.randrange(len(deltas))
+        versions[index] += 1
+        running = float(rng.randrange(0, 64))
+        yield ModelStateDelta(
+            key=deltas[index].key,
+            version=versions[index],
+            changes={
+                "running": running,
+                "waiting": float(rng.randrange(0, 8)),
+                "generation_tokens_per_s": running * 40.0,
+            },
+        )
 
 
 def requests(model: str, count: int, seed: int = 0) -> list[RequestFeatures]:

@@ -64,6 +64,7 @@ def test_arguments(script: ModuleType) -> None:
         ["--paths", "tcp"],
         ["--decisions", "5"],
         ["--max-candidates", "-1"],
+        ["--deltas-per-decision", "-1"],
     ):
         with pytest.raises(SystemExit):
             script.parse_args(bad)
@@ -92,6 +93,30 @@ def test_in_process_run_times_every_decision(script: ModuleType) -> None:
     latencies = script.time_in_process(engine, requests(model_for(10), 32), 5.0, args)
     assert len(latencies) == 100
     assert all(0 <= value <= time.perf_counter() - started for value in latencies)
+
+
+def test_deltas_land_before_each_decision(script: ModuleType) -> None:
+    from benchmarks.decision.states import (
+        candidate_deltas,
+        model_for,
+        requests,
+        telemetry_updates,
+    )
+
+    argv = ["--sizes", "10", "--decisions", "100", "--paths", "in-process"]
+    args = script.parse_args([*argv, "--deltas-per-decision", "2"])
+    deltas = candidate_deltas(10, 5.0)
+    engine = script.build_engine(deltas)
+    latencies = script.time_in_process(
+        engine, requests(model_for(10), 32), 5.0, args, None, telemetry_updates(deltas)
+    )
+    assert len(latencies) == 100
+    # 20 warm-up and 100 timed decisions, two fresh deltas before each
+    assert engine.store.model_counts.applied == 10 + 2 * 120
+    assert engine.store.model_counts.stale == 0
+    first = next(telemetry_updates(deltas, seed=1))
+    assert first == next(telemetry_updates(deltas, seed=1))
+    assert first.version == 2
 
 
 def test_cpu_times_are_reported_for_in_process_rows_only(

@@ -27,6 +27,7 @@ from infermesh.core.scoring.capacity import decode_rate, state_features, tokens_
 from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn, column_of
 from infermesh.core.scoring.engine import ScoringEngine, WeightedScorer
 from infermesh.core.scoring.inflight import InflightTracker
+from infermesh.core.scoring.rows import candidate_row
 from infermesh.core.scoring.sampling import CandidateSampler
 from infermesh.core.scoring.scorers import builtin_scorers
 from infermesh.core.scoring.state import StateStore
@@ -290,7 +291,8 @@ def test_sampled_candidates_are_the_draws_randrange_would_make(count: int) -> No
     sampler = CandidateSampler(8, seed=42)
     if not sampler.applies(count):
         return
-    order = list(sampler.order("m", keys, states, ids, RequestFeatures(model="m"), NOW))
+    rows = [candidate_row(state) for state in states]
+    order = list(sampler.order("m", keys, rows, ids, RequestFeatures(model="m"), NOW))
     reference = random.Random(42)
     expected = list(range(sampler.low_load))  # the least loaded: the lowest running
     for _ in range(16):

@@ -20,7 +20,7 @@ from typing import NamedTuple
 from infermesh.core.contracts import ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
 
-__all__ = ["ColumnScorer", "ScoreColumn", "column_of", "results_column"]
+__all__ = ["ColumnScorer", "ScoreColumn", "column_of", "constant_column", "results_column"]
 
 
 class ScoreColumn(NamedTuple):
@@ -52,6 +52,11 @@ class ColumnScorer(abc.ABC):
 def results_column(results: Sequence[ScoreResult]) -> ScoreColumn:
     """The column of a plain scorer's results."""
     return ScoreColumn([r.score for r in results], results.__getitem__)
+
+
+def constant_column(result: ScoreResult, count: int) -> ScoreColumn:
+    """`count` targets that all get `result` (e.g. no RTT or GPU telemetry for any of them)."""
+    return ScoreColumn([result.score] * count, lambda _: result)
 
 
 def column_of(

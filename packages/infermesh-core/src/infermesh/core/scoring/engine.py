@@ -12,7 +12,6 @@ already in flight are not touched: a drain only stops new ones.
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
@@ -23,12 +22,19 @@ import attrs
 
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import Scorer, ScoreResult, TargetView
-from infermesh.core.model import ModelState, RequestFeatures, TargetKey, finite_or_none
+from infermesh.core.model import (
+    GpuState,
+    ModelState,
+    RequestFeatures,
+    TargetKey,
+    finite_or_none,
+)
 from infermesh.core.policy import Drain, PolicySet, ScoringPolicy
 from infermesh.core.scoring.columns import ScoreColumn, column_of, results_column
 from infermesh.core.scoring.gpu_health import gpu_exclusion_reason
 from infermesh.core.scoring.inflight import InflightTracker
 from infermesh.core.scoring.prefix import LearningScorer
+from infermesh.core.scoring.rows import LAST_UPDATED_AT, PLAIN_AT, CandidateRow, row_field
 from infermesh.core.scoring.sampling import CandidateSampler
 from infermesh.core.scoring.state import StateStore
 from infermesh.core.scoring.views import ViewTable
@@ -57,6 +63,8 @@ _KEY_FILTERS = frozenset({"model", "node", "endpoint"})
 _IDS_CACHE_SIZE = 1024
 
 _EMPTY_POLICY = PolicySet()
+_TARGET_ID = row_field("target_id")
+_LAST_UPDATED = row_field("last_updated")
 
 
 class _RequestPolicy(NamedTuple):
@@ -143,6 +151,23 @@ class Ranking:
     excluded: tuple[Exclusion, ...] = ()
     retry_after_s: float = 0.0
     """When `targets` is empty for a known model: when to try again."""
+
+
+def _best_first(totals: Sequence[float], ids: Sequence[str], max_targets: int) -> list[int]:
+    """The indices of the best `max_targets` totals (all when 0), best first, ties by id.
+
+    The cut-off total comes from a plain float sort; only the targets at or above it are
+    ordered by (total, id)."""
+    count = len(totals)
+    if 0 < max_targets < count:
+        cut = sorted(totals, reverse=True)[max_targets - 1]
+        picked = [i for i, total in enumerate(totals) if total >= cut]
+    else:
+        picked = list(range(count))
+    picked.sort(key=lambda i: (-totals[i], ids[i]))
+    if 0 < max_targets < len(picked):
+        del picked[max_targets:]
+    return picked
 
 
 def resolve_scorers(
@@ -410,29 +435,22 @@ class ScoringEngine:
         with more than `max_candidates` targets has only a bounded set of them scored
         (infermesh.core.scoring.sampling); the filters apply to each scored one.
         """
-        inflight = self.inflight
-        inflight.expire(now)
+        self.inflight.expire(now)
         store = self.store
-        candidates = store.candidates(request.model)
-        if not candidates:
+        rows = store.candidate_rows(request.model)
+        if not rows:
             known = store.model_known(request.model)
             return Ranking((), known, 0, (), RETRY_UNAVAILABLE_S if known else 0.0)
         sampler = self.sampler
-        if sampler.applies(len(candidates)):
+        if sampler.applies(len(rows)):
             keys = store.candidate_keys(request.model)
             target_ids = self._target_ids(keys)
-            order = sampler.order(request.model, keys, candidates, target_ids, request, now)
-            ranking = self._rank(
-                request, now, max_targets, candidates, target_ids, order, sampler.max_candidates
-            )
+            order = sampler.order(request.model, keys, rows, target_ids, request, now)
+            ranking = self._rank(request, now, max_targets, rows, order, sampler.max_candidates)
             if ranking.targets:
                 return self._learned(request, ranking, now)
             # Nothing usable among the sampled: look at every candidate before giving up.
-        else:
-            target_ids = self._target_ids(candidates)
-        ranking = self._rank(
-            request, now, max_targets, candidates, target_ids, range(len(candidates)), 0
-        )
+        ranking = self._rank(request, now, max_targets, rows, range(len(rows)), 0)
         return self._learned(request, ranking, now)
 
     def _learned(self, request: RequestFeatures, ranking: Ranking, now: float) -> Ranking:
@@ -449,23 +467,20 @@ class ScoringEngine:
         request: RequestFeatures,
         now: float,
         max_targets: int,
-        candidates: tuple[ModelState, ...],
-        target_ids: tuple[str, ...],
+        rows: Sequence[CandidateRow],
         indices: Iterable[int],
         limit: int,
     ) -> Ranking:
-        """Rank the candidates at `indices` (`target_ids` holds each candidate's id); with
-        `limit` > 0, stop after that many usable ones."""
+        """Rank the candidates at `indices` of the model's `rows`; with `limit` > 0, stop after
+        that many usable ones."""
         policy = self._request_policy(request)
-        targets, excluded_list = self._views(
-            request, now, candidates, target_ids, indices, limit, policy
-        )
+        targets, excluded_list = self._views(request, now, rows, indices, limit, policy)
         ids = targets.ids
         excluded_ = tuple(excluded_list)
         if not targets:
             transient = any(e.transient for e in excluded_)
             retry_after_s = RETRY_TRANSIENT_S if transient else RETRY_UNAVAILABLE_S
-            return Ranking((), True, len(candidates), excluded_, retry_after_s)
+            return Ranking((), True, len(rows), excluded_, retry_after_s)
         scorers, total_weight = self._weighted(policy.scoring)
         columns = [self._run_scorer(ws, request, targets) for ws in scorers]
         count = len(targets)
@@ -474,17 +489,14 @@ class ScoringEngine:
             total = sum(ws.weight * r.score for ws, r in zip(scorers, results, strict=True))
             score = min(1.0, total / total_weight)
             only = RankedTarget(ids[0], targets[0], score, results, scorers)
-            return Ranking((only,), True, len(candidates), excluded_, 0.0)
+            return Ranking((only,), True, len(rows), excluded_, 0.0)
         # totals[i] = sum of weight * score over the scorers, added in scorer order; C-speed
         # maps (each column's length was checked by `_run_scorer`).
         totals = [0.0] * count
         for ws, column in zip(scorers, columns, strict=True):
             totals = list(map(add, totals, map(mul, repeat(ws.weight), column.scores)))
         # Best total first, ties by target id: the same inputs always give the same order.
-        if 0 < max_targets < count:
-            order = heapq.nsmallest(max_targets, range(count), key=lambda i: (-totals[i], ids[i]))
-        else:
-            order = sorted(range(count), key=lambda i: (-totals[i], ids[i]))
+        order = _best_first(totals, ids, max_targets)
         ranked = tuple(
             RankedTarget(
                 ids[i],
@@ -495,79 +507,65 @@ class ScoringEngine:
             )
             for i in order
         )
-        return Ranking(ranked, True, len(candidates), excluded_, 0.0)
+        return Ranking(ranked, True, len(rows), excluded_, 0.0)
 
     def _views(
         self,
         request: RequestFeatures,
         now: float,
-        candidates: tuple[ModelState, ...],
-        target_ids: tuple[str, ...],
+        rows: Sequence[CandidateRow],
         indices: Iterable[int],
         limit: int,
         policy: _RequestPolicy,
     ) -> tuple[ViewTable, list[Exclusion]]:
         """The usable candidates at `indices` (at most `limit` when > 0), as the table the
         scorers read (views built only when read), and the exclusions met on the way."""
-        policy_filters = self._policy_filters
-        table = ViewTable(now)
-        add = table.add
+        kept: list[CandidateRow] = []  # the scored rows
         excluded: list[Exclusion] = []
-        # Without request filters or policy filters, the usual target is checked inline.
-        plain = not request.filters and not policy_filters
+        # Without request filters or policy filters, a plain row (`CandidateRow.plain`) only
+        # needs its staleness checked; `_exclusion` gives the verdict (and reason) otherwise.
+        check_filters = bool(request.filters) or self._policy_filters
         stale_after_s = self.stale_after_s
-        store = self.store
-        gpus_for = store.gpus_for
-        gpus_by_node = store.gpus_by_node
-        view_inputs = self.inflight.view_inputs
-        # One estimate per node per ranking: replicas of a model often share a node.
-        rtt_by_node: dict[str, float | None] | None = None if self.rtt_estimate is None else {}
-        rtt_s: float | None = None
-        count = 0
         for i in indices:
-            state = candidates[i]
-            target_id = target_ids[i]
-            seen_at = state.last_updated
-            gpu_uuid = state.labels.gpu_uuid
-            # The usual case, checked inline: loaded, warm, healthy and fresh, no filters or
-            # GPU labels; `exclusion` gives the same verdict (and the reason) otherwise.
-            if not (
-                plain
-                and state.loaded
-                and not state.warming
-                and state.healthy
-                and now - seen_at <= stale_after_s
-                and not gpu_uuid
-            ):
-                exclusion = self._exclusion(state, request, now, policy)
+            row = rows[i]
+            # `row.plain`, `row.last_updated`, by position (cheaper than by name).
+            fresh = now - row[LAST_UPDATED_AT] <= stale_after_s
+            if check_filters or not row[PLAIN_AT] or not fresh:
+                exclusion = self._exclusion(row.state, request, now, policy)
                 if exclusion is not None:
                     excluded.append(exclusion)
                     continue
-            if rtt_by_node is not None:
-                node = state.key.node
-                if node in rtt_by_node:
-                    rtt_s = rtt_by_node[node]
-                else:
-                    rtt_s = rtt_by_node[node] = self._rtt_s(node)
-            in_flight, finished_unseen, open_before, ttft_ewma_s, error_rate = view_inputs(
-                target_id, seen_at, stale_after_s
-            )
-            add(
-                state,
-                target_id,
-                in_flight,
-                # StateStore.gpus_for, inlined for a target without a gpu_uuid label.
-                gpus_for(state) if gpu_uuid else gpus_by_node.get(state.key.node, ()),
-                ttft_ewma_s,
-                error_rate,
-                finished_unseen,
-                open_before,
-                rtt_s,
-            )
-            count += 1
-            if count == limit:
+            kept.append(row)
+            if len(kept) == limit:
                 break
-        return table, excluded
+        # What the views need beyond the rows, a column at a time.
+        ids: list[str] = list(map(_TARGET_ID, kept))
+        tracked = self.inflight.view_inputs_many(ids, list(map(_LAST_UPDATED, kept)), stale_after_s)
+        store = self.store
+        gpus_by_node = store.gpus_by_node
+        gpus: list[tuple[GpuState, ...]]
+        if not gpus_by_node:
+            gpus = [()] * len(kept)  # no GPU telemetry at all
+        else:
+            gpus_for = store.gpus_for
+            gpus = [
+                # StateStore.gpus_for, inlined for a target without a gpu_uuid label.
+                gpus_by_node.get(row.node, ()) if row.plain else gpus_for(row.state)
+                for row in kept
+            ]
+        rtts: list[float | None]
+        if self.rtt_estimate is None:
+            rtts = [None] * len(kept)
+        else:
+            # One estimate per node per ranking: replicas of a model often share a node.
+            rtt_by_node: dict[str, float | None] = {}
+            rtts = []
+            for row in kept:
+                node = row.node
+                if node not in rtt_by_node:
+                    rtt_by_node[node] = self._rtt_s(node)
+                rtts.append(rtt_by_node[node])
+        return ViewTable.of_rows(now, kept, ids, tracked, gpus, rtts), excluded
 
     def _target_ids(
         self, candidates: tuple[ModelState, ...] | tuple[TargetKey, ...]

@@ -33,7 +33,12 @@ import attrs
 from infermesh.core.config import ScoringConfig
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import GpuState, RequestFeatures
-from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn, results_column
+from infermesh.core.scoring.columns import (
+    ColumnScorer,
+    ScoreColumn,
+    constant_column,
+    results_column,
+)
 from infermesh.core.scoring.views import table_of
 
 __all__ = [
@@ -132,6 +137,8 @@ class GpuHealthScorer(ColumnScorer, PerTargetScorer):
         # A target without GPU telemetry gets the one shared result, without a call.
         stale_after_s = self.stale_after_s
         table = table_of(targets)
+        if not any(table.gpus):
+            return constant_column(_NO_GPUS, len(table))
         now_of = table.now_of
         return results_column(
             [

@@ -21,10 +21,18 @@ from __future__ import annotations
 import bisect
 import secrets
 from collections import deque
+from collections.abc import Sequence
 
 import attrs
 
-__all__ = ["InflightTracker", "OutcomeStats", "Reservation", "is_target_error", "runtime_ran"]
+__all__ = [
+    "NOTHING_TRACKED",
+    "InflightTracker",
+    "OutcomeStats",
+    "Reservation",
+    "is_target_error",
+    "runtime_ran",
+]
 
 DEFAULT_TTL_S = 600.0
 CLIENT_CLOSED = 499
@@ -101,7 +109,9 @@ def runtime_ran(status: int) -> bool:
     return 200 <= status < 300 or status == CLIENT_CLOSED
 
 
-_NOTHING: tuple[int, int, int, float | None, float] = (0, 0, 0, None, 0.0)
+NOTHING_TRACKED: tuple[int, int, int, float | None, float] = (0, 0, 0, None, 0.0)
+"""`view_inputs` of a target the tracker holds nothing for (one shared tuple)."""
+_NOTHING = NOTHING_TRACKED
 
 
 class InflightTracker:
@@ -270,6 +280,20 @@ class InflightTracker:
             None if stats is None else stats.ttft_ewma_s,
             0.0 if stats is None else stats.error_rate,
         )
+
+    def view_inputs_many(
+        self, target_ids: Sequence[str], since: Sequence[float], window_s: float
+    ) -> list[tuple[int, int, int, float | None, float]]:
+        """`view_inputs` of each target (`since[i]`: when `target_ids[i]`'s telemetry was read),
+        in order; with nothing tracked at all (no request sent or finished, no outcome) one
+        shared answer for every target, without a lookup."""
+        if not (self._stats or self._by_target or self._finished):
+            return [_NOTHING] * len(target_ids)
+        view_inputs = self.view_inputs
+        return [
+            view_inputs(target_id, seen_at, window_s)
+            for target_id, seen_at in zip(target_ids, since, strict=True)
+        ]
 
     def finished_unseen(self, target_id: str, since: float) -> int:
         """Released reservations on `target_id` that started at or before `since` (the

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
-from infermesh.core.model import ModelState, RequestFeatures, TargetKey
+from infermesh.core.model import RequestFeatures, TargetKey
 from infermesh.core.scoring.prefix import PrefixIndex, request_prefix_keys
+from infermesh.core.scoring.rows import CandidateRow
 
 __all__ = ["CandidateSampler"]
 
@@ -74,21 +75,22 @@ class CandidateSampler:
         self,
         model: str,
         keys: tuple[TargetKey, ...],
-        candidates: tuple[ModelState, ...],
+        rows: Sequence[CandidateRow],
         target_ids: tuple[str, ...],
         request: RequestFeatures,
         now: float,
     ) -> Iterator[int]:
-        """Indices into `candidates`: owners, then least loaded, then random ones, each once.
+        """Indices into the model's candidate `rows` (`StateStore.candidate_rows`): owners,
+        then least loaded, then random ones, each once.
 
         The caller stops once it has `max_candidates` usable targets; the random part ends
         after `2 * max_candidates` draws."""
-        count = len(candidates)
+        count = len(rows)
         seen: set[int] = set()
         for i in self._owners(model, keys, target_ids, request, now):
             seen.add(i)
             yield i
-        for i in self._least_loaded(model, keys, candidates, now):
+        for i in self._least_loaded(model, keys, rows, now):
             if i not in seen:
                 seen.add(i)
                 yield i
@@ -140,7 +142,7 @@ class CandidateSampler:
         self,
         model: str,
         keys: tuple[TargetKey, ...],
-        candidates: tuple[ModelState, ...],
+        rows: Sequence[CandidateRow],
         now: float,
     ) -> tuple[int, ...]:
         cached = self._low.get(model)
@@ -151,16 +153,17 @@ class CandidateSampler:
         low = tuple(
             heapq.nsmallest(
                 self.low_load,
-                range(len(candidates)),
-                key=lambda i: _load(candidates[i]),
+                range(len(rows)),
+                key=lambda i: _load(rows[i]),
             )
         )
         self._low[model] = (keys, now, low)
         return low
 
 
-def _load(state: ModelState) -> float:
+def _load(row: CandidateRow) -> float:
     """Scraped running + waiting; a target that cannot serve sorts last."""
+    state = row.state
     if not state.loaded or state.warming or not state.healthy:
         return float("inf")
-    return state.running + state.waiting
+    return row.load

@@ -16,9 +16,15 @@ import attrs
 from infermesh.core.contracts import PerTargetScorer, ScoreResult, TargetView
 from infermesh.core.model import RequestFeatures
 from infermesh.core.scoring.capacity import Speed, kv_permille, median_tokens
-from infermesh.core.scoring.columns import ColumnScorer, ScoreColumn, results_column
+from infermesh.core.scoring.columns import (
+    ColumnScorer,
+    ScoreColumn,
+    constant_column,
+    results_column,
+)
 from infermesh.core.scoring.gpu_health import GpuHealthScorer
 from infermesh.core.scoring.prefix import PrefixAffinityScorer, hrw_weight, target_hash
+from infermesh.core.scoring.rows import row_field
 from infermesh.core.scoring.views import table_of
 
 __all__ = [
@@ -31,6 +37,9 @@ __all__ = [
     "hrw_weight",
     "target_hash",
 ]
+
+_IDLE_WORK_S = row_field("idle_work_s")
+_KV_PERMILLE = row_field("kv_permille")
 
 # Work left below this is "idle": differences smaller than it should not move traffic.
 WORK_FLOOR_S = 0.05
@@ -65,20 +74,27 @@ class QueueScorer(ColumnScorer):
                 f.decode_tokens for f in features if f.decode_tokens is not None
             )
             tokens = median_tokens(measured_tokens, request)
-        work: list[float] = []
-        rows = zip(features, table.unseen, table.finished_unseen, strict=True)
-        for i, ((state, speed, _, service_s), unseen, finished_unseen) in enumerate(rows):
-            if finished_unseen <= 0:
-                # `view.expected_work_left_s` (ModelState.work_left_with_s), inlined.
-                running = state.running
-                parallel = 1.0 if running < 1.0 else running  # max(running, 1.0)
-                w = (state.waiting + unseen + 0.5 * running) * service_s / parallel
-            else:
-                w = table[i].expected_work_left_s
-            if tokens is not None and speed is not None:
-                w *= tokens / speed.tokens_per_s / service_s
-            # min(w, WORK_CEILING_S); NaN -> 0
-            work.append((WORK_CEILING_S if w > WORK_CEILING_S else w) if w >= 0.0 else 0.0)
+        # With nothing in flight or finished since the scrape, a target's work left is its
+        # row's `idle_work_s`; otherwise `view.expected_work_left_s`.
+        work: list[float] = list(map(_IDLE_WORK_S, table.rows))
+        finished = table.finished_unseen
+        unseen = table.unseen
+        if any(finished) or any(unseen):
+            for i, (finished_unseen, extra) in enumerate(zip(finished, unseen, strict=True)):
+                if finished_unseen > 0:
+                    work[i] = table[i].expected_work_left_s
+                elif extra != 0.0:
+                    # `ModelState.work_left_with_s(extra)`, inlined.
+                    state, _, _, service_s = features[i]
+                    running = state.running
+                    parallel = 1.0 if running < 1.0 else running  # max(running, 1.0)
+                    work[i] = (state.waiting + extra + 0.5 * running) * service_s / parallel
+        if tokens is not None:
+            for i, (_, speed, _, service_s) in enumerate(features):
+                if speed is not None:
+                    work[i] *= tokens / speed.tokens_per_s / service_s
+        # min(w, WORK_CEILING_S); NaN -> 0
+        work = [(WORK_CEILING_S if w > WORK_CEILING_S else w) if w >= 0.0 else 0.0 for w in work]
         mean_s = sum(work) / len(work) if work else 0.0
         ref_s = max(mean_s, WORK_FLOOR_S)
         scores = [1.0 / (1.0 + w / ref_s) for w in work]
@@ -139,16 +155,7 @@ class KvHeadroomScorer(ColumnScorer, PerTargetScorer):
         return _kv_result(kv_permille(target.state.kv_cache_usage))
 
     def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
-        permille: list[int] = []
-        for state in table_of(targets).states:
-            # `kv_permille(state.kv_cache_usage)`, inlined: clamped to 0..1, NaN -> 0.
-            usage = state.kv_cache_usage
-            if usage == usage:
-                permille.append(
-                    round((1.0 if usage > 1.0 else usage if usage > 0.0 else 0.0) * 1000)
-                )
-            else:
-                permille.append(0)
+        permille: list[int] = list(map(_KV_PERMILLE, table_of(targets).rows))
         return ScoreColumn([_KV_SCORES[p] for p in permille], lambda i: _kv_result(permille[i]))
 
 
@@ -190,12 +197,12 @@ class NetPenaltyScorer(ColumnScorer, PerTargetScorer):
 
     def score_column(self, request: RequestFeatures, targets: Sequence[TargetView]) -> ScoreColumn:
         # Most RTTs are unknown (gossip off, or not measured yet): one shared result.
+        rtts = table_of(targets).rtts
+        if rtts.count(None) == len(rtts):
+            return constant_column(_RTT_UNKNOWN, len(rtts))
         rtt_result = self._rtt_result
         return results_column(
-            [
-                _RTT_UNKNOWN if rtt_s is None else rtt_result(rtt_s)
-                for rtt_s in table_of(targets).rtts
-            ]
+            [_RTT_UNKNOWN if rtt_s is None else rtt_result(rtt_s) for rtt_s in rtts]
         )
 
     def score_one(self, request: RequestFeatures, target: TargetView) -> ScoreResult:

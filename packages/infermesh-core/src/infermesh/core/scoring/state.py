@@ -4,13 +4,14 @@ Sans-I/O and single-writer: deltas are applied by synchronous calls on the event
 each one lands atomically; readers get immutable tuples (per-model candidate lists, rebuilt
 lazily on the first read after a write: a value change replaces one entry of a per-model dict,
 only a membership change re-sorts) and never scan the cluster. A delta also computes the new
-state's scoring features (measured decode rate, service time: capacity.StateFeatures),
-so decisions look them up. Never awaits, reads a clock or logs.
+state's scoring features (measured decode rate, service time: capacity.StateFeatures) and its
+`rows.CandidateRow`, patched into its models' row lists in place, so decisions read one
+precomputed row per candidate. Never awaits, reads a clock or logs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import attrs
@@ -23,11 +24,13 @@ from infermesh.core.model import (
     ModelStateDelta,
     TargetKey,
 )
-from infermesh.core.scoring.capacity import forget_features, state_features
+from infermesh.core.scoring.capacity import forget_features
+from infermesh.core.scoring.rows import CandidateRow, candidate_row, row_field
 
 __all__ = ["ApplyCounts", "StateStore", "Subscription"]
 
 _D = TypeVar("_D")
+_ROW_STATE = row_field("state")
 
 
 @attrs.define
@@ -68,6 +71,11 @@ class StateStore:
         self._order: dict[str, tuple[TargetKey, ...]] = {}
         self._candidates: dict[str, tuple[ModelState, ...]] = {}
         self._dirty: set[str] = set()
+        # Every target's CandidateRow; per model, the rows in candidate order (patched in place
+        # on a value change, dropped on a membership change) and each key's position in them.
+        self._rows: dict[TargetKey, CandidateRow] = {}
+        self._row_lists: dict[str, list[CandidateRow]] = {}
+        self._positions: dict[str, dict[TargetKey, int]] = {}
         self._gpus: dict[GpuKey, GpuState] = {}
         self._gpus_by_node: dict[str, tuple[GpuState, ...]] = {}
         self._model_listeners: list[Callable[[ModelStateDelta], None]] = []
@@ -88,10 +96,10 @@ class StateStore:
         self._by_target_id[delta.key.target_id] = new
         # Per-state features the scorers read on every decision, computed here, once per change.
         forget_features(old)
-        state_features(new)
+        row = self._rows[delta.key] = candidate_row(new)
         old_names = _served_names(old) if old is not None else frozenset()
         for name in old_names | _served_names(new):
-            self._reindex(name, new)
+            self._reindex(name, new, row)
         self.model_counts.applied += 1
         for listener in tuple(self._model_listeners):
             listener(delta)
@@ -122,20 +130,30 @@ class StateStore:
                 counts.stale += 1
         return counts
 
-    def _reindex(self, name: str, changed: ModelState) -> None:
+    def _reindex(self, name: str, changed: ModelState, row: CandidateRow) -> None:
         # Only the changed target's membership can differ: O(1) here; the ordered tuple is
-        # rebuilt by the next read (`candidates`), re-sorted only when membership changed.
+        # rebuilt by the next read (`candidates`), re-sorted only when membership changed; the
+        # model's rows are patched in place unless membership changed.
         members = self._members.get(name)
         if members is None:
             members = self._members[name] = {}
         key = changed.key
         if name in _served_names(changed):
             if key not in members:
-                self._order.pop(name, None)
+                self._forget_order(name)
+            else:
+                positions = self._positions.get(name)
+                if positions is not None:
+                    self._row_lists[name][positions[key]] = row
             members[key] = changed
         elif members.pop(key, None) is not None:
-            self._order.pop(name, None)
+            self._forget_order(name)
         self._dirty.add(name)
+
+    def _forget_order(self, name: str) -> None:
+        self._order.pop(name, None)
+        self._positions.pop(name, None)
+        self._row_lists.pop(name, None)
 
     # ------------------------------------------------------------------ reads
 
@@ -150,19 +168,38 @@ class StateStore:
     def candidate_keys(self, model: str) -> tuple[TargetKey, ...]:
         """The keys of `candidates(model)`, in the same order; the same tuple object is
         returned until the model's membership changes (not when a target's state does)."""
-        if model in self._dirty:
-            self._refresh(model)
-        return self._order.get(model, ())
-
-    def _refresh(self, model: str) -> None:
-        self._dirty.discard(model)
-        members = self._members.get(model, {})
         order = self._order.get(model)
         if order is None:
-            order = self._order[model] = tuple(
-                sorted(members, key=lambda k: (k.node, k.endpoint, k.model))
-            )
-        self._candidates[model] = tuple(map(members.__getitem__, order))
+            if model not in self._members:
+                return ()
+            order = self._sort(model)
+        return order
+
+    def candidate_rows(self, model: str) -> Sequence[CandidateRow]:
+        """The `CandidateRow`s of `candidates(model)`, in the same order (what a decision
+        reads). The list is the store's own, kept up to date in place: read it, never change
+        it, and do not keep it across writes."""
+        rows = self._row_lists.get(model)
+        if rows is None:
+            keys = self.candidate_keys(model)
+            if not keys:
+                return []
+            rows = self._row_lists[model] = list(map(self._rows.__getitem__, keys))
+            self._positions[model] = {key: i for i, key in enumerate(keys)}
+        return rows
+
+    def _sort(self, model: str) -> tuple[TargetKey, ...]:
+        members = self._members.get(model, {})
+        order = self._order[model] = tuple(
+            sorted(members, key=lambda k: (k.node, k.endpoint, k.model))
+        )
+        return order
+
+    def _refresh(self, model: str) -> None:
+        # From the rows (kept in order, patched in place): no key is hashed, so a 10,000-target
+        # model's tuple costs a C-speed copy, not 10,000 Python-level key hashes.
+        self._dirty.discard(model)
+        self._candidates[model] = tuple(map(_ROW_STATE, self.candidate_rows(model)))
 
     def model_known(self, model: str) -> bool:
         return model in self._members

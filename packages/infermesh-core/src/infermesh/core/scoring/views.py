@@ -25,13 +25,17 @@ from typing import overload
 from infermesh.core.contracts import TargetView
 from infermesh.core.model import GpuState, ModelState
 from infermesh.core.scoring.capacity import FEATURES_BY_ID, StateFeatures, state_features
+from infermesh.core.scoring.inflight import NOTHING_TRACKED
+from infermesh.core.scoring.rows import CandidateRow, candidate_row, row_field
 
 __all__ = ["ViewTable", "make_view", "table_of"]
 
-_ViewInputs = tuple[
-    ModelState, int, tuple[GpuState, ...], float | None, float, float, int, int, float | None
-]
-"""`make_view`'s arguments for one target."""
+_Tracked = tuple[int, int, int, float | None, float]
+"""`InflightTracker.view_inputs` of one target."""
+_NOTHING: _Tracked = NOTHING_TRACKED
+_STATE = row_field("state")
+_FEATURES = row_field("features")
+_LOAD = row_field("load")
 
 _new = object.__new__
 _post_init = TargetView.__attrs_post_init__
@@ -102,7 +106,19 @@ class ViewTable(Sequence[TargetView]):
       time), looked up once per decision however many scorers read them.
     """
 
-    __slots__ = ("_features", "_inputs", "_views", "ids", "loads", "now", "states", "unseen")
+    __slots__ = (
+        "_features",
+        "_gpus",
+        "_rows",
+        "_rtts",
+        "_tracked",
+        "_views",
+        "ids",
+        "loads",
+        "now",
+        "states",
+        "unseen",
+    )
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -110,9 +126,15 @@ class ViewTable(Sequence[TargetView]):
         self.ids: list[str] = []
         self.loads: list[float] = []
         self.unseen: list[float] = []
-        self._inputs: list[_ViewInputs] = []
+        # Per target: the in-flight tracker's `view_inputs` (in_flight, finished_unseen,
+        # open_before_scrape, ttft_ewma_s, error_rate), its GPUs and its RTT.
+        self._tracked: list[_Tracked] = []
+        self._gpus: list[tuple[GpuState, ...]] = []
+        self._rtts: list[float | None] = []
         self._views: dict[int, TargetView] = {}
+        # Filled by `of_rows` (the engine's table); computed on first read otherwise.
         self._features: list[StateFeatures] | None = None
+        self._rows: list[CandidateRow] | None = None
 
     def add(
         self,
@@ -127,57 +149,130 @@ class ViewTable(Sequence[TargetView]):
         rtt_s: float | None,
     ) -> None:
         """Append one target (`make_view`'s arguments); its view is built when first read."""
-        inputs = (
+        if self._features is not None:
+            self._features.append(state_features(state))
+        if self._rows is not None:
+            self._rows.append(candidate_row(state))
+        self._append(
             state,
-            in_flight,
+            target_id,
+            state.running + state.waiting,
+            (in_flight, finished_unseen, open_before_scrape, ttft_ewma_s, error_rate),
             gpus,
+            rtt_s,
+        )
+
+    @classmethod
+    def of_rows(
+        cls,
+        now: float,
+        rows: list[CandidateRow],
+        ids: list[str],
+        tracked: list[_Tracked],
+        gpus: list[tuple[GpuState, ...]],
+        rtts: list[float | None],
+    ) -> ViewTable:
+        """The engine's table: the store's `rows` of the scored targets, with each one's id,
+        in-flight tracker `view_inputs` (`tracked`), GPUs and RTT."""
+        table = cls(now)
+        table._rows = rows
+        table.states = list(map(_STATE, rows))
+        table.ids = ids
+        table._features = list(map(_FEATURES, rows))
+        table._tracked = tracked
+        table._gpus = gpus
+        table._rtts = rtts
+        running_waiting: list[float] = list(map(_LOAD, rows))
+        count = len(rows)
+        if (
+            count
+            and tracked.count(_NOTHING) == count
+            and min(running_waiting) >= 0.0
+            and sum(running_waiting) >= 0.0  # NaN fails this (min may skip it)
+        ):
+            # Nothing in flight or finished since the scrapes, and sane telemetry: every view
+            # takes the scraped running + waiting as it is (`make_view`'s usual case).
+            table.loads = [load + 0.0 for load in running_waiting]
+            table.unseen = [0.0] * count
+            return table
+        loads = table.loads
+        unseen = table.unseen
+        for index, (load, inputs) in enumerate(zip(running_waiting, tracked, strict=True)):
+            if inputs[1] or inputs[2] or not load >= 0.0:
+                # Corrections to apply (or odd telemetry): the view's rulebook derives them.
+                view = table._views[index] = table._make(index)
+                loads.append(view.load)
+                unseen.append(view.unseen)
+            else:
+                # `make_view`'s usual case: scraped running + waiting plus the in-flight ones.
+                in_flight = float(inputs[0])
+                loads.append(load + in_flight)
+                unseen.append(in_flight)
+        return table
+
+    def _append(
+        self,
+        state: ModelState,
+        target_id: str,
+        running_waiting: float,
+        tracked: _Tracked,
+        gpus: tuple[GpuState, ...],
+        rtt_s: float | None,
+    ) -> None:
+        index = len(self.states)
+        self.states.append(state)
+        self.ids.append(target_id)
+        self._tracked.append(tracked)
+        self._gpus.append(gpus)
+        self._rtts.append(rtt_s)
+        in_flight, finished_unseen, open_before_scrape = tracked[0], tracked[1], tracked[2]
+        if finished_unseen or open_before_scrape or not running_waiting >= 0.0:
+            # Corrections to apply (or odd telemetry): the view's rulebook derives the values.
+            view = self._views[index] = self._make(index)
+            self.loads.append(view.load)
+            self.unseen.append(view.unseen)
+            return
+        # `make_view`'s usual case: the state's running and waiting plus the in-flight ones.
+        unseen = float(in_flight)
+        self.loads.append(running_waiting + unseen)
+        self.unseen.append(unseen)
+
+    def _make(self, index: int) -> TargetView:
+        in_flight, finished_unseen, open_before_scrape, ttft_ewma_s, error_rate = self._tracked[
+            index
+        ]
+        return make_view(
+            self.states[index],
+            in_flight,
+            self._gpus[index],
             ttft_ewma_s,
             error_rate,
             self.now,
             finished_unseen,
             open_before_scrape,
-            rtt_s,
+            self._rtts[index],
         )
-        running_waiting = state.running + state.waiting
-        if finished_unseen or open_before_scrape or not running_waiting >= 0.0:
-            # Corrections to apply (or odd telemetry): the view's rulebook derives the values.
-            view = self._views[len(self.states)] = make_view(*inputs)
-            self.states.append(state)
-            self.ids.append(target_id)
-            self._inputs.append(inputs)
-            self.loads.append(view.load)
-            self.unseen.append(view.unseen)
-            return
-        # `make_view`'s usual case: the state's running and waiting plus the in-flight ones.
-        self.states.append(state)
-        self.ids.append(target_id)
-        self._inputs.append(inputs)
-        unseen = float(in_flight)
-        self.loads.append(running_waiting + unseen)
-        self.unseen.append(unseen)
 
     @classmethod
     def of_views(cls, views: Sequence[TargetView]) -> ViewTable:
-        """A table over views built elsewhere (their own loads and corrections)."""
+        """A table over views built elsewhere (their own loads, corrections and times)."""
         table = cls(views[0].now if views else 0.0)
         for index, view in enumerate(views):
             table.states.append(view.state)
             table.ids.append(view.state.key.target_id)
             table.loads.append(view.load)
             table.unseen.append(view.unseen)
-            table._inputs.append(
+            table._tracked.append(
                 (
-                    view.state,
                     view.in_flight,
-                    view.gpus,
-                    view.ttft_ewma_s,
-                    view.error_rate,
-                    view.now,
                     view.finished_unseen,
                     view.open_before_scrape,
-                    view.rtt_s,
+                    view.ttft_ewma_s,
+                    view.error_rate,
                 )
             )
+            table._gpus.append(view.gpus)
+            table._rtts.append(view.rtt_s)
             table._views[index] = view
         return table
 
@@ -188,29 +283,43 @@ class ViewTable(Sequence[TargetView]):
         table.ids = [self.ids[i] for i in indices]
         table.loads = [self.loads[i] for i in indices]
         table.unseen = [self.unseen[i] for i in indices]
-        table._inputs = [self._inputs[i] for i in indices]
+        table._tracked = [self._tracked[i] for i in indices]
+        table._gpus = [self._gpus[i] for i in indices]
+        table._rtts = [self._rtts[i] for i in indices]
         views = self._views
         table._views = {row: views[i] for row, i in enumerate(indices) if i in views}
         if self._features is not None:
             features = self._features
             table._features = [features[i] for i in indices]
+        if self._rows is not None:
+            rows = self._rows
+            table._rows = [rows[i] for i in indices]
         return table
 
     @property
+    def rows(self) -> list[CandidateRow]:
+        """Each state's `rows.CandidateRow` (the store's, for the engine's table)."""
+        rows = self._rows
+        if rows is None:
+            rows = self._rows = [candidate_row(state) for state in self.states]
+        return rows
+
+    @property
     def finished_unseen(self) -> list[int]:
-        return [inputs[6] for inputs in self._inputs]
+        return [tracked[1] for tracked in self._tracked]
 
     @property
     def gpus(self) -> list[tuple[GpuState, ...]]:
-        return [inputs[2] for inputs in self._inputs]
+        return self._gpus
 
     @property
     def rtts(self) -> list[float | None]:
-        return [inputs[8] for inputs in self._inputs]
+        return self._rtts
 
     def now_of(self, index: int) -> float:
-        """`self[index].now` without building the view (the engine's table: `now`)."""
-        return self._inputs[index][5]
+        """`self[index].now` without building the view."""
+        view = self._views.get(index)
+        return self.now if view is None else view.now
 
     @property
     def features(self) -> list[StateFeatures]:
@@ -245,7 +354,7 @@ class ViewTable(Sequence[TargetView]):
                 raise IndexError("ViewTable index out of range")
         view = self._views.get(index)
         if view is None:
-            view = self._views[index] = make_view(*self._inputs[index])
+            view = self._views[index] = self._make(index)
         return view
 
     def __iter__(self) -> Iterator[TargetView]:
