@@ -24,7 +24,7 @@ from infermesh.core.policy import (
     TenantQuota,
 )
 from infermesh.core.proto import scoring_pb2
-from infermesh.router.admission_gate import AdmissionGate
+from infermesh.router.admission_gate import LARGE_FLEET, LARGE_FLEET_REFRESH_S, AdmissionGate
 from infermesh.router.errors import ApiError
 from infermesh.router.metrics import RouterMetrics
 
@@ -253,3 +253,35 @@ async def test_the_fleet_counts_as_saturated_for_hedging_once_any_class_is_shed(
     assert gate.saturated(MODEL)
     assert not gate.saturated("unknown-model")
     assert not AdmissionGate(AdmissionConfig(), RouterMetrics()).saturated(MODEL)
+
+
+def many_replicas(count: int, waiting: float) -> tuple[ModelState, ...]:
+    return tuple(
+        ModelState(TargetKey(model=MODEL, node=f"n{i}", endpoint=f"http://r{i}"), waiting=waiting)
+        for i in range(count)
+    )
+
+
+async def test_a_big_fleets_saturation_follows_its_telemetry_within_the_refresh_interval() -> None:
+    # Above LARGE_FLEET replicas the candidates change on almost every delta; averaging them
+    # per request would cost the router ~1 µs a replica, so the mean is refreshed at most
+    # every LARGE_FLEET_REFRESH_S of the gate's clock. A small fleet follows every change.
+    now = [100.0]
+    fleet: dict[str, Sequence[ModelState]] = {MODEL: many_replicas(LARGE_FLEET + 1, 4.0)}
+    gate = AdmissionGate(AdmissionConfig(), RouterMetrics(), fleet=fleet.get, clock=lambda: now[0])
+    assert not gate.saturated(MODEL)
+    fleet[MODEL] = many_replicas(LARGE_FLEET + 1, 7.0)  # above batch's 0.8
+    assert not gate.saturated(MODEL)  # within the refresh interval: the last mean
+    now[0] += LARGE_FLEET_REFRESH_S * 1.01
+    assert gate.saturated(MODEL)
+    fleet[MODEL] = many_replicas(LARGE_FLEET + 1, 0.0)
+    now[0] += LARGE_FLEET_REFRESH_S / 2
+    assert gate.saturated(MODEL)
+    now[0] += LARGE_FLEET_REFRESH_S * 0.51
+    assert not gate.saturated(MODEL)
+
+    small: dict[str, Sequence[ModelState]] = {MODEL: many_replicas(LARGE_FLEET, 4.0)}
+    exact = AdmissionGate(AdmissionConfig(), RouterMetrics(), fleet=small.get, clock=lambda: 0.0)
+    assert not exact.saturated(MODEL)
+    small[MODEL] = many_replicas(LARGE_FLEET, 7.0)
+    assert exact.saturated(MODEL)

@@ -52,6 +52,11 @@ FleetView = Callable[[str], Sequence[ModelState] | None]
 skipped; the forwarder answers 404), None when the scoring mode has no view (agent mode)."""
 PolicySource = Callable[[], PolicySet]
 
+LARGE_FLEET = 1000
+"""Above this many replicas a model's saturation is recomputed at most every
+`LARGE_FLEET_REFRESH_S`, not on every change of its candidates."""
+LARGE_FLEET_REFRESH_S = 0.1
+
 OVERLOADED = "overloaded"
 RATE_LIMITED = "rate_limit_exceeded"
 OVERLOADED_TYPE = "overloaded_error"
@@ -133,7 +138,8 @@ class AdmissionGate:
         self.quotas = TenantQuotas()
         self._wakeups: dict[Waiter, asyncio.Event] = {}
         self._active: dict[str, Admitted] = {}
-        self._saturation: dict[str, tuple[Sequence[ModelState], float | None]] = {}
+        # model -> (the candidates it was computed over, its saturation, when computed)
+        self._saturation: dict[str, tuple[Sequence[ModelState], float | None, float]] = {}
         self._metrics = _AdmissionMetrics(self, metrics)
         self._pollers: list[AgentPoller] = []
         self.policy_watcher: PolicyWatcher | None = None
@@ -301,14 +307,20 @@ class AdmissionGate:
 
     def _saturation_of(self, model: str, replicas: Sequence[ModelState]) -> float | None:
         # The state store hands out the same tuple of candidates until one of them changes, so
-        # the mean is computed once per change, not once per request.
+        # the mean is computed once per change, not once per request. A big fleet changes on
+        # almost every delta and costs ~1 µs a replica to average: there it is recomputed at
+        # most every `LARGE_FLEET_REFRESH_S` (telemetry is scraped every 0.5 s or slower).
         cached = self._saturation.get(model)
-        if cached is not None and cached[0] is replicas:
+        now = self.clock()
+        if cached is not None and (
+            cached[0] is replicas
+            or (len(replicas) > LARGE_FLEET and 0.0 <= now - cached[2] < LARGE_FLEET_REFRESH_S)
+        ):
             return cached[1]
         saturation = fleet_saturation(replicas, self.thresholds)
         if len(self._saturation) >= KEEP_MODELS:
             self._saturation.clear()
-        self._saturation[model] = (replicas, saturation)
+        self._saturation[model] = (replicas, saturation, now)
         return saturation
 
     async def _take_slot(self, features: RequestFeatures) -> Ticket:
