@@ -318,9 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs shared by the client and every server.\n"
         f"req/s and tok/s: completed requests and their output tokens over first send to last "
         f"completion (the offered rate plus the last straggler's e2e). tok/s arr: output tokens "
-        f"delivered within first send to last send, over that window (offered: "
-        f"{args.rate * args.max_tokens:.0f}); it falls below the offered rate when a mode "
-        f"falls behind. The throughput goal is judged on tok/s arr."
+        f"delivered within first send to last send, over that window; sent/s: requests sent "
+        f"in it per second, so about sent/s x {args.max_tokens} tok/s are offered and a mode "
+        f"that keeps up delivers about that. The throughput goal is judged on tok/s arr."
     )
     print(render_goals(rows))
     print(render_tail(tail_summary(per_request)))

@@ -53,6 +53,8 @@ class Row:
     wall_s: float
     window_s: float
     """The arrival window, first send to last send (summed over the traces when pooled)."""
+    sent_per_s: float
+    """Requests sent per second within the arrival window (the offered rate as achieved)."""
     window_tokens_per_s: float
     """`tok/s arr`: output tokens delivered within the arrival window over it (see
     benchmarks/quality/window.py); NaN for an empty window."""
@@ -103,6 +105,7 @@ def row_from_reports(mode: str, reports: Sequence[LoadReport]) -> Row:
         output_tokens_per_s=tokens / wall_s if wall_s > 0 else math.nan,
         wall_s=wall_s,
         window_s=window.window_s,
+        sent_per_s=window.sends_per_s,
         window_tokens_per_s=window.tokens_per_s,
         share_by_replica=share,
     )
@@ -116,7 +119,8 @@ def render_table(rows: Sequence[Row]) -> str:
     """A fixed-width table, one line per mode, then each mode's split over the replicas."""
     header = (
         f"{'mode':<24} {'ok':>5} {'err':>4} {'TTFT p50':>9} {'p95':>7} {'p99':>7} "
-        f"{'e2e p50':>8} {'p95':>7} {'p99':>7} {'req/s':>6} {'tok/s':>7} {'tok/s arr':>9}"
+        f"{'e2e p50':>8} {'p95':>7} {'p99':>7} {'req/s':>6} {'tok/s':>7} "
+        f"{'sent/s':>6} {'tok/s arr':>9}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -124,7 +128,8 @@ def render_table(rows: Sequence[Row]) -> str:
             f"{row.mode:<24} {row.ok:>5} {row.errors:>4} {_fmt(row.ttft_p50_ms):>9} "
             f"{_fmt(row.ttft_p95_ms):>7} {_fmt(row.ttft_p99_ms):>7} {_fmt(row.e2e_p50_ms):>8} "
             f"{_fmt(row.e2e_p95_ms):>7} {_fmt(row.e2e_p99_ms):>7} {_fmt(row.ok_per_s, 2):>6} "
-            f"{_fmt(row.output_tokens_per_s):>7} {_fmt(row.window_tokens_per_s):>9}"
+            f"{_fmt(row.output_tokens_per_s):>7} {_fmt(row.sent_per_s, 2):>6} "
+            f"{_fmt(row.window_tokens_per_s):>9}"
         )
     lines += ["", "share of requests per replica:"]
     for row in rows:
@@ -245,6 +250,7 @@ def render_json(
             "output_tokens_per_s": _num(r.output_tokens_per_s),
             "wall_s": _num(r.wall_s, 2),
             "window_s": _num(r.window_s, 2),
+            "sent_per_s": _num(r.sent_per_s, 3),
             "window_tokens_per_s": _num(r.window_tokens_per_s),
             "share_by_replica": {tag: round(s, 4) for tag, s in r.share_by_replica.items()},
         }

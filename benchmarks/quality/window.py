@@ -33,15 +33,26 @@ class ArrivalWindow:
     """First send to last send (summed over traces when pooled)."""
     tokens: float
     """Output tokens of successful requests that reached the client within the window."""
+    gaps: int = 0
+    """Sends after the first (sends - 1, summed when pooled): the window holds this many
+    arrival gaps."""
 
     @property
     def tokens_per_s(self) -> float:
         """`tok/s arr`; NaN for an empty window (fewer than two sends)."""
         return self.tokens / self.window_s if self.window_s > 0 else float("nan")
 
+    @property
+    def sends_per_s(self) -> float:
+        """The arrival rate the client achieved (gaps over the window): the trace's `--rate`
+        give or take its Poisson draw, lower when the client falls behind its schedule."""
+        return self.gaps / self.window_s if self.window_s > 0 else float("nan")
+
     def __add__(self, other: ArrivalWindow) -> ArrivalWindow:
         """Pooling: tokens summed over windows summed."""
-        return ArrivalWindow(self.window_s + other.window_s, self.tokens + other.tokens)
+        return ArrivalWindow(
+            self.window_s + other.window_s, self.tokens + other.tokens, self.gaps + other.gaps
+        )
 
 
 def tokens_within(record: RequestRecord, end_s: float) -> float:
@@ -66,4 +77,5 @@ def arrival_window(records: Sequence[RequestRecord]) -> ArrivalWindow:
         return ArrivalWindow(0.0, 0.0)
     first = min(r.start_s for r in records)
     last = max(r.start_s for r in records)
-    return ArrivalWindow(last - first, sum(tokens_within(r, last) for r in records))
+    tokens = sum(tokens_within(r, last) for r in records)
+    return ArrivalWindow(last - first, tokens, len(records) - 1)

@@ -66,6 +66,7 @@ def test_streamed_tokens_count_up_to_the_last_send(window: ModuleType) -> None:
     assert result.window_s == pytest.approx(3.0)
     assert result.tokens == pytest.approx(3.0)  # 11, 12, 13 of the first; none of the last
     assert result.tokens_per_s == pytest.approx(1.0)
+    assert result.sends_per_s == pytest.approx(1 / 3)  # one gap of 3 s
 
 
 def test_a_chunk_of_several_tokens_counts_them_all(window: ModuleType) -> None:
@@ -130,6 +131,7 @@ def test_the_throughput_goal_is_judged_on_tokens_delivered_while_requests_arrive
     line = json.loads(report.render_json([ours, peer], settings={}, skipped={}))
     assert line["results"][0]["window_s"] == 9.0
     assert line["results"][1]["window_tokens_per_s"] == pytest.approx(3.8)
+    assert line["results"][0]["sent_per_s"] == 1.0
 
 
 def test_pooled_tok_s_arr_is_summed_tokens_over_summed_windows(report: ModuleType) -> None:
@@ -138,3 +140,4 @@ def test_pooled_tok_s_arr_is_summed_tokens_over_summed_windows(report: ModuleTyp
     pooled = report.row_from_reports("infermesh", [short, long])
     assert pooled.window_s == pytest.approx(4.0)
     assert pooled.window_tokens_per_s == pytest.approx((1 + 6) / 4)
+    assert pooled.sent_per_s == pytest.approx(2 / 4)
