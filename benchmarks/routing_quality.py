@@ -6,7 +6,8 @@ the emulator's `POST /dev/speed`), puts the mode's router in front, sends the sa
 open-loop trace (Poisson arrivals, shared-prefix multi-tenant chat, all streamed) and stops
 everything again. Modes: the InferMesh agent + router (`infermesh router run`, defaults) and
 `vllm-router` with `round_robin`, `power_of_two` and `cache_aware`. Prints TTFT p50/p95/p99,
-end-to-end latency and throughput side by side, each mode's split over the replicas, the issue's
+end-to-end latency and throughput (req/s, tok/s and `tok/s arr`: output tokens delivered while
+requests arrived) side by side, each mode's split over the replicas, the issue's
 goals, and one JSON line (the last line of stdout).
 
     uv run python benchmarks/routing_quality.py [--requests 360] [--rate 16] [--seeds 7,11]
@@ -229,7 +230,7 @@ def measure_mode(
     row = row_from_report(mode, report)
     print(
         f"  {mode}: TTFT p95 {row.ttft_p95_ms:.0f} ms, {row.ok_per_s:.2f} req/s, "
-        f"{row.errors} errors",
+        f"{row.window_tokens_per_s:.0f} tok/s arr, {row.errors} errors",
         file=sys.stderr,
     )
     return report, up.detail, "", per_request
@@ -314,7 +315,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"\nTTFT and e2e in ms over streamed requests; every mode: a cold fleet of {fleet}, "
         f"{args.requests} requests at {args.rate:g}/s ({traces}), "
-        f"{os.cpu_count()} CPUs shared by the client and every server."
+        f"{os.cpu_count()} CPUs shared by the client and every server.\n"
+        f"req/s and tok/s: completed requests and their output tokens over first send to last "
+        f"completion (the offered rate plus the last straggler's e2e). tok/s arr: output tokens "
+        f"delivered within first send to last send, over that window; sent/s: requests sent "
+        f"in it per second, so about sent/s x {args.max_tokens} tok/s are offered and a mode "
+        f"that keeps up delivers about that. The throughput goal is judged on tok/s arr."
     )
     print(render_goals(rows))
     print(render_tail(tail_summary(per_request)))

@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from benchmarks.quality.window import ArrivalWindow, arrival_window
 from infermesh.dev.loadgen import LoadReport, replica_tag_of, summarize
 
 __all__ = [
@@ -50,6 +51,13 @@ class Row:
     ok_per_s: float
     output_tokens_per_s: float
     wall_s: float
+    window_s: float
+    """The arrival window, first send to last send (summed over the traces when pooled)."""
+    sent_per_s: float
+    """Requests sent per second within the arrival window (the offered rate as achieved)."""
+    window_tokens_per_s: float
+    """`tok/s arr`: output tokens delivered within the arrival window over it (see
+    benchmarks/quality/window.py); NaN for an empty window."""
     share_by_replica: Mapping[str, float]
     """Share of the successful requests each replica (by its response-id tag) answered."""
 
@@ -64,7 +72,9 @@ def row_from_report(mode: str, report: LoadReport) -> Row:
 
 def row_from_reports(mode: str, reports: Sequence[LoadReport]) -> Row:
     """One mode's row over one trace, or pooled over several (e.g. one per seed): latency
-    percentiles over every request of them all, rates over their summed wall time."""
+    percentiles over every request of them all, rates over their summed wall time, `tok/s arr`
+    as the tokens delivered in each trace's arrival window over the windows' summed length."""
+    window = sum((arrival_window(each.records) for each in reports), ArrivalWindow(0.0, 0.0))
     report = LoadReport(
         records=tuple(r for each in reports for r in each.records),
         wall_s=sum(each.wall_s for each in reports),
@@ -94,6 +104,9 @@ def row_from_reports(mode: str, reports: Sequence[LoadReport]) -> Row:
         ok_per_s=len(good) / wall_s if wall_s > 0 else math.nan,
         output_tokens_per_s=tokens / wall_s if wall_s > 0 else math.nan,
         wall_s=wall_s,
+        window_s=window.window_s,
+        sent_per_s=window.sends_per_s,
+        window_tokens_per_s=window.tokens_per_s,
         share_by_replica=share,
     )
 
@@ -106,7 +119,8 @@ def render_table(rows: Sequence[Row]) -> str:
     """A fixed-width table, one line per mode, then each mode's split over the replicas."""
     header = (
         f"{'mode':<24} {'ok':>5} {'err':>4} {'TTFT p50':>9} {'p95':>7} {'p99':>7} "
-        f"{'e2e p50':>8} {'p95':>7} {'p99':>7} {'req/s':>6} {'tok/s':>7}"
+        f"{'e2e p50':>8} {'p95':>7} {'p99':>7} {'req/s':>6} {'tok/s':>7} "
+        f"{'sent/s':>6} {'tok/s arr':>9}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -114,7 +128,8 @@ def render_table(rows: Sequence[Row]) -> str:
             f"{row.mode:<24} {row.ok:>5} {row.errors:>4} {_fmt(row.ttft_p50_ms):>9} "
             f"{_fmt(row.ttft_p95_ms):>7} {_fmt(row.ttft_p99_ms):>7} {_fmt(row.e2e_p50_ms):>8} "
             f"{_fmt(row.e2e_p95_ms):>7} {_fmt(row.e2e_p99_ms):>7} {_fmt(row.ok_per_s, 2):>6} "
-            f"{_fmt(row.output_tokens_per_s):>7}"
+            f"{_fmt(row.output_tokens_per_s):>7} {_fmt(row.sent_per_s, 2):>6} "
+            f"{_fmt(row.window_tokens_per_s):>9}"
         )
     lines += ["", "share of requests per replica:"]
     for row in rows:
@@ -126,6 +141,33 @@ def render_table(rows: Sequence[Row]) -> str:
 def _best_peer(rows: Sequence[Row]) -> Row | None:
     peers = [r for r in rows if r.mode != INFERMESH and not math.isnan(r.ttft_p95_ms)]
     return min(peers, key=lambda r: r.ttft_p95_ms) if peers else None
+
+
+def _best_peer_throughput(rows: Sequence[Row]) -> Row | None:
+    peers = [r for r in rows if r.mode != INFERMESH and not math.isnan(r.window_tokens_per_s)]
+    return max(peers, key=lambda r: r.window_tokens_per_s) if peers else None
+
+
+def _throughput_ge_best_peer(ours: Row, rows: Sequence[Row]) -> bool | None:
+    """Throughput during arrivals (`tok/s arr`) no lower than the best peer's; None when
+    either is unknown."""
+    best = _best_peer_throughput(rows)
+    if best is None or math.isnan(ours.window_tokens_per_s):
+        return None
+    return ours.window_tokens_per_s >= best.window_tokens_per_s
+
+
+def _render_throughput(ours: Row, rows: Sequence[Row], verdict: str) -> str:
+    best = _best_peer_throughput(rows)
+    if best is None or math.isnan(ours.window_tokens_per_s) or best.window_tokens_per_s <= 0:
+        return "  tok/s arr: - (no arrival window)"
+    best_rps = max(r.ok_per_s for r in rows if r.mode != INFERMESH)
+    ratio = ours.window_tokens_per_s / best.window_tokens_per_s
+    return (
+        f"  tok/s arr {ours.window_tokens_per_s:.0f} vs best peer ({best.mode}) "
+        f"{best.window_tokens_per_s:.0f}: {ratio:.3f}x"
+        f"  {verdict}  (req/s, not judged: {ours.ok_per_s:.2f} vs best peer {best_rps:.2f})"
+    )
 
 
 def goals(rows: Sequence[Row]) -> dict[str, bool | None]:
@@ -146,8 +188,7 @@ def goals(rows: Sequence[Row]) -> dict[str, bool | None]:
     if best is not None:
         key = f"ttft_p95_le_{GOAL_P95_VS_BEST_PEER:g}x_best_peer"
         result[key] = ours.ttft_p95_ms <= GOAL_P95_VS_BEST_PEER * best.ttft_p95_ms
-        best_rps = max(r.ok_per_s for r in rows if r.mode != INFERMESH)
-        result["throughput_ge_best_peer"] = ours.ok_per_s >= best_rps
+        result["throughput_ge_best_peer"] = _throughput_ge_best_peer(ours, rows)
     return result
 
 
@@ -158,7 +199,7 @@ def render_goals(rows: Sequence[Row]) -> str:
     best = _best_peer(rows)
     lines = [
         f"goals (InferMesh): TTFT p95 <= {GOAL_P95_VS_ROUND_ROBIN:g} x round robin's and "
-        f"<= {GOAL_P95_VS_BEST_PEER:g} x the best peer's; req/s >= the best peer's"
+        f"<= {GOAL_P95_VS_BEST_PEER:g} x the best peer's; tok/s arr >= the best peer's"
     ]
     if ours is None or math.isnan(ours.ttft_p95_ms):
         return "\n".join([*lines, "  - (InferMesh not measured)"])
@@ -176,11 +217,7 @@ def render_goals(rows: Sequence[Row]) -> str:
         lines.append(
             f"  vs best peer ({best.mode}): {ours.ttft_p95_ms / best.ttft_p95_ms:.2f}x  {word(key)}"
         )
-        best_rps = max(r.ok_per_s for r in rows if r.mode != INFERMESH)
-        lines.append(
-            f"  req/s {ours.ok_per_s:.2f} vs best peer {best_rps:.2f}  "
-            f"{word('throughput_ge_best_peer')}"
-        )
+        lines.append(_render_throughput(ours, rows, word("throughput_ge_best_peer")))
     return "\n".join(lines)
 
 
@@ -212,6 +249,9 @@ def render_json(
             "ok_per_s": _num(r.ok_per_s, 3),
             "output_tokens_per_s": _num(r.output_tokens_per_s),
             "wall_s": _num(r.wall_s, 2),
+            "window_s": _num(r.window_s, 2),
+            "sent_per_s": _num(r.sent_per_s, 3),
+            "window_tokens_per_s": _num(r.window_tokens_per_s),
             "share_by_replica": {tag: round(s, 4) for tag, s in r.share_by_replica.items()},
         }
         for r in rows

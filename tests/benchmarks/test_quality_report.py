@@ -44,23 +44,36 @@ def script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return routing_quality
 
 
-def _record(ttft_s: float, e2e_s: float, tag: str = "r0-h100", ok: bool = True) -> RequestRecord:
+def _record(
+    ttft_s: float,
+    e2e_s: float,
+    tag: str = "r0-h100",
+    ok: bool = True,
+    start_s: float = 0.0,
+    tokens: int = 10,
+) -> RequestRecord:
     return RequestRecord(
         ok=ok,
         status=200 if ok else 503,
         stream=True,
         prefix_group=0,
-        start_s=0.0,
+        start_s=start_s,
         e2e_s=e2e_s,
         ttft_s=ttft_s,
-        completion_tokens=10 if ok else 0,
+        completion_tokens=tokens if ok else 0,
         response_id=f"chatcmpl-{tag}-abc123",
         error="" if ok else "overloaded",
     )
 
 
-def _report(ttfts_s: list[float], wall_s: float = 10.0, tag: str = "r0-h100") -> LoadReport:
-    return LoadReport(records=tuple(_record(t, t + 1.0, tag) for t in ttfts_s), wall_s=wall_s)
+def _report(
+    ttfts_s: list[float], wall_s: float = 10.0, tag: str = "r0-h100", tokens: int = 10
+) -> LoadReport:
+    """One send every 0.5 s; each answer's tokens all arrive with its first chunk."""
+    records = (
+        _record(t, t + 1.0, tag, start_s=0.5 * i, tokens=tokens) for i, t in enumerate(ttfts_s)
+    )
+    return LoadReport(records=tuple(records), wall_s=wall_s)
 
 
 def test_row_percentiles_throughput_and_replica_share(report: ModuleType) -> None:
@@ -96,7 +109,7 @@ def test_goals_compare_p95_with_round_robin_and_best_peer(report: ModuleType) ->
 
 
 def test_goals_missed_and_unmeasured(report: ModuleType) -> None:
-    slow = [report.row_from_report("infermesh", _report([0.35] * 20, wall_s=20.0))]
+    slow = [report.row_from_report("infermesh", _report([0.35] * 20, wall_s=20.0, tokens=5))]
     peer = report.row_from_report("vllm-router round_robin", _report([0.4] * 20))
     assert report.goals([*slow, peer]) == {
         "ttft_p95_le_0.5x_round_robin": False,
@@ -154,7 +167,9 @@ def test_arguments_and_the_same_trace_for_every_mode(script: ModuleType) -> None
 
 
 def test_pooled_rows_take_percentiles_over_every_seeds_requests(report: ModuleType) -> None:
-    fast = LoadReport(records=tuple(_record(0.01, 0.1) for _ in range(10)), wall_s=1.0)
+    fast = LoadReport(
+        records=tuple(_record(0.01, 0.1, start_s=0.1 * i) for i in range(10)), wall_s=1.0
+    )
     slow = LoadReport(records=tuple(_record(1.0, 2.0, tag="r1-a10") for _ in range(10)), wall_s=3.0)
     pooled = report.row_from_reports("infermesh", [fast, slow])
     assert pooled.requests == pooled.ok == 20
