@@ -33,11 +33,26 @@ def optional(package: Path) -> set[str]:
     return {name.lower().replace("_", "-") for name in names}
 
 
+def parse(path: Path, attempts: int = 3) -> ast.Module:
+    """`ast.parse` of `path`, retried on CPython 3.11's spurious "AST constructor recursion depth
+    mismatch" SystemError (python/cpython#106905: the AST builder's depth counter is shared, so
+    another thread building an AST at the same moment, e.g. pytest rewriting a module imported
+    by a background thread, corrupts it)."""
+    source = path.read_text()
+    for attempt in range(attempts):
+        try:
+            return ast.parse(source, filename=str(path))
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def imported_top_modules(package: Path) -> dict[str, str]:
     """Top-level module (or `infermesh.<sub>`) -> the first file that imports it."""
     found: dict[str, str] = {}
     for path in sorted((package / "src").rglob("*.py")):
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = parse(path)
         for node in ast.walk(tree):
             names: list[str] = []
             if isinstance(node, ast.Import):
