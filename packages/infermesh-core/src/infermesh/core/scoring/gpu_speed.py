@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from statistics import median
 
 import attrs
 
@@ -251,10 +252,10 @@ def fill_rates(
             per_unit.append(rate / unit)
     scale: float | None = 1.0  # nothing measured: the figure alone
     if per_unit:
-        scale = _median(per_unit)
+        scale = median(per_unit)
     elif any_measured:
         scale = None  # measured, but no known model to calibrate against
-    model_rate = {model: _median(rates) for model, rates in by_model.items()}
+    model_rate = {model: median(rates) for model, rates in by_model.items()}
     filled: list[float | None] = []
     for rate, prior in zip(measured, priors, strict=True):
         if rate is not None or prior is None:
@@ -266,11 +267,3 @@ def fill_rates(
         else:
             filled.append(None)
     return filled
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[middle]
-    return (ordered[middle - 1] + ordered[middle]) / 2

@@ -23,6 +23,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
+from statistics import median
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -323,7 +324,7 @@ class _Speeds:
     """The candidates' decode rates as measured, and (computed only when some are missing)
     each one's GPU-model prior (`replica_speed`)."""
 
-    __slots__ = ("_priors", "gpus", "measured")
+    __slots__ = ("_filled", "_priors", "gpus", "measured")
 
     def __init__(
         self,
@@ -334,6 +335,7 @@ class _Speeds:
         self.gpus = gpus
         self.measured = measured
         self._priors = priors
+        self._filled: dict[Callable[[GpuSpeed], float], list[float | None]] = {}
 
     @classmethod
     def of_table(cls, table: ViewTable) -> _Speeds:
@@ -358,7 +360,10 @@ class _Speeds:
         """Measured rates, the missing ones estimated from the GPU model (`fill_rates`)."""
         if self.complete:
             return self.measured
-        return fill_rates(self.measured, self.priors(), figure)
+        filled = self._filled.get(figure)
+        if filled is None:
+            filled = self._filled[figure] = fill_rates(self.measured, self.priors(), figure)
+        return filled
 
     def subset(self, indices: Sequence[int]) -> _Speeds:
         priors = self._priors
@@ -386,7 +391,7 @@ def _cold_scores(prompt_tokens: int, speeds: _Speeds) -> list[ScoreResult]:
     # A replica of an unknown GPU that has not served anything yet is taken at the median
     # speed: no evidence that it is fast (a fresh fleet's slow GPUs would otherwise get the
     # long prompts).
-    typical = min(1.0, _median(known) / fastest)
+    typical = min(1.0, median(known) / fastest)
     priors = None if speeds.complete else speeds.priors()
     results: list[ScoreResult] = []
     for i, rate in enumerate(rates):
@@ -404,13 +409,6 @@ def _cold_scores(prompt_tokens: int, speeds: _Speeds) -> list[ScoreResult]:
         else:
             results.append(ScoreResult.deferred(score, _cold_unmeasured_reason, rel, prompt_tokens))
     return results
-
-
-def _median(sorted_values: Sequence[float]) -> float:
-    middle = len(sorted_values) // 2
-    if len(sorted_values) % 2:
-        return sorted_values[middle]
-    return (sorted_values[middle - 1] + sorted_values[middle]) / 2
 
 
 def _loaded_reason(load: float, capacity: int, bounded: int) -> str:
@@ -456,8 +454,8 @@ def _speed_capacities(speeds: _Speeds, capacity: int) -> list[tuple[int, float]]
     known = sorted(r for r in rates if r is not None)
     if len(known) < 2:
         return None
-    median = _median(known)
-    if not (median > 0 and known[0] < median):
+    typical = median(known)
+    if not (typical > 0 and known[0] < typical):
         return None
     caps: list[tuple[int, float]] = []
     full = (capacity, 1.0)  # an unmeasured target, or one at least as fast as the median
@@ -465,7 +463,7 @@ def _speed_capacities(speeds: _Speeds, capacity: int) -> list[tuple[int, float]]
         if rate is None:
             caps.append(full)
             continue
-        rel = rate / median
+        rel = rate / typical
         # `min(1.0, rel)`: a NaN or a speed at or above the median counts as 1.
         caps.append((max(1, math.ceil(capacity * rel)), rel) if rel < 1.0 else full)
     return caps
